@@ -1,0 +1,1 @@
+"""The aiohttp OpenAI-compatible server (no Qt)."""

@@ -1,0 +1,1 @@
+"""PySide6 tray app (the only place Qt lives)."""

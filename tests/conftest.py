@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny models (generated once per run), registries, a models.json per test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+def make_tiny(out: Path, seed: int) -> Path:
+    if not (out / "model.safetensors").exists():
+        subprocess.check_call(
+            [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out), "--seed", str(seed)],
+            stdout=subprocess.DEVNULL,
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama model with a ChatML template (seed 1234)."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny", 1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny model with other weights (seed 99)."""
+    return make_tiny(tmp_path_factory.mktemp("models_b") / "tiny-b", 99)
+
+
+@pytest.fixture
+def models_path(tmp_path: Path) -> Path:
+    return tmp_path / "models.json"
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_errors(caplog: pytest.LogCaptureFixture):
+    """Fail a test that logs an ERROR it did not expect (tests that expect one mark it)."""
+    caplog.set_level(logging.INFO)
+    yield
+    allowed = getattr(caplog, "allowed_errors", False)
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    if errors and not allowed:
+        pytest.fail("unexpected error logged: " + "; ".join(r.getMessage() for r in errors[:3]))
