@@ -1,0 +1,217 @@
+"""Wire types of the OpenAI API that the server accepts (pydantic; unknown extra fields tolerated).
+
+Each request model converts itself to engine parameters (``to_settings``); values that would
+change the result and are not supported yet (``n > 1``, ``logprobs``, ``echo``) are refused with a
+clear message instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedValue(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(WireModel):
+    include_usage: bool | None = None
+
+
+class ContentPart(WireModel):
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(WireModel):
+    name: str
+    arguments: str | None = None
+
+
+class ToolCall(WireModel):
+    id: str | None = None
+    type: str | None = "function"
+    function: FunctionCall
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def to_engine(self) -> dict[str, Any]:
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, list):
+            content: Any = "".join(p.text or "" for p in self.content if p.type == "text")
+        else:
+            content = self.content if self.content is not None else ""
+        out: dict[str, Any] = {"role": role, "content": content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": c.type or "function",
+                 "function": {"name": c.function.name, "arguments": _parse_arguments(c.function.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _parse_arguments(arguments: str | None) -> Any:
+    import json
+
+    if arguments is None:
+        return {}
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+class SamplingFields(WireModel):
+    """Fields common to chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=512)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    user: str | None = None
+    # extensions (not in OpenAI's API; common among local servers)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 64:
+            raise ValueError("at most 64 stop strings")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        for key, bias in value.items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, not {key!r}")
+            if not -100 <= bias <= 100 or bias != bias:
+                raise ValueError("logit_bias values must be between -100 and 100")
+        return value
+
+    def check_supported(self) -> None:
+        if self.n is not None and self.n > 1:
+            raise UnsupportedValue("n > 1 is not supported yet; send n=1 or leave it out", "n")
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def to_settings(self) -> Settings:
+        """The request layer of the settings."""
+        data: dict[str, Any] = {
+            "temperature": self.temperature, "top_p": self.top_p, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
+            "typical": self.typical_p, "repetition_penalty": self.repetition_penalty,
+            "max_tokens": self.token_limit(),
+        }
+        if self.seed is not None:
+            data["seed"] = self.seed % (2**63)
+        if self.top_p == 0:  # "only the most likely token"
+            data["top_p"], data["top_k"] = None, 1
+        stops = self.stop_list()
+        settings = Settings(**{k: v for k, v in data.items() if v is not None})
+        if stops:
+            settings.stop = stops
+        return settings
+
+    def bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise UnsupportedValue("logprobs are not supported yet", "logprobs")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "CompletionRequest":
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return self  # one prompt given as token ids
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("prompt: exactly one prompt per request is supported")
+        return self
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise UnsupportedValue("logprobs are not supported yet", "logprobs")
+        if self.echo:
+            raise UnsupportedValue("echo is not supported yet", "echo")
+        if self.best_of is not None and self.best_of > 1:
+            raise UnsupportedValue("best_of > 1 is not supported yet", "best_of")
+
+    def prompt_value(self) -> str | list[int]:
+        """The prompt as text, or as token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return prompt  # type: ignore[return-value]
+        if isinstance(prompt, list):
+            return prompt[0]  # type: ignore[return-value]
+        return prompt

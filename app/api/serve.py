@@ -1,0 +1,67 @@
+"""``python -m app serve``: the engine and the API without Qt."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from app.api.server import Listener, ServerConfig
+from app.engine.engine import Engine, ModelLoadError, ModelNotFound
+from app.engine.registry import Registry
+from app.engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def run_server(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    registry.names()  # fail early, with the file's name, if models.json is broken
+    engine = Engine(registry, server_settings=settings, max_loaded=args.max_loaded)
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          cors_origins=tuple(args.cors_origin or ()))
+    listener = Listener(engine, config)
+    last: dict[str, str] = {}
+
+    def show_progress() -> None:
+        for state in engine.model_states():
+            line = f"{state.name}: {state.state} {state.progress * 100:.0f}% {state.message}"
+            if last.get(state.name) != line:
+                last[state.name] = line
+                print(line, file=sys.stderr, flush=True)
+
+    engine.add_listener(show_progress)
+    try:
+        await listener.start()
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        await engine.close()
+        return 2
+    print(f"serving the OpenAI API at {listener.url} (models from {registry.path})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows
+            pass
+    if args.model:
+        try:
+            await engine.load(args.model)
+        except (ModelNotFound, ModelLoadError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+    try:
+        await stop.wait()
+    finally:
+        print("shutting down", file=sys.stderr, flush=True)
+        await listener.stop()
+        await engine.close()
+    return 0
+
+
+def serve_forever(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    try:
+        return asyncio.run(run_server(args, registry, settings))
+    except KeyboardInterrupt:
+        return 130

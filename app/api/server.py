@@ -1,0 +1,160 @@
+"""The aiohttp app factory and a listener that can be started and stopped on a running loop."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from app.api.errors import ApiError, Handler, error_middleware
+from app.api.keys import API_KEY, ENGINE
+from app.api.openai_routes import routes
+from app.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 16 * 1024 * 1024
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key") or request.headers.get("api-key")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    expected = request.app.get(API_KEY)
+    if expected and request.method != "OPTIONS" and request.path not in OPEN_PATHS:
+        given = presented_key(request) or ""
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+            raise ApiError(401, "Invalid or missing API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+    return await handler(request)
+
+
+def cors_middleware(origins: tuple[str, ...]):
+    allowed = set(origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        ok = origin is not None and ("*" in allowed or origin in allowed)
+        if request.method == "OPTIONS" and ok:
+            response: web.StreamResponse = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if ok and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, x-api-key, api-key"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    states = engine.model_states()
+    return web.json_response({
+        "status": "ok",
+        "loaded": [s.name for s in states if s.state == "ready"],
+        "loading": [{"model": s.name, "progress": round(s.progress, 3), "message": s.message}
+                    for s in states if s.state == "loading"],
+        "models": [{"model": s.name, "state": s.state, "backend": s.backend, "batching": s.batching,
+                    "active_jobs": s.active_jobs, "message": s.message} for s in states],
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = generate_latest(engine.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
+    config = config or ServerConfig()
+    middlewares = [error_middleware]
+    if config.cors_origins:
+        middlewares.insert(0, cors_middleware(config.cors_origins))
+    middlewares.append(auth_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[ENGINE] = engine
+    if config.api_key:
+        app[API_KEY] = config.api_key
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_routes(routes)
+    # continue.dev calls /completions and /chat/completions when apiBase lacks /v1
+    for route in list(routes):
+        if isinstance(route, web.RouteDef) and route.path.startswith("/v1/"):
+            app.router.add_route(route.method, route.path[3:], route.handler)
+    return app
+
+
+class Listener:
+    """Runs the app on a TCP site of the current loop; can be stopped and started again."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "localhost"
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def port(self) -> int:
+        if self._runner is not None:
+            for addr in self._runner.addresses:
+                if isinstance(addr, tuple):
+                    return int(addr[1])
+        return self.config.port
+
+    async def start(self) -> None:
+        if not is_loopback(self.config.host) and not self.config.api_key:
+            raise ValueError(f"refusing to listen on {self.config.host} without an API key: set one "
+                             "(--api-key or the server settings) or listen on 127.0.0.1")
+        runner = web.AppRunner(create_app(self.engine, self.config), handler_cancellation=True,
+                               access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}") from None
+        self._runner = runner
+        log.info("OpenAI API listening on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()

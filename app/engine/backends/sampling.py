@@ -1,0 +1,78 @@
+"""Token sampling on logits with torch (used by the transformers backend)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from app.engine.jobs import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+
+def make_generator(params: SamplingParams, device: "torch.device") -> "torch.Generator":
+    import torch
+
+    gen = torch.Generator(device="cpu")
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def sample(logits: "torch.Tensor", params: SamplingParams, history: list[int], counts: Counter,
+           generator: "torch.Generator") -> int:
+    """Pick the next token from one row of logits (shape [vocab]).
+
+    Order: logit bias, repetition penalty (over prompt and output), presence/frequency penalties
+    (over the output), then greedy or temperature -> top_k -> top_p -> min_p -> typical.
+    """
+    import torch
+
+    logits = logits.detach().to("cpu", torch.float32).clone()
+    vocab = logits.shape[-1]
+    for tok, bias in params.logit_bias.items():
+        if 0 <= tok < vocab:
+            logits[tok] += bias
+    if params.repetition_penalty != 1.0 and history:
+        idx = torch.tensor(sorted(set(history)), dtype=torch.long)
+        idx = idx[idx < vocab]
+        vals = logits[idx]
+        logits[idx] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if counts and (params.presence_penalty or params.frequency_penalty):
+        idx = torch.tensor(list(counts.keys()), dtype=torch.long)
+        freq = torch.tensor(list(counts.values()), dtype=torch.float32)
+        keep = idx < vocab
+        logits[idx[keep]] -= params.presence_penalty + params.frequency_penalty * freq[keep]
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p > params.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if params.min_p > 0:
+        probs[probs < params.min_p * probs.max()] = 0
+    if params.typical < 1.0:
+        logp = torch.log(probs.clamp_min(1e-30))
+        entropy = -(probs * logp).nansum()
+        shifted = (-logp - entropy).abs()
+        shifted[probs == 0] = float("inf")
+        order = torch.argsort(shifted)
+        cum = torch.cumsum(probs[order], dim=-1)
+        cutoff = int((cum < params.typical * cum[-1]).sum()) + 1
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[order[:cutoff]] = True
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+    total = probs.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs / total, 1, generator=generator))

@@ -1,0 +1,300 @@
+"""HF transformers backend (CPU, or CUDA when present) with continuous batching.
+
+Each job keeps its own KV cache. Every step prefills one prompt chunk of at most one waiting job and
+runs one batched decode forward pass over all running jobs: their caches are left-padded to the
+longest one, with an attention mask and explicit positions, and the new key/value of each job is
+appended to its own cache afterwards. Jobs join at the next step and leave when they finish.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.backends.sampling import make_generator, sample
+from app.engine.jobs import BackendJob, StepEvent
+from app.engine.text_stream import TextStream
+from app.engine.tokenizer import FolderTokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+PREFILL_CHUNK = 256
+
+
+class KVBuffer:
+    """A growable per-layer key/value store for one job: [heads, capacity, head_dim] per layer."""
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+        self.values: list[Any] = []
+        self.length = 0
+
+    def append(self, layer_keys: Sequence[Any], layer_values: Sequence[Any]) -> None:
+        """Append new positions; each tensor is [heads, n, head_dim]."""
+        import torch
+
+        n = layer_keys[0].shape[1]
+        if not self.keys:
+            cap = max(64, n * 2)
+            for k, v in zip(layer_keys, layer_values):
+                self.keys.append(torch.empty((k.shape[0], cap, k.shape[2]), dtype=k.dtype, device=k.device))
+                self.values.append(torch.empty((v.shape[0], cap, v.shape[2]), dtype=v.dtype, device=v.device))
+        cap = self.keys[0].shape[1]
+        if self.length + n > cap:
+            new_cap = max(cap * 2, self.length + n)
+            for i in range(len(self.keys)):
+                for store in (self.keys, self.values):
+                    old = store[i]
+                    grown = torch.empty((old.shape[0], new_cap, old.shape[2]), dtype=old.dtype, device=old.device)
+                    grown[:, : self.length] = old[:, : self.length]
+                    store[i] = grown
+        for i, (k, v) in enumerate(zip(layer_keys, layer_values)):
+            self.keys[i][:, self.length:self.length + n] = k
+            self.values[i][:, self.length:self.length + n] = v
+        self.length += n
+
+
+@dataclass
+class _Job:
+    job: BackendJob
+    stream: TextStream
+    generator: Any
+    kv: KVBuffer = field(default_factory=KVBuffer)
+    prefilled: int = 0
+    generated: int = 0
+    last_token: int | None = None
+    history: list[int] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+
+class TransformersBackend:
+    name = "transformers"
+    batching = "continuous"
+
+    def __init__(self, model_dir: str | Path, *, context_length: int, max_batch: int,
+                 device: str | None = None, rope_scale: float = 1.0) -> None:
+        self.model_dir = Path(model_dir)
+        self.context_length = context_length
+        self.max_batch = max_batch
+        self._device_name = device
+        self._rope_scale = rope_scale
+        self._model: Any = None
+        self._tok: FolderTokenizer | None = None
+        self._pending: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._cache_kw = "past_key_values"
+        self.last_step_batch = 0
+
+    # -- lifecycle ----------------------------------------------------------
+    def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
+        progress(0.0, "importing torch and transformers")
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError as exc:
+            raise BackendLoadError(
+                f"the transformers backend needs torch and transformers ({exc}); "
+                "install the 'transformers' extra") from None
+        if cancel.is_set():
+            raise LoadCancelled("load cancelled")
+        progress(0.2, "loading tokenizer")
+        try:
+            self._tok = FolderTokenizer(self.model_dir)
+        except TokenizerError as exc:
+            raise BackendLoadError(str(exc)) from None
+        device = self._device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+        progress(0.3, f"loading weights on {device}")
+        try:
+            kwargs: dict[str, Any] = {"dtype": torch.float16 if device.startswith("cuda") else torch.float32}
+            if self._rope_scale != 1.0:
+                kwargs["rope_scaling"] = {"rope_type": "linear", "factor": self._rope_scale}
+            model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), **kwargs)
+            model.to(device).eval()
+        except MemoryError:
+            raise BackendLoadError(f"out of memory loading {self.model_dir}") from None
+        except Exception as exc:
+            if "out of memory" in str(exc).lower():
+                gc.collect()
+                raise BackendLoadError(f"out of memory loading {self.model_dir}: {exc}") from None
+            raise BackendLoadError(f"cannot load {self.model_dir}: {exc}") from None
+        if cancel.is_set():
+            del model
+            gc.collect()
+            raise LoadCancelled("load cancelled")
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._device = torch.device(device)
+        self._model = model
+        progress(1.0, "loaded")
+
+    def unload(self) -> None:
+        self._pending.clear()
+        self._running.clear()
+        self._model = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def memory_used(self) -> dict[str, int]:
+        if self._model is None:
+            return {}
+        total = sum(p.numel() * p.element_size() for p in self._model.parameters())
+        total += sum(sum(k.numel() * k.element_size() * 2 for k in j.kv.keys) for j in self._running)
+        return {str(self._device): total}
+
+    # -- tokens -------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        assert self._tok is not None
+        return self._tok.encode(text, add_bos=add_bos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        assert self._tok is not None
+        return self._tok.decode(ids)
+
+    def eos_token_ids(self) -> set[int]:
+        assert self._tok is not None
+        return set(self._tok.eos_ids)
+
+    @property
+    def tokenizer(self) -> FolderTokenizer:
+        assert self._tok is not None
+        return self._tok
+
+    # -- jobs ---------------------------------------------------------------
+    def submit(self, job: BackendJob) -> None:
+        assert self._tok is not None
+        self._pending.append(_Job(job=job, stream=TextStream(self._tok, job.stop_strings),
+                                  generator=make_generator(job.sampling, self._device)))
+
+    def cancel(self, job_id: int) -> None:
+        self._pending = deque(j for j in self._pending if j.job.job_id != job_id)
+        self._running = [j for j in self._running if j.job.job_id != job_id]
+
+    def has_work(self) -> bool:
+        return bool(self._pending or self._running)
+
+    def active_jobs(self) -> int:
+        return len(self._pending) + len(self._running)
+
+    def step(self) -> list[StepEvent]:
+        import torch
+
+        events: list[StepEvent] = []
+        with torch.inference_mode():
+            decoding = [j for j in self._running if j.last_token is not None]
+            if decoding:
+                self.last_step_batch = len(decoding)
+                self._decode(decoding, events)
+            else:
+                self.last_step_batch = 0
+            if self._pending and len(self._running) < self.max_batch:
+                self._prefill_chunk(self._pending[0], events)
+        return events
+
+    # -- internals ----------------------------------------------------------
+    def _forward(self, input_ids: Any, position_ids: Any, attention_mask: Any, cache: Any) -> Any:
+        return self._model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=True, **{self._cache_kw: cache}).logits
+
+    def _make_cache(self, jobs: list[_Job], pad_to: int) -> Any:
+        """A DynamicCache holding the jobs' caches left-padded to ``pad_to`` positions."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        n_layers = len(jobs[0].kv.keys)
+        for layer in range(n_layers):
+            ref = jobs[0].kv.keys[layer]
+            shape = (len(jobs), ref.shape[0], pad_to, ref.shape[2])
+            keys = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            values = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            for b, j in enumerate(jobs):
+                n = j.kv.length
+                keys[b, :, pad_to - n:] = j.kv.keys[layer][:, :n]
+                values[b, :, pad_to - n:] = j.kv.values[layer][:, :n]
+            cache.update(keys, values, layer)
+        return cache
+
+    @staticmethod
+    def _layer_kv(cache: Any, layer: int) -> tuple[Any, Any]:
+        if hasattr(cache, "layers"):
+            return cache.layers[layer].keys, cache.layers[layer].values
+        return cache.key_cache[layer], cache.value_cache[layer]
+
+    def _prefill_chunk(self, job: _Job, events: list[StepEvent]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        ids = job.job.prompt_ids
+        start = job.prefilled
+        chunk = ids[start:start + PREFILL_CHUNK]
+        cache = self._make_cache([job], job.kv.length) if job.kv.length else DynamicCache()
+        input_ids = torch.tensor([chunk], device=self._device)
+        positions = torch.arange(start, start + len(chunk), device=self._device).unsqueeze(0)
+        mask = torch.ones((1, start + len(chunk)), dtype=torch.long, device=self._device)
+        logits = self._forward(input_ids, positions, mask, cache)
+        n_layers = len(getattr(cache, "layers", [])) or len(cache.key_cache)
+        new_k, new_v = [], []
+        for layer in range(n_layers):
+            k, v = self._layer_kv(cache, layer)
+            new_k.append(k[0, :, start:start + len(chunk)])
+            new_v.append(v[0, :, start:start + len(chunk)])
+        job.kv.append(new_k, new_v)
+        job.prefilled += len(chunk)
+        if job.prefilled < len(ids):
+            return
+        self._pending.popleft()
+        self._running.append(job)
+        job.history = list(ids)
+        self._accept(job, logits[0, -1], events)
+
+    def _decode(self, jobs: list[_Job], events: list[StepEvent]) -> None:
+        import torch
+
+        longest = max(j.kv.length for j in jobs)
+        cache = self._make_cache(jobs, longest)
+        input_ids = torch.tensor([[j.last_token] for j in jobs], device=self._device)
+        positions = torch.tensor([[j.kv.length] for j in jobs], device=self._device)
+        mask = torch.zeros((len(jobs), longest + 1), dtype=torch.long, device=self._device)
+        for b, j in enumerate(jobs):
+            mask[b, longest - j.kv.length:] = 1
+        logits = self._forward(input_ids, positions, mask, cache)
+        n_layers = len(jobs[0].kv.keys)
+        layer_kv = [self._layer_kv(cache, layer) for layer in range(n_layers)]
+        for b, j in enumerate(jobs):
+            j.kv.append([k[b, :, -1:] for k, _ in layer_kv], [v[b, :, -1:] for _, v in layer_kv])
+            self._accept(j, logits[b, -1], events)
+
+    def _accept(self, job: _Job, logits: Any, events: list[StepEvent]) -> None:
+        """Sample one token for ``job`` and turn it into an event."""
+        token = sample(logits, job.job.sampling, job.history, job.counts, job.generator)
+        job.generated += 1
+        job.history.append(token)
+        job.counts[token] += 1
+        job.last_token = token
+        if token in job.job.stop_token_ids:
+            events.append(StepEvent(job.job.job_id, job.stream.finish(), 1, True, "stop"))
+            self._running.remove(job)
+            return
+        text, stopped = job.stream.push(token)
+        if stopped:
+            events.append(StepEvent(job.job.job_id, text, 1, True, "stop"))
+            self._running.remove(job)
+            return
+        out_of_room = job.kv.length + 1 >= self.context_length
+        if job.generated >= job.job.max_new_tokens or out_of_room:
+            events.append(StepEvent(job.job.job_id, text + job.stream.finish(), 1, True, "length"))
+            self._running.remove(job)
+            return
+        events.append(StepEvent(job.job.job_id, text, 1))

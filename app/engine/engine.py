@@ -1,0 +1,289 @@
+"""The one async facade the API and the UI use to reach the engine.
+
+``submit_chat`` / ``submit_completion`` resolve the model's settings, make sure the model is loaded
+(on demand), build and tokenize the prompt off the event loop, check it against the context, and
+return a :class:`JobHandle`: an async iterator of :class:`TextDelta` events ending with one
+:class:`JobFinished`. Every error that can be known before generation starts is raised from the
+``submit_*`` call, so the API can answer it before a stream opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from app.engine.backend_select import create_backend, folder_settings
+from app.engine.jobs import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
+from app.engine.metrics import EngineMetrics
+from app.engine.model_manager import ModelLoadError, ModelManager, ModelState, Resident
+from app.engine.prompt import ChatInput, PromptError
+from app.engine.prompt_select import make_prompt_builder
+from app.engine.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
+from app.engine.settings import ResolvedSettings, Settings, SettingsLayers, settings_from_ollama
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineError", "InvalidRequest", "ModelNotFound", "ModelLoadError", "JobHandle",
+           "ChatRequest", "CompletionRequest", "ModelInfoView"]
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to its callers."""
+
+
+class ModelNotFound(EngineError):
+    pass
+
+
+class InvalidRequest(EngineError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    settings: Settings = field(default_factory=Settings)
+    tools: list[dict[str, Any]] | None = None
+    stream: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    prompt: str | list[int]
+    settings: Settings = field(default_factory=Settings)
+    suffix: str | None = None
+    stream: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfoView:
+    """A registered model as the API and the UI list it."""
+
+    name: str
+    model_dir: str
+    created: int
+    context_length: int | None
+    format: str | None
+    state: str  # "unloaded", "loading", "ready", "unloading"
+
+
+class JobHandle:
+    """The events of one job. Iterate it once; leaving the iteration early cancels the job."""
+
+    def __init__(self, engine: "Engine", resident: Resident, job: BackendJob,
+                 queue: asyncio.Queue[JobEvent], model: str) -> None:
+        self._engine = engine
+        self._resident = resident
+        self.job = job
+        self._queue = queue
+        self.model = model
+        self.prompt_tokens = len(job.prompt_ids)
+        self.finished: JobFinished | None = None
+        self._released = False
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        try:
+            while True:
+                event = await self._queue.get()
+                if isinstance(event, JobFinished):
+                    self.finished = event
+                    self._release()
+                    yield event
+                    return
+                yield event
+        finally:
+            self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[JobEvent]:
+        return self.events()
+
+    async def result(self) -> JobFinished:
+        """Wait for the end (for non-streaming jobs, the final event carries the whole text)."""
+        async for event in self.events():
+            if isinstance(event, JobFinished):
+                return event
+        raise EngineError("job ended without a result")  # pragma: no cover - events() always finishes
+
+    def cancel(self) -> None:
+        """Cancel the job if it is still running (idempotent)."""
+        if self.finished is None and not self._released:
+            runner = self._resident.runner
+            if runner is not None:
+                runner.cancel(self.job.job_id)
+            self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._engine.manager.release(self._resident)
+
+
+class Engine:
+    def __init__(self, registry: Registry, *, server_settings: Settings | None = None, max_loaded: int = 1,
+                 backend_factory: Callable[[ModelEntry, ResolvedSettings], Any] = create_backend) -> None:
+        self.registry = registry
+        self.server_settings = server_settings or Settings()
+        self.metrics = EngineMetrics()
+        self._backend_factory = backend_factory
+        self._listeners: list[Callable[[], None]] = []
+        self.manager = ModelManager(self._make_backend, self.metrics, max_loaded=max_loaded,
+                                    on_change=self._notify)
+
+    # -- models -------------------------------------------------------------------
+    def _entry(self, name: str) -> tuple[str, ModelEntry]:
+        try:
+            found = self.registry.find(name)
+        except RegistryError as exc:
+            raise ModelNotFound(str(exc)) from None
+        if found is None:
+            raise ModelNotFound(f"The model '{name}' does not exist")
+        return found
+
+    def layers(self, name: str, request: Settings | None = None) -> SettingsLayers:
+        _, entry = self._entry(name)
+        ollama = (settings_from_ollama(entry.ollama.params, entry.ollama.system)
+                  if entry.ollama is not None else Settings())
+        return SettingsLayers(folder=folder_settings(entry.model_dir), ollama=ollama, model=entry.settings,
+                              server=self.server_settings, request=request or Settings())
+
+    def resolve(self, name: str, request: Settings | None = None) -> ResolvedSettings:
+        return self.layers(name, request).resolve()
+
+    def _make_backend(self, key: str) -> tuple[Any, float]:
+        _, entry = self._entry(key)
+        resolved = self.resolve(key)
+        return self._backend_factory(entry, resolved), float(resolved.idle_unload_minutes or 0)
+
+    def list_models(self) -> list[ModelInfoView]:
+        try:
+            entries = self.registry.entries()
+        except RegistryError as exc:
+            log.warning("%s", exc)
+            entries = {}
+        states = {s.name: s.state for s in self.manager.states()}
+        views = []
+        for key, entry in sorted(entries.items()):
+            created = _timestamp(entry.created_at)
+            ctx = entry.settings.context_length or entry.info.get("context_length")
+            views.append(ModelInfoView(display_name(key), entry.model_dir, created, ctx, entry.info.get("format"),
+                                       states.get(key, "unloaded")))
+        return views
+
+    def model_states(self) -> list[ModelState]:
+        return self.manager.states()
+
+    async def load(self, name: str) -> None:
+        key, _ = self._entry(name)
+        await self.manager.load(key)
+
+    async def unload(self, name: str) -> bool:
+        key = normalize_name(name)
+        return await self.manager.unload(key)
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) when a model starts/finishes loading or unloading."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    async def close(self) -> None:
+        await self.manager.close()
+
+    # -- generation -------------------------------------------------------------------
+    async def submit_chat(self, request: ChatRequest) -> JobHandle:
+        key, entry = self._entry(request.model)
+        resolved = self.resolve(key, request.settings)
+        try:
+            builder = make_prompt_builder(entry, resolved)
+            prompt = await asyncio.to_thread(builder.build, ChatInput(request.messages, request.tools))
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), "messages") from None
+        stops = [*resolved.stop, *(s for s in builder.stop_strings if s not in resolved.stop)]
+        return await self._submit(key, resolved, request.settings, prompt, stops, request.stream,
+                                  request.logit_bias, add_bos=False)
+
+    async def submit_completion(self, request: CompletionRequest) -> JobHandle:
+        key, entry = self._entry(request.model)
+        resolved = self.resolve(key, request.settings)
+        prompt = request.prompt
+        if request.suffix and isinstance(prompt, str):
+            from app.engine.prompt_select import fill_in_middle_prompt
+
+            fim = fill_in_middle_prompt(entry, resolved, request.prompt, request.suffix)
+            if fim is None:
+                log.info("model %s has no fill-in-the-middle form: suffix ignored", key)
+            else:
+                prompt = fim
+        return await self._submit(key, resolved, request.settings, prompt, list(resolved.stop), request.stream,
+                                  request.logit_bias, add_bos=True)
+
+    async def _submit(self, key: str, resolved: ResolvedSettings, request_layer: Settings, prompt: str | list[int],
+                      stops: list[str], stream: bool, logit_bias: dict[int, float], *, add_bos: bool) -> JobHandle:
+        resident = await self.manager.acquire(key)
+        try:
+            backend = resident.backend
+            if isinstance(prompt, list):
+                ids = list(prompt)
+            else:
+                ids = await asyncio.to_thread(backend.encode, prompt, add_bos=add_bos)
+            if not ids:
+                raise InvalidRequest("the prompt is empty", "prompt")
+            ctx = backend.context_length
+            if len(ids) >= ctx:
+                raise InvalidRequest(
+                    f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens",
+                    "messages")
+            room = ctx - len(ids)
+            if request_layer.max_tokens is not None:
+                if request_layer.max_tokens > room:
+                    raise InvalidRequest(
+                        f"This model's maximum context length is {ctx} tokens. However, you requested "
+                        f"{len(ids) + request_layer.max_tokens} tokens ({len(ids)} in the prompt, "
+                        f"{request_layer.max_tokens} for the completion)", "max_tokens")
+                max_new = request_layer.max_tokens
+            else:
+                max_new = min(int(resolved.max_tokens or room), room)
+            vocab = getattr(backend, "vocab_size", None)
+            bad = [t for t in logit_bias if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise InvalidRequest(f"logit_bias has token ids outside the vocabulary: {bad[:5]}", "logit_bias")
+            sampling = SamplingParams(
+                temperature=float(resolved.temperature), top_k=int(resolved.top_k), top_p=float(resolved.top_p),
+                min_p=float(resolved.min_p), typical=float(resolved.typical),
+                repetition_penalty=float(resolved.repetition_penalty),
+                presence_penalty=float(resolved.presence_penalty),
+                frequency_penalty=float(resolved.frequency_penalty), logit_bias=dict(logit_bias),
+                seed=resolved.seed,
+            )
+            job = BackendJob(prompt_ids=ids, max_new_tokens=max_new, sampling=sampling, stop_strings=stops,
+                             stop_token_ids=backend.eos_token_ids(), stream=stream)
+            runner = resident.runner
+            if runner is None:
+                raise ModelLoadError(f"model {key} is unloading; retry")
+            queue = runner.submit(job)
+        except BaseException:
+            self.manager.release(resident)
+            raise
+        return JobHandle(self, resident, job, queue, display_name(key))
+
+
+def _timestamp(iso: str) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except (ValueError, TypeError):
+        return 0
+
+
+__all__ += ["TextDelta", "JobFinished"]

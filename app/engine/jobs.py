@@ -1,0 +1,83 @@
+"""Data that crosses the engine's boundary: generation parameters, jobs and their events."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Resolved sampler settings for one job. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass
+class BackendJob:
+    """One generation job as a backend sees it."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_strings: list[str]
+    stop_token_ids: set[int]
+    stream: bool = True
+    job_id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What a backend reports for one job after a step: new text and tokens, and whether it ended."""
+
+    job_id: int
+    text: str = ""
+    new_tokens: int = 0
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text (only sent to streaming jobs)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """The last event of every job. ``text`` is the whole output for non-streaming jobs."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    text: str
+    ttft_s: float | None
+    duration_s: float
+    error: str | None = None
+
+
+JobEvent = TextDelta | JobFinished

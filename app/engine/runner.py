@@ -1,0 +1,171 @@
+"""The worker thread that drives one loaded backend and hands events to asyncio.
+
+The backend's step loop never runs on the event loop. Jobs and cancels reach the thread through a
+condition-guarded inbox; events go back with ``loop.call_soon_threadsafe`` into each job's
+unbounded asyncio queue (unbounded so that one slow client can never stall the step loop).
+Non-streaming jobs get a single final event with the whole text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from app.engine.backends.base import Backend
+from app.engine.jobs import BackendJob, JobEvent, JobFinished, StepEvent, TextDelta, Usage
+from app.engine.metrics import EngineMetrics, RequestRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    job: BackendJob
+    queue: asyncio.Queue[JobEvent]
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    tokens: int = 0
+    text: list[str] = field(default_factory=list)
+
+
+class Runner:
+    """Owns a loaded backend and its worker thread."""
+
+    def __init__(self, model: str, backend: Backend, metrics: EngineMetrics,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.model = model
+        self.backend = backend
+        self._metrics = metrics
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._inbox: list[_Tracked] = []
+        self._cancels: set[int] = set()
+        self._tracked: dict[int, _Tracked] = {}
+        self._stopping = False
+        self._cancel_all = False
+        self._thread = threading.Thread(target=self._run, name=f"runner:{model}", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- called on the event loop ----------------------------------------------
+    def submit(self, job: BackendJob) -> asyncio.Queue[JobEvent]:
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError(f"model {self.model} is unloading")
+            self._inbox.append(_Tracked(job, queue))
+            self._cond.notify()
+        self._metrics.running.inc()
+        self._metrics.record_prompt(len(job.prompt_ids))
+        return queue
+
+    def cancel(self, job_id: int) -> None:
+        with self._cond:
+            self._cancels.add(job_id)
+            self._cond.notify()
+
+    def cancel_all(self) -> None:
+        """Cancel every job (used at shutdown)."""
+        with self._cond:
+            self._cancel_all = True
+            self._cond.notify()
+
+    def job_count(self) -> int:
+        with self._cond:
+            return len(self._tracked) + len(self._inbox)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread; jobs still inside are ended with an error. Blocks: call off the loop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- the worker thread ------------------------------------------------------
+    def _run(self) -> None:
+        backend = self.backend
+        while True:
+            with self._cond:
+                while not (self._inbox or self._cancels or self._stopping or self._cancel_all
+                           or backend.has_work()):
+                    self._cond.wait()
+                new, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, set()
+                stopping, cancel_all, self._cancel_all = self._stopping, self._cancel_all, False
+            for tracked in new:
+                self._tracked[tracked.job.job_id] = tracked
+                backend.submit(tracked.job)
+            if cancel_all:
+                cancels.update(self._tracked)
+            for job_id in cancels:
+                if job_id in self._tracked:
+                    backend.cancel(job_id)
+                    self._finish(self._tracked[job_id], "cancelled", "")
+            if stopping:
+                for tracked in list(self._tracked.values()):
+                    backend.cancel(tracked.job.job_id)
+                    self._finish(tracked, "error", "", error="the model was unloaded while generating")
+                return
+            if not backend.has_work():
+                continue
+            try:
+                events = backend.step()
+            except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
+                log.exception("backend step failed for model %s", self.model)
+                for tracked in list(self._tracked.values()):
+                    backend.cancel(tracked.job.job_id)
+                    self._finish(tracked, "error", "", error=f"generation failed: {exc}")
+                continue
+            self.steps += 1
+            self._metrics.record_step(getattr(backend, "last_step_batch", 1))
+            for event in events:
+                tracked = self._tracked.get(event.job_id)
+                if tracked is not None:
+                    self._deliver(tracked, event)
+
+    def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
+        now = time.monotonic()
+        if event.new_tokens:
+            if tracked.first_token is None:
+                tracked.first_token = now
+            elif tracked.last_token is not None:
+                self._metrics.token_latency.observe((now - tracked.last_token) / event.new_tokens)
+            tracked.last_token = now
+            tracked.tokens += event.new_tokens
+            self._metrics.record_tokens(event.new_tokens)
+        if event.finished:
+            self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error)
+        elif event.text:
+            if tracked.job.stream:
+                self._post(tracked, TextDelta(event.text))
+            else:
+                tracked.text.append(event.text)
+
+    def _finish(self, tracked: _Tracked, reason: str, text: str, error: str | None = None) -> None:
+        self._tracked.pop(tracked.job.job_id, None)
+        now = time.monotonic()
+        if tracked.job.stream and text:
+            self._post(tracked, TextDelta(text))
+            text = ""
+        full = "".join(tracked.text) + text
+        ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
+        usage = Usage(len(tracked.job.prompt_ids), tracked.tokens)
+        self._post(tracked, JobFinished(reason, usage, full, ttft, now - tracked.submitted, error))  # type: ignore[arg-type]
+        self._metrics.running.dec()
+        gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
+        tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
+        self._metrics.record_finished(RequestRecord(self.model, usage.prompt_tokens, usage.completion_tokens,
+                                                    ttft, tps, reason, time.time()))
+
+    def _post(self, tracked: _Tracked, event: JobEvent) -> None:
+        try:
+            self._loop.call_soon_threadsafe(tracked.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
