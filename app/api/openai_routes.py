@@ -206,19 +206,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                                        "finish_reason": finish_reason(finished)}],
                                   "usage": usage_body(finished)})
     include_usage = req.include_usage()
-    usage_field = {"usage": None} if include_usage else {}
 
     async def chunks() -> AsyncIterator[bytes]:
         async for event in handle:
             if isinstance(event, TextDelta):
                 yield sse({**base, "choices": [{"index": 0, "text": event.text, "logprobs": None,
-                                                "finish_reason": None}], **usage_field})
+                                                "finish_reason": None}]})
             elif isinstance(event, JobFinished):
                 if event.finish_reason in ("error", "cancelled"):
                     yield sse(in_band_error(event))
                     return
                 yield sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                "finish_reason": finish_reason(event)}], **usage_field})
+                                                "finish_reason": finish_reason(event)}]})
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage_body(event)})
 
