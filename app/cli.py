@@ -11,6 +11,8 @@ from typing import Any, Sequence, get_args
 from pydantic import ValidationError
 
 from app import __version__
+from app.engine.ollama.client import OllamaError
+from app.engine.prompt import PromptError
 from app.engine.model_folder import ModelFolderError, format_size, inspect_model_folder
 from app.engine.registry import ModelEntry, Registry, RegistryError, display_name
 from app.engine.settings import Settings, format_validation_error
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="replace an existing entry of the same name")
     p.add_argument("--no-ollama", action="store_true", help="do not fetch Ollama library metadata")
     p.add_argument("--ollama", metavar="NAME", help="Ollama library entry to use (default: NAME)")
-    p.add_argument("--registry-url", metavar="URL", help=argparse.SUPPRESS)
+    p.add_argument("--registry-url", metavar="URL", help="Ollama registry to ask instead of https://HOST (a mirror)")
     add_setting_options(p)
 
     sub.add_parser("models", help="list registered models")
@@ -193,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.ui.launch import launch_tray
 
         return launch_tray(registry, port=getattr(args, "port", None))
-    except (CliError, RegistryError, ModelFolderError) as exc:
+    except (CliError, RegistryError, ModelFolderError, PromptError, OllamaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ class OllamaMetadata(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     license: str | None = None
     messages: list[dict[str, Any]] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
     fetched_at: str | None = None
 
 
