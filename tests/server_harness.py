@@ -37,6 +37,7 @@ class ServerThread:
         async def start() -> None:
             self.engine = self._engine_factory(self.registry, server_settings=self._settings,
                                                max_loaded=self._max_loaded)
+            await self.engine.start()
             self.listener = Listener(self.engine, self._config)
             await self.listener.start()
 

@@ -222,3 +222,33 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     yield sse({**base, "choices": [], "usage": usage_body(event)})
 
     return await stream_response(request, handle, chunks())
+
+
+@routes.post("/admin/load")
+async def admin_load(request: web.Request) -> web.Response:
+    """Load a model now (``{"model": NAME}``); answers when it is ready."""
+    engine = request.app[ENGINE]
+    name = _admin_model(await read_json_body(request))
+    try:
+        await engine.load(name)
+    except ModelNotFound as exc:
+        raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+    except ModelLoadError as exc:
+        raise ApiError(503, str(exc), code="model_load_failed", error_type="server_error") from None
+    return web.json_response({"model": name, "state": "ready"})
+
+
+@routes.post("/admin/unload")
+async def admin_unload(request: web.Request) -> web.Response:
+    """Unload a model once its running requests are done (``{"model": NAME}``)."""
+    engine = request.app[ENGINE]
+    name = _admin_model(await read_json_body(request))
+    was_loaded = await engine.unload(name)
+    return web.json_response({"model": name, "state": "unloaded", "was_loaded": was_loaded})
+
+
+def _admin_model(body: dict[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "send {\"model\": NAME}", param="model")
+    return name

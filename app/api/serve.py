@@ -32,6 +32,7 @@ async def run_server(args: argparse.Namespace, registry: Registry, settings: Set
                 print(line, file=sys.stderr, flush=True)
 
     engine.add_listener(show_progress)
+    await engine.start()
     try:
         await listener.start()
     except (OSError, ValueError) as exc:

@@ -87,7 +87,7 @@ async def health(request: web.Request) -> web.Response:
         "loading": [{"model": s.name, "progress": round(s.progress, 3), "message": s.message}
                     for s in states if s.state == "loading"],
         "models": [{"model": s.name, "state": s.state, "backend": s.backend, "batching": s.batching,
-                    "active_jobs": s.active_jobs, "message": s.message} for s in states],
+                    "active_jobs": s.active_jobs, "message": s.message, "notice": s.notice} for s in states],
     })
 
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
+
+import psutil
 
 from app.engine.backend_select import create_backend, folder_settings
 from app.engine.jobs import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
@@ -24,6 +27,7 @@ from app.engine.registry import ModelEntry, Registry, RegistryError, display_nam
 from app.engine.settings import ResolvedSettings, Settings, SettingsLayers, settings_from_ollama
 
 log = logging.getLogger(__name__)
+SAMPLE_SECONDS = 1.0
 
 __all__ = ["Engine", "EngineError", "InvalidRequest", "ModelNotFound", "ModelLoadError", "JobHandle",
            "ChatRequest", "CompletionRequest", "ModelInfoView"]
@@ -134,6 +138,8 @@ class Engine:
         self.metrics = EngineMetrics()
         self._backend_factory = backend_factory
         self._listeners: list[Callable[[], None]] = []
+        self._sample_listeners: list[Callable[[], None]] = []
+        self._sampler: asyncio.Task | None = None
         self.manager = ModelManager(self._make_backend, self.metrics, max_loaded=max_loaded,
                                     on_change=self._notify)
 
@@ -196,7 +202,44 @@ class Engine:
         for callback in list(self._listeners):
             callback()
 
+    async def start(self) -> None:
+        """Start the once-a-second metrics sampler (plots and /metrics read its history)."""
+        if self._sampler is None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_SECONDS)
+            self.metrics.sample(self.memory_snapshot())
+            for callback in list(self._sample_listeners):
+                callback()
+
+    def add_sample_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each metrics sample (once a second)."""
+        self._sample_listeners.append(callback)
+
+    def memory_snapshot(self) -> dict[str, int]:
+        """GPU memory reserved per device (or the backend's own figure) and the process RSS."""
+        memory: dict[str, int] = {}
+        for state in self.manager.states():
+            resident = self.manager.resident(state.name)
+            if resident is not None and state.state == "ready":
+                try:
+                    memory.update(resident.backend.memory_used())
+                except Exception:  # a backend mid-unload may fail to report; skip this sample
+                    log.debug("memory_used failed", exc_info=True)
+        torch = sys.modules.get("torch")  # never import torch just to look
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                memory.setdefault(f"cuda:{i}", int(torch.cuda.memory_reserved(i)))
+        memory["rss"] = psutil.Process().memory_info().rss
+        return memory
+
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         await self.manager.close()
 
     # -- generation -------------------------------------------------------------------

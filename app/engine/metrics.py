@@ -59,6 +59,9 @@ class EngineMetrics:
         self.token_latency = Histogram("exllama_tray_time_per_output_token_seconds",
                                        "Time between output tokens", registry=r,
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1))
+        self.memory = Gauge("exllama_tray_memory_bytes",
+                            "Memory in use: GPU memory reserved per device (cuda:N), process RSS (rss)",
+                            ["device"], registry=r)
         self._lock = threading.Lock()
         self._history: deque[MetricsSample] = deque(maxlen=HISTORY_SECONDS)
         self._recent: deque[RequestRecord] = deque(maxlen=200)
@@ -113,6 +116,8 @@ class EngineMetrics:
             self._window_prompt = self._window_gen = 0
             self._window_start = now
             self._history.append(sample)
+        for device, value in sample.memory.items():
+            self.memory.labels(device).set(value)
         return sample
 
     def history(self, seconds: float = HISTORY_SECONDS) -> list[MetricsSample]:

@@ -40,6 +40,7 @@ class ModelState:
     backend: str
     batching: str
     active_jobs: int
+    notice: str = ""
 
 
 @dataclass
@@ -80,7 +81,7 @@ class ModelManager:
     # -- public -------------------------------------------------------------------
     def states(self) -> list[ModelState]:
         return [ModelState(r.name, r.state, r.progress, r.message, r.backend.name, r.backend.batching,
-                           r.active) for r in self._residents.values()]
+                           r.active, getattr(r.backend, "notice", "")) for r in self._residents.values()]
 
     def resident(self, name: str) -> Resident | None:
         return self._residents.get(name)

@@ -90,6 +90,7 @@ class TransformersBackend:
         self._running: list[_Job] = []
         self._cache_kw = "past_key_values"
         self.last_step_batch = 0
+        self.vocab_size: int | None = None
 
     # -- lifecycle ----------------------------------------------------------
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
@@ -131,6 +132,7 @@ class TransformersBackend:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._device = torch.device(device)
         self._model = model
+        self.vocab_size = int(model.config.vocab_size)
         progress(1.0, "loaded")
 
     def unload(self) -> None:

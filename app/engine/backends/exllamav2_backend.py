@@ -1,0 +1,283 @@
+"""ExLlamaV2 backend: ExLlamaV2DynamicGenerator behind the backend contract.
+
+Paged mode (continuous batching, prefix reuse) needs flash-attn >= 2.5.7; without it the generator
+runs unpaged, one job at a time, and :attr:`ExLlamaV2Backend.batching` says ``"single"``.
+exllamav2 and torch are imported only when a model loads. The first import JIT-builds exllamav2's
+CUDA extension (minutes); that is reported as a load step of its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import threading
+from typing import Any, Sequence
+
+from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.jobs import BackendJob, SamplingParams, StepEvent
+from app.engine.settings import parse_gpu_split
+
+log = logging.getLogger(__name__)
+
+CACHE_CLASSES = {"FP16": "ExLlamaV2Cache", "Q8": "ExLlamaV2Cache_Q8", "Q6": "ExLlamaV2Cache_Q6",
+                 "Q4": "ExLlamaV2Cache_Q4"}
+MAX_CHUNK = 2048
+
+
+def flash_attn_ok() -> bool:
+    """Whether flash-attn >= 2.5.7 is importable (paged mode needs it)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn
+    except Exception:  # a broken flash-attn build raises all sorts of errors
+        return False
+    parts = [int(p) for p in flash_attn.__version__.split(".")[:3] if p.isdigit()]
+    return tuple(parts) >= (2, 5, 7)
+
+
+def extension_prebuilt() -> bool:
+    return importlib.util.find_spec("exllamav2_ext") is not None
+
+
+class ExLlamaV2Backend:
+    name = "exllamav2"
+
+    def __init__(self, model_dir: str, *, context_length: int, max_batch: int, cache_type: str = "FP16",
+                 gpu_split: str | None = "auto", rope_scale: float = 1.0, rope_alpha: float = 1.0) -> None:
+        self.model_dir = model_dir
+        self.context_length = context_length
+        self.max_batch = max_batch
+        self.cache_type = cache_type
+        self.gpu_split = gpu_split or "auto"
+        self.rope_scale = rope_scale
+        self.rope_alpha = rope_alpha
+        self.paged = False
+        self.batching = "single"
+        self.notice = ""
+        self.vocab_size: int | None = None
+        self.last_step_batch = 0
+        self._model: Any = None
+        self._cache: Any = None
+        self._tokenizer: Any = None
+        self._generator: Any = None
+        self._jobs: dict[int, Any] = {}
+        self._eos: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise BackendLoadError("the exllamav2 backend needs torch with CUDA; install the 'exllamav2' extra") from None
+        if not torch.cuda.is_available():
+            raise BackendLoadError("the exllamav2 backend needs an NVIDIA GPU with CUDA; torch sees none")
+        if not extension_prebuilt():
+            progress(0.0, "building the exllamav2 CUDA extension (first run only; this takes several minutes)")
+            log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
+        try:
+            from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
+            import exllamav2 as exl
+        except ImportError as exc:
+            raise BackendLoadError(f"exllamav2 is not installed or failed to build its CUDA extension: {exc}") from None
+        except Exception as exc:  # the JIT build raises RuntimeError/subprocess errors
+            raise BackendLoadError(f"building exllamav2's CUDA extension failed: {exc} (see README: CUDA build)") from None
+        if cancel.is_set():
+            raise LoadCancelled("load cancelled")
+        self.paged = flash_attn_ok()
+        self.batching = "continuous" if self.paged else "single"
+        if not self.paged:
+            self.notice = ("flash-attn >= 2.5.7 is not installed: exllamav2 runs unpaged, one request at a time "
+                           "(requests queue); install flash-attn for continuous batching")
+            log.warning(self.notice)
+        progress(0.02, "reading model config")
+        try:
+            config = ExLlamaV2Config(self.model_dir)
+            config.max_seq_len = self.context_length
+            if self.rope_scale != 1.0:
+                config.scale_pos_emb = self.rope_scale
+            if self.rope_alpha != 1.0:
+                config.scale_alpha_value = self.rope_alpha
+            config.max_input_len = min(MAX_CHUNK, self.context_length)
+            config.max_attention_size = config.max_input_len ** 2
+            model = ExLlamaV2(config)
+        except Exception as exc:
+            raise BackendLoadError(f"cannot read the model in {self.model_dir}: {exc}") from None
+        cache_cls = getattr(exl, CACHE_CLASSES.get(self.cache_type, "ExLlamaV2Cache"))
+        cache_len = self.context_length * (self.max_batch if self.paged else 1)
+        self._model = model
+
+        def callback(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise LoadCancelled("load cancelled")
+            progress(0.05 + 0.9 * done / max(total, 1), f"loading weights ({done}/{total} modules)")
+
+        try:
+            if self.gpu_split == "auto":
+                self._cache = cache_cls(model, max_seq_len=cache_len, lazy=True)
+                model.load_autosplit(self._cache, callback=callback)
+            else:
+                split = parse_gpu_split(self.gpu_split)
+                check_split(split)
+                model.load(gpu_split=split, callback=callback)
+                self._cache = cache_cls(model, max_seq_len=cache_len)
+            progress(0.96, "loading tokenizer")
+            self._tokenizer = ExLlamaV2Tokenizer(config)
+            self._make_generator()
+        except LoadCancelled:
+            self.unload()
+            raise
+        except torch.cuda.OutOfMemoryError:
+            self.unload()
+            raise BackendLoadError(
+                f"out of GPU memory loading {self.model_dir} with context {self.context_length}, batch "
+                f"{self.max_batch}, cache {self.cache_type}: lower context_length or batch_size, use a Q4/Q8 "
+                "cache, or set gpu_split") from None
+        except BackendLoadError:
+            self.unload()
+            raise
+        except Exception as exc:
+            self.unload()
+            raise BackendLoadError(f"cannot load {self.model_dir}: {exc}") from None
+        self.vocab_size = int(config.vocab_size)
+        eos = config.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        if self._tokenizer.eos_token_id is not None:
+            self._eos.add(int(self._tokenizer.eos_token_id))
+        progress(1.0, "loaded")
+
+    def _make_generator(self) -> None:
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        self._generator = ExLlamaV2DynamicGenerator(
+            model=self._model, cache=self._cache, tokenizer=self._tokenizer,
+            max_batch_size=self.max_batch if self.paged else 1, max_seq_len=self.context_length,
+            max_chunk_size=min(MAX_CHUNK, self.context_length), paged=self.paged)
+
+    def unload(self) -> None:
+        self._jobs.clear()
+        self._generator = None
+        cache, self._cache = self._cache, None
+        model, self._model = self._model, None
+        del cache
+        if model is not None:
+            try:
+                model.unload()
+            except Exception:  # a half-loaded model may fail to unload its modules; memory goes with gc
+                log.debug("model.unload() failed", exc_info=True)
+        del model
+        self._tokenizer = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # once per unload: hands the freed blocks back to the driver
+        except ImportError:
+            pass
+
+    def memory_used(self) -> dict[str, int]:
+        try:
+            import torch
+        except ImportError:
+            return {}
+        if not torch.cuda.is_available():
+            return {}
+        return {f"cuda:{i}": int(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count())}
+
+    # -- tokens -----------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids = self._tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
+        return [int(x) for x in ids[0].tolist()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        import torch
+
+        return self._tokenizer.decode(torch.tensor([list(ids)]), decode_special_tokens=False)[0]
+
+    def eos_token_ids(self) -> set[int]:
+        return set(self._eos)
+
+    # -- jobs -------------------------------------------------------------------------
+    def gen_settings(self, params: SamplingParams) -> Any:
+        import torch
+        from exllamav2.generator import ExLlamaV2Sampler
+
+        if params.temperature <= 0:
+            s = ExLlamaV2Sampler.Settings.greedy()
+        else:
+            s = ExLlamaV2Sampler.Settings()
+            s.temperature = params.temperature
+            s.top_k = params.top_k
+            s.top_p = params.top_p if params.top_p < 1.0 else 0.0
+            s.min_p = params.min_p
+            s.typical = params.typical if params.typical < 1.0 else 0.0
+        s.token_repetition_penalty = params.repetition_penalty
+        s.token_presence_penalty = params.presence_penalty
+        s.token_frequency_penalty = params.frequency_penalty
+        if params.logit_bias and self.vocab_size:
+            bias = torch.zeros((self.vocab_size,), dtype=torch.float)
+            for tok, value in params.logit_bias.items():
+                bias[tok] = value
+            s.token_bias = bias
+        return s
+
+    def submit(self, job: BackendJob) -> None:
+        import torch
+        from exllamav2.generator import ExLlamaV2DynamicJob
+
+        stops: list[Any] = [*job.stop_token_ids, *job.stop_strings]
+        gen_job = ExLlamaV2DynamicJob(
+            input_ids=torch.tensor([job.prompt_ids], dtype=torch.long), max_new_tokens=job.max_new_tokens,
+            gen_settings=self.gen_settings(job.sampling), seed=job.sampling.seed, stop_conditions=stops,
+            identifier=job.job_id, decode_special_tokens=False)
+        self._jobs[job.job_id] = gen_job
+        self._generator.enqueue(gen_job)
+
+    def cancel(self, job_id: int) -> None:
+        gen_job = self._jobs.pop(job_id, None)
+        if gen_job is not None:
+            self._generator.cancel(gen_job)
+
+    def has_work(self) -> bool:
+        return self._generator is not None and self._generator.num_remaining_jobs() > 0
+
+    def active_jobs(self) -> int:
+        return len(self._jobs)
+
+    def step(self) -> list[StepEvent]:
+        results = self._generator.iterate()
+        events: list[StepEvent] = []
+        streaming = set()
+        for r in results:
+            if r.get("stage") != "streaming":
+                continue
+            job_id = r["identifier"]
+            if job_id not in self._jobs:
+                continue
+            streaming.add(job_id)
+            ids = r.get("token_ids")
+            n = int(ids.shape[-1]) if ids is not None else 0
+            text = r.get("text", "")
+            if r.get("eos"):
+                self._jobs.pop(job_id, None)
+                reason = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
+                events.append(StepEvent(job_id, text, n, True, reason))  # type: ignore[arg-type]
+            elif text or n:
+                events.append(StepEvent(job_id, text, n))
+        self.last_step_batch = len(streaming)
+        return events
+
+
+def check_split(split: list[float]) -> None:
+    """A manual split must not name more GPUs than exist nor ask for more memory than they have."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if len(split) > count:
+        raise BackendLoadError(f"gpu_split names {len(split)} GPUs but only {count} are present")
+    for i, gib in enumerate(split):
+        total = torch.cuda.get_device_properties(i).total_memory / 1024**3
+        if gib > total:
+            raise BackendLoadError(f"gpu_split asks {gib:g} GiB of GPU {i}, which has {total:.1f} GiB")
