@@ -49,10 +49,14 @@ WORDS = (
 
 def corpus(seed: int, lines: int = 4000) -> list[str]:
     rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    # pseudo-words give the BPE trainer enough merges to fill larger vocabularies exactly
+    pseudo = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    words = WORDS + pseudo
     out = []
     for _ in range(lines):
         n = rng.randint(3, 14)
-        sentence = " ".join(rng.choice(WORDS) for _ in range(n))
+        sentence = " ".join(rng.choice(words if rng.random() < 0.5 else WORDS) for _ in range(n))
         out.append(sentence[0].upper() + sentence[1:] + rng.choice([".", "!", "?", ",", ":"]))
     return out
 

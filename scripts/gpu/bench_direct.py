@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""The reference for the HTTP benchmark: ExLlamaV2DynamicGenerator driven directly, no server.
+
+Prints one JSON object: decode tok/s (median of runs) and time to first token (p50) for the same
+prompt, sampler and settings the server uses.
+Usage: python scripts/gpu/bench_direct.py MODEL_DIR --prompt TEXT [--tokens 256] [--runs 5] [--ttft-runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--ttft-runs", type=int, default=20)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--ban", type=int, nargs="*", default=[], help="token ids biased by -100 (EOS)")
+    args = parser.parse_args()
+
+    import torch
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    from app.engine.backends.exllamav2_backend import MAX_CHUNK, flash_attn_ok
+
+    paged = flash_attn_ok()
+    config = ExLlamaV2Config(args.model_dir)
+    config.max_seq_len = args.context
+    config.max_input_len = min(MAX_CHUNK, args.context)
+    config.max_attention_size = config.max_input_len ** 2
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, max_seq_len=args.context, lazy=True)
+    model.load_autosplit(cache)
+    tokenizer = ExLlamaV2Tokenizer(config)
+    gen = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, max_batch_size=1,
+                                    max_seq_len=args.context, max_chunk_size=min(MAX_CHUNK, args.context),
+                                    paged=paged)
+    ids = tokenizer.encode(args.prompt, add_bos=True, encode_special_tokens=True)
+
+    def settings() -> ExLlamaV2Sampler.Settings:
+        s = ExLlamaV2Sampler.Settings()
+        s.temperature, s.top_k, s.top_p, s.min_p, s.typical = 0.8, 40, 0.9, 0.0, 0.0
+        s.token_repetition_penalty = 1.0
+        if args.ban:
+            bias = torch.zeros((config.vocab_size,), dtype=torch.float)
+            for t in args.ban:
+                bias[t] = -100
+            s.token_bias = bias
+        return s
+
+    def run(max_new: int, seed: int) -> tuple[float, list[float], int]:
+        job = ExLlamaV2DynamicJob(input_ids=ids, max_new_tokens=max_new, gen_settings=settings(), seed=seed,
+                                  stop_conditions=[], decode_special_tokens=False)
+        t0 = time.perf_counter()
+        gen.enqueue(job)
+        stamps: list[float] = []
+        tokens = 0
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                if r.get("stage") == "streaming" and r.get("token_ids") is not None:
+                    n = int(r["token_ids"].shape[-1])
+                    if n:
+                        now = time.perf_counter()
+                        stamps.extend([now] * n)
+                        tokens += n
+        return t0, stamps, tokens
+
+    for i in range(3):
+        run(32, i)
+    torch.cuda.synchronize()
+    rates = []
+    for i in range(args.runs):
+        _, stamps, tokens = run(args.tokens, 100 + i)
+        rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
+    ttfts = []
+    for i in range(args.ttft_runs):
+        t0, stamps, _ = run(1, 200 + i)
+        ttfts.append(stamps[0] - t0)
+    print(json.dumps({"paged": paged, "prompt_tokens": int(ids.shape[-1]), "decode_tok_s": statistics.median(rates),
+                      "decode_tok_s_runs": rates, "ttft_p50_s": statistics.median(ttfts),
+                      "ttft_runs_s": ttfts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""GPU checks for the exllamav2 backend, run by scripts/gpu/run_checks.sh on the lent GPU machine.
+
+Stages (each timed; a failed check is recorded and the run goes on):
+  env, extension (JIT build or restore), models (random Llama, FP16), quantize (EXL2 with
+  exllamav2's converter), direct benchmark, serve (`python -m app serve`), end-to-end checks through
+  the openai SDK on the FP16 and the EXL2 model, model switching, HTTP benchmark, VRAM figures.
+Writes OUT/gpu-report.json and OUT/gpu-report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+WORK = Path("/tmp/gpu-work")
+PORT = 8765
+BASE = f"http://127.0.0.1:{PORT}"
+BAN = {"2": -100, "5": -100}  # </s> and <|im_end|> of the generated tokenizer: keep random models talking
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
+
+
+class Report:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.data: dict[str, Any] = {"stages": {}, "checks": [], "bench": {}, "vram": {}}
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+            ok = True
+        except Exception as exc:
+            traceback.print_exc()
+            result, ok = f"{type(exc).__name__}: {exc}", False
+        self.data["stages"][name] = {"ok": ok, "seconds": round(time.perf_counter() - t0, 1),
+                                     **({"error": result} if not ok else {})}
+        self.save()
+        return result if ok else None
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        print(f"   [{'PASS' if ok else 'FAIL'}] {name} {detail}", flush=True)
+        self.data["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
+        self.save()
+
+    def save(self) -> None:
+        (self.out / "gpu-report.json").write_text(json.dumps(self.data, indent=2))
+
+
+def sh(cmd: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess:
+    print("   $ " + " ".join(cmd[:8]) + (" ..." if len(cmd) > 8 else ""), flush=True)
+    return subprocess.run(cmd, timeout=timeout, text=True, capture_output=True, **kw)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def env_info(rep: Report) -> dict[str, Any]:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0),
+            "gpus": torch.cuda.device_count(), "python": sys.version.split()[0]}
+    try:
+        import flash_attn  # noqa: F401
+        info["flash_attn"] = flash_attn.__version__
+    except Exception:
+        info["flash_attn"] = None
+    rep.data["env"] = info
+    return info
+
+
+def extension(rep: Report) -> None:
+    restored = Path("/tmp/site/exllamav2_ext.so").exists()
+    t0 = time.perf_counter()
+    import exllamav2  # noqa: F401  (JIT-builds the extension when it is not importable)
+    from exllamav2 import ext  # noqa: F401
+    import exllamav2_ext
+    rep.data["extension"] = {"restored": restored, "import_s": round(time.perf_counter() - t0, 1),
+                             "path": exllamav2_ext.__file__}
+    if not restored:
+        so = Path(exllamav2_ext.__file__)
+        packed = rep.out / "exllamav2_ext.so.xz"
+        subprocess.run(["xz", "-T0", "-6", "-k", "-c", str(so)], stdout=packed.open("wb"), check=True)
+        if packed.stat().st_size > 15 * 1024 * 1024:
+            subprocess.run(["split", "-b", "15M", "-d", str(packed), str(packed) + "."], check=True)
+            packed.unlink()
+        print(f"   extension packed to {rep.out}", flush=True)
+
+
+def make_models(rep: Report) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    maker = [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py")]
+    specs = {
+        "tiny-fp16": ["--hidden", "256", "--heads", "4", "--kv-heads", "2", "--layers", "2", "--intermediate", "512"],
+        "small-fp16": ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--layers", "20",
+                       "--intermediate", "2816", "--init-std", "0.02"],
+    }
+    for name, extra in specs.items():
+        res = sh([*maker, str(WORK / name), "--dtype", "float16", "--device", "cuda", "--vocab", "1024",
+                  "--context", "2048", *extra], 300)
+        print(res.stdout[-300:], res.stderr[-600:], flush=True)
+        res.check_returncode()
+    rep.data["models"] = {n: sum(f.stat().st_size for f in (WORK / n).iterdir()) for n in specs}
+
+
+def quantize(rep: Report) -> None:
+    work, out = WORK / "exl2-work", WORK / "small-exl2"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(WORK / "small-fp16"),
+           "-o", str(work), "-cf", str(out), "-b", "4.0", "-hb", "6", "-r", "8", "-mr", "4", "-l", "512",
+           "-ml", "512"]
+    saved = ROOT / ".gpu" / "measurement.json"
+    if saved.exists():
+        cmd += ["-m", str(saved)]
+    res = sh(cmd, 420)
+    print(res.stdout[-1500:], res.stderr[-1500:], flush=True)
+    res.check_returncode()
+    if (work / "measurement.json").exists():
+        shutil.copy(work / "measurement.json", rep.out / "measurement.json")
+    cfg = json.loads((out / "config.json").read_text())
+    rep.data["quantized"] = {"reused_measurement": saved.exists(), "quantization_config": cfg.get("quantization_config"),
+                             "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+
+
+def direct_bench(rep: Report) -> None:
+    res = sh([sys.executable, str(ROOT / "scripts" / "gpu" / "bench_direct.py"), str(WORK / "small-exl2"),
+              "--prompt", PROMPT, "--ban", "2", "5"], 300)
+    print(res.stderr[-1500:], flush=True)
+    res.check_returncode()
+    rep.data["bench"]["direct"] = json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def start_server(rep: Report) -> subprocess.Popen:
+    models = WORK / "models.json"
+    models.unlink(missing_ok=True)
+    app = [sys.executable, "-m", "app", "--models", str(models)]
+    for name, extra in (("tiny-fp16", ["--backend", "exllamav2", "--context-length", "2048"]),
+                        ("small-exl2", ["--context-length", "2048"])):
+        res = sh([*app, "add-model", "--no-ollama", "--model-dir", str(WORK / name), *extra, name], 60)
+        print(res.stdout, res.stderr[-500:], flush=True)
+        res.check_returncode()
+    log = open(rep.out / "server.log", "w")
+    proc = subprocess.Popen([*app, "serve", "--port", str(PORT)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    import httpx
+
+    for _ in range(100):
+        try:
+            if httpx.get(f"{BASE}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def metric(name: str) -> float:
+    import httpx
+
+    for line in httpx.get(f"{BASE}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def vram() -> dict[str, float]:
+    time.sleep(1.6)  # the engine samples memory once a second
+    out = {"torch_reserved_mib": metric('exllama_tray_memory_bytes{device="cuda:0"}') / 2**20}
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True)
+    if smi.returncode == 0:
+        out["gpu_used_mib"] = float(smi.stdout.split()[0])
+    return out
+
+
+def e2e(rep: Report, model: str) -> None:
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{BASE}/v1", api_key="x", max_retries=0, timeout=300)
+    msgs = [{"role": "user", "content": "Say something."}]
+    health = httpx.get(f"{BASE}/health").json()
+    rep.check(f"{model}: not loaded before first request", f"{model}:latest" not in health["loaded"])
+    ids = [m.id for m in client.models.list().data]
+    rep.check(f"{model}: listed in /v1/models", model in ids, str(ids))
+    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=32, seed=7, logit_bias=BAN)
+    text = full.choices[0].message.content or ""
+    rep.check(f"{model}: non-stream chat", bool(text) and full.usage.completion_tokens == 32,
+              f"{full.usage.completion_tokens} tokens, finish {full.choices[0].finish_reason}")
+    health = httpx.get(f"{BASE}/health").json()
+    rep.check(f"{model}: loaded on demand", f"{model}:latest" in health["loaded"],
+              json.dumps(health["models"])[:300])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=model, messages=msgs, max_tokens=32, seed=7, logit_bias=BAN, stream=True) if c.choices)
+    rep.check(f"{model}: stream equals non-stream (same seed)", streamed == text, repr(text[:60]))
+    try:
+        text.encode("utf-8")
+        rep.check(f"{model}: text is valid UTF-8", True)
+    except UnicodeEncodeError as exc:
+        rep.check(f"{model}: text is valid UTF-8", False, str(exc))
+    comp = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, seed=3, logit_bias=BAN)
+    comp_s = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=24, seed=3, logit_bias=BAN, stream=True) if c.choices)
+    rep.check(f"{model}: completions stream and non-stream", comp_s == comp.choices[0].text and bool(comp_s))
+    long = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, seed=11, logit_bias=BAN)
+    ltext = long.choices[0].message.content or ""
+    if len(ltext) > 12:
+        stop = ltext[8:11]
+        cut = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, seed=11, logit_bias=BAN,
+                                             stop=[stop])
+        rep.check(f"{model}: stop string cut and not returned",
+                  cut.choices[0].message.content == ltext[: ltext.find(stop)] and cut.choices[0].finish_reason == "stop",
+                  f"stop={stop!r} got={cut.choices[0].message.content!r} want={ltext[:ltext.find(stop)]!r}")
+    else:
+        rep.check(f"{model}: stop string cut and not returned", False, "output too short to test")
+    length = client.chat.completions.create(model=model, messages=msgs, max_tokens=5, logit_bias=BAN)
+    rep.check(f"{model}: max_tokens -> finish_reason length", length.choices[0].finish_reason == "length"
+              and length.usage.completion_tokens == 5)
+    before = metric('exllama_tray_requests_total{finish_reason="cancelled"}')
+    with httpx.stream("POST", f"{BASE}/v1/chat/completions", json={"model": model, "messages": msgs,
+                      "max_tokens": 1500, "stream": True, "logit_bias": BAN}, timeout=60) as resp:
+        it = resp.iter_lines()
+        for _ in range(8):
+            next(it)
+    deadline = time.time() + 10
+    while time.time() < deadline and metric("exllama_tray_requests_running") != 0:
+        time.sleep(0.05)
+    rep.check(f"{model}: disconnect cancels the job", metric("exllama_tray_requests_running") == 0 and
+              metric('exllama_tray_requests_total{finish_reason="cancelled"}') == before + 1)
+    again = client.chat.completions.create(model=model, messages=msgs, max_tokens=4)
+    rep.check(f"{model}: serves after a disconnect", again.choices[0].message.content is not None)
+    r = httpx.post(f"{BASE}/admin/unload", json={"model": model}, timeout=120).json()
+    health = httpx.get(f"{BASE}/health").json()
+    rep.check(f"{model}: unload", r.get("was_loaded") and f"{model}:latest" not in health["loaded"])
+
+
+def switching(rep: Report) -> None:
+    import concurrent.futures
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{BASE}/v1", api_key="x", max_retries=0, timeout=300)
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def one(i: int) -> str:
+        model = "tiny-fp16" if i % 2 == 0 else "small-exl2"
+        return client.chat.completions.create(model=model, messages=msgs, max_tokens=8, seed=1,
+                                              logit_bias=BAN).choices[0].message.content or ""
+
+    ref = [one(0), one(1)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one, range(8)))
+    rep.check("switch between two models (8 alternating requests, 4 at a time)",
+              outs == [ref[i % 2] for i in range(8)])
+
+
+def http_bench(rep: Report) -> None:
+    import httpx
+
+    model = "small-exl2"
+    body = {"model": model, "prompt": PROMPT, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
+            "logit_bias": BAN}
+    vram_before = vram()
+    httpx.post(f"{BASE}/admin/load", json={"model": model}, timeout=300)
+
+    def stream(max_tokens: int, seed: int) -> tuple[float, float | None, list[float], int, str]:
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        usage = 0
+        text = []
+        with httpx.stream("POST", f"{BASE}/v1/completions", json={**body, "max_tokens": max_tokens, "seed": seed,
+                          "stream": True, "stream_options": {"include_usage": True}}, timeout=300) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                for ch in chunk.get("choices", []):
+                    if ch.get("text"):
+                        stamps.append(time.perf_counter())
+                        text.append(ch["text"])
+        end = time.perf_counter()
+        return t0, (stamps[0] - t0) if stamps else None, stamps, usage, "".join(text) if end else ""
+
+    for i in range(3):
+        stream(32, i)
+    rates = []
+    for i in range(5):
+        _, _, stamps, n, _ = stream(256, 100 + i)
+        rates.append((n - 1) / (stamps[-1] - stamps[0]))
+    ttfts = []
+    for i in range(20):
+        _, ttft, _, _, _ = stream(4, 200 + i)
+        if ttft is not None:
+            ttfts.append(ttft)
+    lat_stream, lat_full = [], []
+    for i in range(10):
+        t0, _, _, _, s_text = stream(128, 300 + i)
+        lat_stream.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        full = httpx.post(f"{BASE}/v1/completions", json={**body, "max_tokens": 128, "seed": 300 + i},
+                          timeout=300).json()
+        lat_full.append(time.perf_counter() - t0)
+        if full["choices"][0]["text"] != s_text:
+            rep.check("bench: stream text equals non-stream text", False, f"seed {300 + i}")
+    direct = rep.data["bench"].get("direct", {})
+    http = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,
+            "ttft_p50_s": statistics.median(ttfts), "ttft_runs_s": ttfts,
+            "stream_latency_128_p50_s": statistics.median(lat_stream),
+            "nonstream_latency_128_p50_s": statistics.median(lat_full)}
+    rep.data["bench"]["http"] = http
+    if direct:
+        ratio = http["decode_tok_s"] / direct["decode_tok_s"]
+        rep.data["bench"]["decode_ratio_http_over_direct"] = ratio
+        rep.data["bench"]["ttft_http_minus_direct_ms"] = (http["ttft_p50_s"] - direct["ttft_p50_s"]) * 1e3
+        rep.check("bench: decode tok/s HTTP >= 0.98x direct", ratio >= 0.98, f"{ratio:.3f}")
+        rep.check("bench: TTFT HTTP - direct <= 3 ms (p50)", rep.data["bench"]["ttft_http_minus_direct_ms"] <= 3,
+                  f"{rep.data['bench']['ttft_http_minus_direct_ms']:.2f} ms")
+    rep.check("bench: non-streaming not slower than streaming",
+              http["nonstream_latency_128_p50_s"] <= http["stream_latency_128_p50_s"] * 1.01,
+              f"{http['nonstream_latency_128_p50_s'] * 1e3:.1f} ms vs {http['stream_latency_128_p50_s'] * 1e3:.1f} ms")
+    # VRAM creep: after 10 vs after 500 requests, then after unload vs before load
+    import concurrent.futures
+
+    def short(i: int) -> None:
+        httpx.post(f"{BASE}/v1/completions", json={**body, "prompt": PROMPT[: 20 + (i * 7) % 200],
+                                                   "max_tokens": 4 + i % 12, "seed": i}, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(short, range(10)))
+    after10 = vram()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(short, range(10, 500)))
+    after500 = vram()
+    httpx.post(f"{BASE}/admin/unload", json={"model": model}, timeout=120)
+    after_unload = vram()
+    rep.data["vram"] = {"before_load": vram_before, "after_10": after10, "after_500": after500,
+                        "after_unload": after_unload}
+    creep = after500["torch_reserved_mib"] - after10["torch_reserved_mib"]
+    rep.check("VRAM: reserved after 500 vs after 10 requests within 64 MiB", abs(creep) <= 64, f"{creep:+.1f} MiB")
+    back = after_unload["torch_reserved_mib"] - vram_before["torch_reserved_mib"]
+    rep.check("VRAM: reserved after unload vs before load within 100 MiB", abs(back) <= 100, f"{back:+.1f} MiB")
+
+
+def write_markdown(rep: Report) -> None:
+    d = rep.data
+    lines = ["# GPU results", "", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- device: {d.get('env', {}).get('gpu')} (torch {d.get('env', {}).get('torch')}, CUDA "
+             f"{d.get('env', {}).get('cuda')}, flash-attn {d.get('env', {}).get('flash_attn')})",
+             f"- commit: {os.environ.get('GIT_COMMIT', 'unknown')}", "", "## Stages", "",
+             "| stage | ok | seconds |", "|---|---|---|"]
+    for name, s in d["stages"].items():
+        lines.append(f"| {name} | {'yes' if s['ok'] else 'NO: ' + s.get('error', '')[:120]} | {s['seconds']} |")
+    passed = sum(c["ok"] for c in d["checks"])
+    lines += ["", f"## Checks: {passed} passed, {len(d['checks']) - passed} failed", ""]
+    lines += [f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']} {c['detail']}" for c in d["checks"]]
+    lines += ["", "## Benchmark (EXL2 model)", "", "```", json.dumps(d["bench"], indent=1), "```", "",
+              "## VRAM (MiB)", "", "```", json.dumps(d["vram"], indent=1), "```", ""]
+    (rep.out / "gpu-report.md").write_text("\n".join(lines))
+    print("\n".join(lines[-40:]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only-build", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rep = Report(args.out)
+    rep.stage("env", lambda: env_info(rep))
+    if rep.stage("extension", lambda: extension(rep)) is None and not rep.data["stages"]["extension"]["ok"]:
+        write_markdown(rep)
+        return 1
+    if args.only_build:
+        write_markdown(rep)
+        return 0
+    rep.stage("models", lambda: make_models(rep))
+    rep.stage("quantize", lambda: quantize(rep))
+    rep.stage("direct-bench", lambda: direct_bench(rep))
+    proc = rep.stage("serve", lambda: start_server(rep))
+    if proc is not None:
+        try:
+            rep.stage("e2e-fp16", lambda: e2e(rep, "tiny-fp16"))
+            rep.stage("e2e-exl2", lambda: e2e(rep, "small-exl2"))
+            rep.stage("switching", lambda: switching(rep))
+            rep.stage("http-bench", lambda: http_bench(rep))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    write_markdown(rep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
