@@ -82,12 +82,13 @@ def extension(rep: Report) -> None:
     restored = Path("/tmp/site/exllamav2_ext.so").exists()
     t0 = time.perf_counter()
     import exllamav2  # noqa: F401  (JIT-builds the extension when it is not importable)
-    from exllamav2 import ext  # noqa: F401
-    import exllamav2_ext
+    from exllamav2 import ext
+
+    module = ext.exllamav2_ext
     rep.data["extension"] = {"restored": restored, "import_s": round(time.perf_counter() - t0, 1),
-                             "path": exllamav2_ext.__file__}
+                             "path": module.__file__}
     if not restored:
-        so = Path(exllamav2_ext.__file__)
+        so = Path(module.__file__)
         packed = rep.out / "exllamav2_ext.so.xz"
         subprocess.run(["xz", "-T0", "-6", "-k", "-c", str(so)], stdout=packed.open("wb"), check=True)
         if packed.stat().st_size > 15 * 1024 * 1024:
