@@ -79,6 +79,10 @@ async def submit(engine: Engine, coro: Any) -> JobHandle:
         raise ApiError(503, str(exc), code="model_load_failed", error_type="server_error") from None
 
 
+def timing_headers(handle: JobHandle) -> dict[str, str]:
+    return {"X-Prepare-Ms": f"{handle.prepare_s * 1e3:.2f}"}
+
+
 def sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -101,7 +105,7 @@ def in_band_error(finished: JobFinished) -> dict[str, Any]:
 async def stream_response(request: web.Request, handle: JobHandle,
                           chunks: AsyncIterator[bytes]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", **timing_headers(handle)})
     try:
         await response.prepare(request)
         async for chunk in chunks:
@@ -161,7 +165,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.text, "refusal": None},
                          "logprobs": None, "finish_reason": finish_reason(finished)}],
             "usage": usage_body(finished),
-        })
+        }, headers=timing_headers(handle))
     include_usage = req.include_usage()
     usage_field = {"usage": None} if include_usage else {}
 
@@ -204,7 +208,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise ApiError(500, finished.error or "generation failed", code="generation_failed")
         return web.json_response({**base, "choices": [{"index": 0, "text": finished.text, "logprobs": None,
                                                        "finish_reason": finish_reason(finished)}],
-                                  "usage": usage_body(finished)})
+                                  "usage": usage_body(finished)}, headers=timing_headers(handle))
     include_usage = req.include_usage()
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -252,3 +256,11 @@ def _admin_model(body: dict[str, Any]) -> str:
     if not isinstance(name, str) or not name:
         raise ApiError(400, "send {\"model\": NAME}", param="model")
     return name
+
+
+@routes.get("/admin/cuda-tensors")
+async def admin_cuda_tensors(request: web.Request) -> web.Response:
+    """Diagnostics: the largest live CUDA tensors and what holds them (for VRAM leak reports)."""
+    from app.engine.diagnostics import cuda_tensor_census
+
+    return web.json_response(await asyncio.to_thread(cuda_tensor_census))

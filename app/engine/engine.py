@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -92,6 +93,8 @@ class JobHandle:
         self.prompt_tokens = len(job.prompt_ids)
         self.finished: JobFinished | None = None
         self._released = False
+        #: seconds from the request reaching the engine to the job entering the runner
+        self.prepare_s = 0.0
 
     async def events(self) -> AsyncIterator[JobEvent]:
         try:
@@ -232,6 +235,7 @@ class Engine:
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             for i in range(torch.cuda.device_count()):
                 memory.setdefault(f"cuda:{i}", int(torch.cuda.memory_reserved(i)))
+                memory.setdefault(f"cuda:{i}:allocated", int(torch.cuda.memory_allocated(i)))
         memory["rss"] = psutil.Process().memory_info().rss
         return memory
 
@@ -244,6 +248,7 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------
     async def submit_chat(self, request: ChatRequest) -> JobHandle:
+        started = time.perf_counter()
         key, entry = self._entry(request.model)
         resolved = self.resolve(key, request.settings)
         try:
@@ -253,9 +258,10 @@ class Engine:
             raise InvalidRequest(str(exc), "messages") from None
         stops = [*resolved.stop, *(s for s in builder.stop_strings if s not in resolved.stop)]
         return await self._submit(key, resolved, request.settings, prompt, stops, request.stream,
-                                  request.logit_bias, add_bos=False)
+                                  request.logit_bias, add_bos=False, started=started)
 
     async def submit_completion(self, request: CompletionRequest) -> JobHandle:
+        started = time.perf_counter()
         key, entry = self._entry(request.model)
         resolved = self.resolve(key, request.settings)
         prompt = request.prompt
@@ -268,10 +274,11 @@ class Engine:
             else:
                 prompt = fim
         return await self._submit(key, resolved, request.settings, prompt, list(resolved.stop), request.stream,
-                                  request.logit_bias, add_bos=True)
+                                  request.logit_bias, add_bos=True, started=started)
 
     async def _submit(self, key: str, resolved: ResolvedSettings, request_layer: Settings, prompt: str | list[int],
-                      stops: list[str], stream: bool, logit_bias: dict[int, float], *, add_bos: bool) -> JobHandle:
+                      stops: list[str], stream: bool, logit_bias: dict[int, float], *, add_bos: bool,
+                      started: float) -> JobHandle:
         resident = await self.manager.acquire(key)
         try:
             backend = resident.backend
@@ -317,7 +324,9 @@ class Engine:
         except BaseException:
             self.manager.release(resident)
             raise
-        return JobHandle(self, resident, job, queue, display_name(key))
+        handle = JobHandle(self, resident, job, queue, display_name(key))
+        handle.prepare_s = time.perf_counter() - started
+        return handle
 
 
 def _timestamp(iso: str) -> int:

@@ -103,7 +103,7 @@ def make_models(rep: Report) -> None:
     specs = {
         "tiny-fp16": ["--hidden", "256", "--heads", "4", "--kv-heads", "2", "--layers", "2", "--intermediate", "512"],
         "small-fp16": ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--layers", "20",
-                       "--intermediate", "2816", "--init-std", "0.02"],
+                       "--intermediate", "2816", "--init-std", "0.08"],
     }
     for name, extra in specs.items():
         res = sh([*maker, str(WORK / name), "--dtype", "float16", "--device", "cuda", "--vocab", "1024",
@@ -174,7 +174,8 @@ def metric(name: str) -> float:
 
 def vram() -> dict[str, float]:
     time.sleep(1.6)  # the engine samples memory once a second
-    out = {"torch_reserved_mib": metric('exllama_tray_memory_bytes{device="cuda:0"}') / 2**20}
+    out = {"torch_reserved_mib": metric('exllama_tray_memory_bytes{device="cuda:0"}') / 2**20,
+           "torch_allocated_mib": metric('exllama_tray_memory_bytes{device="cuda:0:allocated"}') / 2**20}
     smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True)
     if smi.returncode == 0:
@@ -192,7 +193,7 @@ def e2e(rep: Report, model: str) -> None:
     rep.check(f"{model}: not loaded before first request", f"{model}:latest" not in health["loaded"])
     ids = [m.id for m in client.models.list().data]
     rep.check(f"{model}: listed in /v1/models", model in ids, str(ids))
-    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=32, seed=7, logit_bias=BAN)
+    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=32, temperature=0, logit_bias=BAN)
     text = full.choices[0].message.content or ""
     rep.check(f"{model}: non-stream chat", bool(text) and full.usage.completion_tokens == 32,
               f"{full.usage.completion_tokens} tokens, finish {full.choices[0].finish_reason}")
@@ -200,23 +201,23 @@ def e2e(rep: Report, model: str) -> None:
     rep.check(f"{model}: loaded on demand", f"{model}:latest" in health["loaded"],
               json.dumps(health["models"])[:300])
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=model, messages=msgs, max_tokens=32, seed=7, logit_bias=BAN, stream=True) if c.choices)
-    rep.check(f"{model}: stream equals non-stream (same seed)", streamed == text, repr(text[:60]))
+        model=model, messages=msgs, max_tokens=32, temperature=0, logit_bias=BAN, stream=True) if c.choices)
+    rep.check(f"{model}: stream equals non-stream (greedy)", streamed == text, repr(text[:60]))
     try:
         text.encode("utf-8")
         rep.check(f"{model}: text is valid UTF-8", True)
     except UnicodeEncodeError as exc:
         rep.check(f"{model}: text is valid UTF-8", False, str(exc))
-    comp = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, seed=3, logit_bias=BAN)
+    comp = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, logit_bias=BAN)
     comp_s = "".join(c.choices[0].text for c in client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=24, seed=3, logit_bias=BAN, stream=True) if c.choices)
+        model=model, prompt=PROMPT, max_tokens=24, temperature=0, logit_bias=BAN, stream=True) if c.choices)
     rep.check(f"{model}: completions stream and non-stream", comp_s == comp.choices[0].text and bool(comp_s))
-    long = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, seed=11, logit_bias=BAN)
+    long = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, temperature=0, logit_bias=BAN)
     ltext = long.choices[0].message.content or ""
     if len(ltext) > 12:
         stop = ltext[8:11]
-        cut = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, seed=11, logit_bias=BAN,
-                                             stop=[stop])
+        cut = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, temperature=0,
+                                             logit_bias=BAN, stop=[stop])
         rep.check(f"{model}: stop string cut and not returned",
                   cut.choices[0].message.content == ltext[: ltext.find(stop)] and cut.choices[0].finish_reason == "stop",
                   f"stop={stop!r} got={cut.choices[0].message.content!r} want={ltext[:ltext.find(stop)]!r}")
@@ -253,7 +254,7 @@ def switching(rep: Report) -> None:
 
     def one(i: int) -> str:
         model = "tiny-fp16" if i % 2 == 0 else "small-exl2"
-        return client.chat.completions.create(model=model, messages=msgs, max_tokens=8, seed=1,
+        return client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0,
                                               logit_bias=BAN).choices[0].message.content or ""
 
     ref = [one(0), one(1)]
@@ -269,8 +270,11 @@ def http_bench(rep: Report) -> None:
     model = "small-exl2"
     body = {"model": model, "prompt": PROMPT, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
             "logit_bias": BAN}
+    for name in ("tiny-fp16", "small-exl2"):
+        httpx.post(f"{BASE}/admin/unload", json={"model": name}, timeout=120)
     vram_before = vram()
     httpx.post(f"{BASE}/admin/load", json={"model": model}, timeout=300)
+    prepare_ms: list[float] = []
 
     def stream(max_tokens: int, seed: int) -> tuple[float, float | None, list[float], int, str]:
         t0 = time.perf_counter()
@@ -279,6 +283,7 @@ def http_bench(rep: Report) -> None:
         text = []
         with httpx.stream("POST", f"{BASE}/v1/completions", json={**body, "max_tokens": max_tokens, "seed": seed,
                           "stream": True, "stream_options": {"include_usage": True}}, timeout=300) as resp:
+            prepare_ms.append(float(resp.headers.get("x-prepare-ms", "nan")))
             for line in resp.iter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -294,15 +299,22 @@ def http_bench(rep: Report) -> None:
 
     for i in range(3):
         stream(32, i)
+    stream(256, 99)
     rates = []
-    for i in range(5):
+    for i in range(10):
         _, _, stamps, n, _ = stream(256, 100 + i)
         rates.append((n - 1) / (stamps[-1] - stamps[0]))
     ttfts = []
+    prepare_ms.clear()
+    ttft_sum0 = metric("exllama_tray_time_to_first_token_seconds_sum")
+    ttft_cnt0 = metric("exllama_tray_time_to_first_token_seconds_count")
     for i in range(20):
         _, ttft, _, _, _ = stream(4, 200 + i)
         if ttft is not None:
             ttfts.append(ttft)
+    server_ttft = ((metric("exllama_tray_time_to_first_token_seconds_sum") - ttft_sum0)
+                   / max(metric("exllama_tray_time_to_first_token_seconds_count") - ttft_cnt0, 1))
+    ttft_prepare = statistics.median(prepare_ms) if prepare_ms else None
     lat_stream, lat_full = [], []
     for i in range(10):
         t0, _, _, _, s_text = stream(128, 300 + i)
@@ -316,6 +328,8 @@ def http_bench(rep: Report) -> None:
     direct = rep.data["bench"].get("direct", {})
     http = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,
             "ttft_p50_s": statistics.median(ttfts), "ttft_runs_s": ttfts,
+            "server_ttft_mean_s": server_ttft, "prepare_p50_ms": ttft_prepare,
+            "decode_tok_s_max": max(rates),
             "stream_latency_128_p50_s": statistics.median(lat_stream),
             "nonstream_latency_128_p50_s": statistics.median(lat_full)}
     rep.data["bench"]["http"] = http
@@ -344,6 +358,7 @@ def http_bench(rep: Report) -> None:
     after500 = vram()
     httpx.post(f"{BASE}/admin/unload", json={"model": model}, timeout=120)
     after_unload = vram()
+    rep.data["cuda_tensors_after_unload"] = httpx.get(f"{BASE}/admin/cuda-tensors", timeout=120).json()
     rep.data["vram"] = {"before_load": vram_before, "after_10": after10, "after_500": after500,
                         "after_unload": after_unload}
     creep = after500["torch_reserved_mib"] - after10["torch_reserved_mib"]

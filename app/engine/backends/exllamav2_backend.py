@@ -184,7 +184,11 @@ class ExLlamaV2Backend:
             return {}
         if not torch.cuda.is_available():
             return {}
-        return {f"cuda:{i}": int(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count())}
+        out: dict[str, int] = {}
+        for i in range(torch.cuda.device_count()):
+            out[f"cuda:{i}"] = int(torch.cuda.memory_reserved(i))
+            out[f"cuda:{i}:allocated"] = int(torch.cuda.memory_allocated(i))
+        return out
 
     # -- tokens -----------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
