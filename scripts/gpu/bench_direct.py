@@ -86,7 +86,19 @@ def main() -> int:
     for i in range(args.ttft_runs):
         t0, stamps, _ = run(1, 200 + i)
         ttfts.append(stamps[0] - t0)
-    print(json.dumps({"paged": paged, "prompt_tokens": int(ids.shape[-1]), "decode_tok_s": statistics.median(rates),
+    def greedy_ids() -> list[int]:
+        g = ExLlamaV2Sampler.Settings.greedy()
+        job = ExLlamaV2DynamicJob(input_ids=ids, max_new_tokens=64, gen_settings=g, stop_conditions=[])
+        gen.enqueue(job)
+        out: list[int] = []
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                if r.get("stage") == "streaming" and r.get("token_ids") is not None:
+                    out.extend(int(x) for x in r["token_ids"][0].tolist())
+        return out
+
+    repeatable = greedy_ids() == greedy_ids()
+    print(json.dumps({"paged": paged, "greedy_repeatable": repeatable, "prompt_tokens": int(ids.shape[-1]), "decode_tok_s": statistics.median(rates),
                       "decode_tok_s_runs": rates, "decode_tok_s_max": max(rates), "ttft_p50_s": statistics.median(ttfts),
                       "ttft_runs_s": ttfts}))
     return 0
