@@ -83,12 +83,11 @@ class ModelInfoView:
 class JobHandle:
     """The events of one job. Iterate it once; leaving the iteration early cancels the job."""
 
-    def __init__(self, engine: "Engine", resident: Resident, job: BackendJob,
-                 queue: asyncio.Queue[JobEvent], model: str) -> None:
+    def __init__(self, engine: "Engine", resident: Resident, job: BackendJob, model: str) -> None:
         self._engine = engine
         self._resident = resident
         self.job = job
-        self._queue = queue
+        self._queue: asyncio.Queue[JobEvent] | None = None
         self.model = model
         self.prompt_tokens = len(job.prompt_ids)
         self.finished: JobFinished | None = None
@@ -96,8 +95,21 @@ class JobHandle:
         #: seconds from the request reaching the engine to the job entering the runner
         self.prepare_s = 0.0
 
+    def start(self) -> None:
+        """Hand the job to the runner. Done on first iteration, so that the event loop has finished
+        its own work for the request (headers written) before the GPU thread starts competing with
+        it for the GIL."""
+        if self._queue is not None:
+            return
+        runner = self._resident.runner
+        if runner is None:
+            raise ModelLoadError(f"model {self.model} is not loaded any more")
+        self._queue = runner.submit(self.job)
+
     async def events(self) -> AsyncIterator[JobEvent]:
         try:
+            self.start()
+            assert self._queue is not None
             while True:
                 event = await self._queue.get()
                 if isinstance(event, JobFinished):
@@ -123,7 +135,7 @@ class JobHandle:
         """Cancel the job if it is still running (idempotent)."""
         if self.finished is None and not self._released:
             runner = self._resident.runner
-            if runner is not None:
+            if runner is not None and self._queue is not None:
                 runner.cancel(self.job.job_id)
             self._release()
 
@@ -317,14 +329,12 @@ class Engine:
             )
             job = BackendJob(prompt_ids=ids, max_new_tokens=max_new, sampling=sampling, stop_strings=stops,
                              stop_token_ids=backend.eos_token_ids(), stream=stream)
-            runner = resident.runner
-            if runner is None:
+            if resident.runner is None:
                 raise ModelLoadError(f"model {key} is unloading; retry")
-            queue = runner.submit(job)
         except BaseException:
             self.manager.release(resident)
             raise
-        handle = JobHandle(self, resident, job, queue, display_name(key))
+        handle = JobHandle(self, resident, job, display_name(key))
         handle.prepare_s = time.perf_counter() - started
         return handle
 
