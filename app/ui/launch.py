@@ -1,12 +1,89 @@
-"""Start the tray app."""
+"""Start the tray app: one qasync event loop runs Qt, the aiohttp server and the engine's async side."""
 
 from __future__ import annotations
 
+import asyncio
+import getpass
+import logging
+import logging.handlers
+import os
+import signal
 import sys
+import time
 
-from app.engine.registry import Registry
+from app.engine.registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+STARTED = time.perf_counter()
+
+
+def instance_name() -> str:
+    return f"exllama-tray-{getpass.getuser()}"
+
+
+def setup_file_logging() -> None:
+    from app.paths import log_dir
+
+    handler = logging.handlers.RotatingFileHandler(log_dir() / "exllama-tray.log", maxBytes=5_000_000,
+                                                   backupCount=3, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def launch_tray(registry: Registry, port: int | None = None) -> int:
-    print("The tray app is not built yet; run the headless server with `python -m app serve`.", file=sys.stderr)
-    return 1
+    import qasync
+    from PySide6.QtNetwork import QLocalServer, QLocalSocket
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    from app.paths import config_dir
+    from app.server_config import ServerSettingsStore
+    from app.ui.controller import AppController
+    from app.ui.tray import TrayApp
+
+    app = QApplication.instance() or QApplication(sys.argv)
+    app.setApplicationName("ExLlama Tray")
+    app.setQuitOnLastWindowClosed(False)
+
+    # a second start brings the running app's status window forward instead of starting another server
+    probe = QLocalSocket()
+    probe.connectToServer(instance_name())
+    if probe.waitForConnected(300):
+        probe.write(b"show\n")
+        probe.flush()
+        probe.waitForBytesWritten(1000)
+        print("ExLlama Tray is already running; its status window was brought forward.", file=sys.stderr)
+        return 0
+    QLocalServer.removeServer(instance_name())
+    server = QLocalServer()
+    server.listen(instance_name())
+
+    setup_file_logging()
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+    controller = AppController(registry, ServerSettingsStore(config_dir() / "server.json"), port=port)
+    tray = TrayApp(controller, registry_url=os.environ.get("EXLLAMA_TRAY_OLLAMA_REGISTRY"))
+
+    def on_connection() -> None:
+        conn = server.nextPendingConnection()
+        if conn is not None:
+            conn.readyRead.connect(tray.show_status)
+
+    server.newConnection.connect(on_connection)
+    signal.signal(signal.SIGINT, lambda *_: tray.quit())
+    try:
+        registry.names()
+    except RegistryError as exc:
+        QMessageBox.warning(None, "ExLlama Tray", f"{exc}\n\nThe app runs without models until it is fixed.")
+    with loop:
+        loop.run_until_complete(controller.start())
+        if controller.listen_error:
+            QMessageBox.warning(None, "ExLlama Tray", f"The API server could not start: {controller.listen_error}\n"
+                                "Change the port in Server settings…")
+        tray.show()
+        ready = time.perf_counter() - STARTED
+        log.info("tray ready in %.2f s; API at %s", ready, controller.url)
+        if os.environ.get("EXLLAMA_TRAY_REPORT_READY"):
+            print(f"READY {ready:.3f}", flush=True)
+        loop.run_forever()
+    server.close()
+    return 0

@@ -1,0 +1,224 @@
+"""Add-model dialog: pick a folder (validated on the spot), an Ollama library entry (fetched and shown
+before saving), a name and optional overrides. Saving goes through the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+    QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget,
+)
+
+from app.engine.model_folder import ModelFolderError, ModelInfo, inspect_model_folder
+from app.engine.ollama.client import OllamaError, OllamaRegistryClient
+from app.engine.ollama.names import InvalidName, parse_name
+from app.engine.registry import ModelEntry, OllamaMetadata, Registry, RegistryError, normalize_name
+from app.engine.settings import Settings
+from app.resources import ollama_suggestions
+
+log = logging.getLogger(__name__)
+ERROR_STYLE = "color: #b91c1c;"
+
+
+class AddModelDialog(QDialog):
+    #: emitted with the registered name after a successful save
+    modelAdded = Signal(str)
+
+    def __init__(self, registry: Registry, *, registry_url: str | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Add model")
+        self.setMinimumWidth(620)
+        self.registry = registry
+        self.client = OllamaRegistryClient(registry_url)
+        self.info: ModelInfo | None = None
+        self.metadata: OllamaMetadata | None = None
+        self._fetch_task: asyncio.Task | None = None
+
+        self.folder = QLineEdit()
+        self.folder.setPlaceholderText("Folder with config.json and *.safetensors (EXL2, GPTQ or FP16)")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.folder, 1)
+        row.addWidget(browse)
+        self.folder_info = QLabel("")
+        self.folder_info.setWordWrap(True)
+
+        self.ollama = QComboBox()
+        self.ollama.setEditable(True)
+        self.ollama.addItem("")
+        self.ollama.addItems(ollama_suggestions())
+        self.ollama.lineEdit().setPlaceholderText("Ollama library entry, e.g. mistral:7b (optional)")
+        self.fetch_button = QPushButton("Fetch")
+        self.fetch_button.clicked.connect(self.start_fetch)
+        orow = QHBoxLayout()
+        orow.addWidget(self.ollama, 1)
+        orow.addWidget(self.fetch_button)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.fetch_status = QLabel("")
+        self.fetch_status.setWordWrap(True)
+        self.preview = QPlainTextEdit()
+        self.preview.setReadOnly(True)
+        self.preview.setPlaceholderText("What the Ollama registry returns (template, system prompt, parameters, "
+                                        "license) shows here before you save.")
+        self.preview.setMinimumHeight(160)
+
+        self.name = QLineEdit()
+        self.name.setPlaceholderText("name[:tag] used by clients, e.g. mistral:7b")
+        self.context = QLineEdit()
+        self.context.setPlaceholderText("model default")
+        self.cache = QComboBox()
+        self.cache.addItems(["(default)", "FP16", "Q8", "Q6", "Q4"])
+        self.error = QLabel("")
+        self.error.setStyleSheet(ERROR_STYLE)
+        self.error.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Model folder", row)
+        form.addRow("", self.folder_info)
+        form.addRow("Ollama library", orow)
+        form.addRow("", self.progress)
+        form.addRow("", self.fetch_status)
+        form.addRow("Registry says", self.preview)
+        form.addRow("Name", self.name)
+        form.addRow("Context length", self.context)
+        form.addRow("Cache type", self.cache)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons.accepted.connect(self.save)
+        self.buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.error)
+        layout.addWidget(self.buttons)
+        self.folder.textChanged.connect(self.validate_folder)
+        self.ollama.currentTextChanged.connect(self._ollama_changed)
+        self.validate_folder()
+
+    # -- folder -----------------------------------------------------------------------
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose the model folder", self.folder.text())
+        if folder:
+            self.folder.setText(folder)
+
+    def validate_folder(self) -> bool:
+        text = self.folder.text().strip()
+        self.info = None
+        if not text:
+            self.folder_info.setText("")
+            return False
+        try:
+            self.info = inspect_model_folder(text)
+        except ModelFolderError as exc:
+            self.folder_info.setStyleSheet(ERROR_STYLE)
+            self.folder_info.setText(str(exc))
+            return False
+        self.folder_info.setStyleSheet("")
+        self.folder_info.setText(self.info.summary())
+        if not self.name.text():
+            self.name.setPlaceholderText(Path(self.info.path).name.lower())
+        return True
+
+    # -- Ollama ----------------------------------------------------------------------
+    def _ollama_changed(self, text: str) -> None:
+        self.metadata = None
+        self.preview.clear()
+        self.fetch_status.setText("")
+        if text and not self.name.text():
+            self.name.setPlaceholderText(text.strip())
+
+    def start_fetch(self) -> asyncio.Task | None:
+        name = self.ollama.currentText().strip()
+        if not name:
+            self.fetch_status.setStyleSheet(ERROR_STYLE)
+            self.fetch_status.setText("Type or pick an Ollama library entry first.")
+            return None
+        try:
+            parse_name(name)
+        except InvalidName as exc:
+            self.fetch_status.setStyleSheet(ERROR_STYLE)
+            self.fetch_status.setText(str(exc))
+            return None
+        self.fetch_button.setEnabled(False)
+        self.progress.setVisible(True)
+        self.progress.setValue(0)
+        self.fetch_status.setStyleSheet("")
+        self.fetch_status.setText(f"Fetching {name}…")
+        self._fetch_task = asyncio.ensure_future(self._fetch(name))
+        return self._fetch_task
+
+    async def _fetch(self, name: str) -> None:
+        def progress(what: str, done: int, total: int) -> None:
+            self.progress.setMaximum(max(total, 1))
+            self.progress.setValue(done)
+            self.fetch_status.setText(what)
+
+        try:
+            self.metadata = await self.client.fetch(name, progress)
+        except OllamaError as exc:
+            self.metadata = None
+            self.fetch_status.setStyleSheet(ERROR_STYLE)
+            self.fetch_status.setText(str(exc))
+        else:
+            self.fetch_status.setText(f"Fetched {self.metadata.name}")
+            self.preview.setPlainText(describe_metadata(self.metadata))
+        finally:
+            self.fetch_button.setEnabled(True)
+            self.progress.setVisible(False)
+
+    # -- save ------------------------------------------------------------------------
+    def chosen_name(self) -> str:
+        return (self.name.text().strip() or self.name.placeholderText().strip()
+                or self.ollama.currentText().strip())
+
+    def save(self) -> bool:
+        self.error.setText("")
+        if not self.validate_folder() or self.info is None:
+            self.error.setText(self.folder_info.text() or "Choose a model folder first.")
+            return False
+        if self.ollama.currentText().strip() and self.metadata is None:
+            self.error.setText("Press Fetch to get the Ollama metadata first (or clear the Ollama field).")
+            return False
+        settings = Settings()
+        try:
+            if self.context.text().strip():
+                settings.context_length = int(self.context.text().strip())
+            if self.cache.currentIndex() > 0:
+                settings.cache_type = self.cache.currentText()  # type: ignore[assignment]
+        except ValueError as exc:
+            self.error.setText(f"Context length: {str(exc).splitlines()[0]}")
+            return False
+        except Exception as exc:  # pydantic's ValidationError
+            self.error.setText(f"Invalid setting: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}")
+            return False
+        name = self.chosen_name()
+        try:
+            key = self.registry.add(name, ModelEntry(model_dir=self.info.path, settings=settings,
+                                                     ollama=self.metadata, info=self.info.to_dict()))
+        except RegistryError as exc:
+            self.error.setText(str(exc))
+            return False
+        self.modelAdded.emit(normalize_name(key))
+        self.accept()
+        return True
+
+
+def describe_metadata(meta: OllamaMetadata) -> str:
+    parts = [f"# {meta.name}"]
+    if meta.system:
+        parts.append(f"## System prompt\n{meta.system}")
+    if meta.params:
+        parts.append("## Parameters\n" + json.dumps(meta.params, indent=2))
+    if meta.template:
+        parts.append(f"## Template\n{meta.template}")
+    if meta.messages:
+        parts.append("## Messages\n" + json.dumps(meta.messages, indent=2))
+    if meta.license:
+        first = meta.license.strip().splitlines()[:8]
+        parts.append("## License (start)\n" + "\n".join(first))
+    return "\n\n".join(parts)

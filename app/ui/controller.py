@@ -1,0 +1,134 @@
+"""The tray app's logic: engine, listener, server settings. No widgets here; the UI calls these."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.api.server import Listener, ServerConfig
+from app.engine.engine import Engine, ModelLoadError, ModelNotFound
+from app.engine.metrics import MetricsSample
+from app.engine.registry import Registry
+from app.server_config import ServerSettings, ServerSettingsStore, get_api_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrayState:
+    """What the tray icon and tooltip show."""
+
+    state: str  # idle / ready / loading / generating / error
+    progress: float | None
+    loaded: list[str]
+    tokens_per_s: float
+    url: str
+    error: str | None
+
+
+class AppController:
+    def __init__(self, registry: Registry, store: ServerSettingsStore, *, port: int | None = None) -> None:
+        self.registry = registry
+        self.store = store
+        self.settings = store.load()
+        if port is not None:
+            self.settings.port = port
+        self.engine = Engine(registry)
+        self.listener: Listener | None = None
+        self.last_error: str | None = None
+        self.listen_error: str | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def server_config(self, settings: ServerSettings | None = None) -> ServerConfig:
+        s = settings or self.settings
+        origins = tuple(s.cors_origins) if s.cors_enabled else ()
+        return ServerConfig(host=s.host, port=s.port, api_key=get_api_key() if s.on_network else None,
+                            cors_origins=origins)
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.start_listener()
+
+    async def start_listener(self) -> None:
+        listener = Listener(self.engine, self.server_config())
+        try:
+            await listener.start()
+        except (OSError, ValueError) as exc:
+            self.listen_error = str(exc)
+            log.error("the API server could not start: %s", exc)
+            return
+        self.listen_error = None
+        self.listener = listener
+
+    async def apply_server_settings(self, settings: ServerSettings) -> None:
+        """Save and restart the listener without restarting the app (the engine keeps its models)."""
+        settings.validate()
+        if settings.on_network and not get_api_key():
+            raise ValueError("listening on the network needs an API key: generate one first")
+        self.store.save(settings)
+        self.settings = settings
+        if self.listener is not None:
+            await self.listener.stop()
+            self.listener = None
+        await self.start_listener()
+        if self.listen_error:
+            raise OSError(self.listen_error)
+
+    async def stop(self) -> None:
+        """Quit: stop taking requests, end running ones with an error, unload models."""
+        if self.listener is not None:
+            await self.listener.stop()
+            self.listener = None
+        await self.engine.close()
+
+    @property
+    def url(self) -> str:
+        if self.listener is not None:
+            return self.listener.url
+        return f"http://{'localhost' if not self.settings.on_network else '0.0.0.0'}:{self.settings.port}/v1"
+
+    # -- models -------------------------------------------------------------------------
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def load(self, name: str) -> None:
+        try:
+            await self.engine.load(name)
+            self.last_error = None
+        except (ModelNotFound, ModelLoadError) as exc:
+            self.last_error = str(exc)
+            log.warning("%s", exc)
+
+    async def unload(self, name: str) -> None:
+        await self.engine.unload(name)
+
+    def tray_state(self) -> TrayState:
+        states = self.engine.model_states()
+        loading = [s for s in states if s.state == "loading"]
+        loaded = [s.name for s in states if s.state == "ready"]
+        history = self.engine.metrics.history(5)
+        last: MetricsSample | None = history[-1] if history else None
+        tps = last.generation_tps if last else 0.0
+        if loading:
+            state, progress = "loading", loading[0].progress
+        elif self.last_error or self.listen_error:
+            state, progress = "error", None
+        elif last is not None and last.running > 0:
+            state, progress = "generating", None
+        elif loaded:
+            state, progress = "ready", None
+        else:
+            state, progress = "idle", None
+        return TrayState(state, progress, loaded, tps, self.url, self.last_error or self.listen_error)
+
+
+def log_folder() -> Path:
+    from app.paths import log_dir
+
+    return log_dir()

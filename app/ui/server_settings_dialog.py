@@ -1,0 +1,85 @@
+"""Server settings: port, localhost or network (then an API key, kept in the keyring), CORS."""
+
+from __future__ import annotations
+
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (
+    QCheckBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
+    QVBoxLayout, QWidget,
+)
+
+from app.server_config import ServerConfigError, ServerSettings, get_api_key, new_api_key, set_api_key
+
+
+class ServerSettingsDialog(QDialog):
+    def __init__(self, settings: ServerSettings, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Server settings")
+        self.port = QSpinBox()
+        self.port.setRange(1, 65535)
+        self.port.setValue(settings.port)
+        self.network = QCheckBox("Listen on the network (other computers can connect; needs an API key)")
+        self.network.setChecked(settings.on_network)
+        self.key = QLineEdit(get_api_key() or "")
+        self.key.setReadOnly(True)
+        self.key.setEchoMode(QLineEdit.EchoMode.Password)
+        self.key.setPlaceholderText("no API key")
+        show = QPushButton("Show")
+        show.setCheckable(True)
+        show.toggled.connect(lambda on: self.key.setEchoMode(
+            QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
+        generate = QPushButton("Generate")
+        generate.clicked.connect(self.generate_key)
+        copy = QPushButton("Copy")
+        copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.key.text()))
+        reset = QPushButton("Reset")
+        reset.clicked.connect(self.reset_key)
+        krow = QHBoxLayout()
+        for w in (self.key, show, generate, copy, reset):
+            krow.addWidget(w)
+        self.cors = QCheckBox("Allow browsers from these origins (CORS)")
+        self.cors.setChecked(settings.cors_enabled)
+        self.origins = QLineEdit(", ".join(settings.cors_origins))
+        self.origins.setPlaceholderText("http://localhost:3000, https://chat.example.com")
+        self.error = QLabel("")
+        self.error.setStyleSheet("color: #b91c1c;")
+        self.error.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("Port", self.port)
+        form.addRow("", self.network)
+        form.addRow("API key", krow)
+        form.addRow("", self.cors)
+        form.addRow("Origins", self.origins)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.check_and_accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.error)
+        layout.addWidget(buttons)
+
+    def generate_key(self) -> None:
+        key = new_api_key()
+        set_api_key(key)
+        self.key.setText(key)
+
+    def reset_key(self) -> None:
+        set_api_key(None)
+        self.key.setText("")
+
+    def result_settings(self) -> ServerSettings:
+        origins = [o.strip() for o in self.origins.text().split(",") if o.strip()]
+        return ServerSettings(port=self.port.value(), on_network=self.network.isChecked(), cors_origins=origins,
+                              cors_enabled=self.cors.isChecked())
+
+    def check_and_accept(self) -> None:
+        settings = self.result_settings()
+        try:
+            settings.validate()
+        except ServerConfigError as exc:
+            self.error.setText(str(exc))
+            return
+        if settings.on_network and not self.key.text():
+            self.error.setText("Listening on the network needs an API key: press Generate.")
+            return
+        self.accept()
