@@ -81,11 +81,11 @@ class StatusWindow(QWidget):
         self.curves["generation"].setData(xs, [s.generation_tps for s in history])
         self.curves["prompt"].setData(xs, [s.prompt_tps for s in history])
         devices = sorted({d for s in history for d in s.memory if not d.endswith(":allocated")})
-        for i, device in enumerate(devices):
+        for device in devices:
             if device not in self.memory_curves:
-                label = "process RAM" if device == "rss" else device
-                self.memory_curves[device] = self.memory_plot.plot(
-                    name=label, pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2))
+                label = {"rss": "process RAM", "cpu": "model on CPU"}.get(device, f"{device} reserved")
+                color = PALETTE[len(self.memory_curves) % len(PALETTE)]
+                self.memory_curves[device] = self.memory_plot.plot(name=label, pen=pg.mkPen(color, width=2))
             self.memory_curves[device].setData(xs, [s.memory.get(device, 0) / 2**20 for s in history])
         for plot in (self.requests_plot, self.tps_plot, self.memory_plot):
             plot.setXRange(-seconds, 0, padding=0)

@@ -47,6 +47,10 @@ class TrayApp(QObject):
         self.bridge.sampled.connect(self.on_sample)
         self.dialogs: list[object] = []
         self.quitting: asyncio.Future | None = None
+        self._icon_key: tuple | None = None
+        self._idle_samples = 0
+        self.tooltip = ""
+        self.icon_state = "idle"
         self.rebuild_models_menu()
         self.refresh()
 
@@ -69,23 +73,32 @@ class TrayApp(QObject):
 
     def on_sample(self) -> None:
         self.refresh()
-        if self.status_window.isVisible():
+        self._idle_samples = 0 if self.icon_state in ("generating", "loading") else self._idle_samples + 1
+        # redraw the plots every second while work runs, every 10 s when idle (keeps idle CPU near 0)
+        if self.status_window.isVisible() and self._idle_samples % 10 in (0, 1):
             self.status_window.refresh()
 
     def refresh(self) -> None:
         state = self.controller.tray_state()
-        icon = state_icon(state.state, state.progress)
         loaded = ", ".join(display_name(n) for n in state.loaded) or "no model loaded"
         tip = f"ExLlama Tray — {loaded}\n{state.tokens_per_s:.1f} tok/s\n{state.url}"
         if state.error:
             tip += f"\nerror: {state.error[:200]}"
+        key = (state.state, None if state.progress is None else round(state.progress, 2))
+        if key != self._icon_key:  # redraw only on change: idle must cost nothing
+            self._icon_key = key
+            icon = state_icon(state.state, state.progress)
+            if self.tray is not None:
+                self.tray.setIcon(icon)
+            self.status_window.setWindowIcon(icon)
+        if tip != self.tooltip and self.tray is not None:
+            self.tray.setToolTip(tip)
         self.tooltip = tip
         self.icon_state = state.state
-        if self.tray is not None:
-            self.tray.setIcon(icon)
-            self.tray.setToolTip(tip)
-        self.status_window.setWindowIcon(icon)
-        self._mark_models(state.loaded)
+        marks = tuple((m.name, m.state, round(m.progress, 2)) for m in self.controller.engine.model_states())
+        if marks != getattr(self, "_marks", None):
+            self._marks = marks
+            self._mark_models(state.loaded)
 
     # -- models menu ----------------------------------------------------------------------
     def rebuild_models_menu(self) -> None:
