@@ -56,8 +56,8 @@ async def run_server(args: argparse.Namespace, registry: Registry, settings: Set
         await stop.wait()
     finally:
         print("shutting down", file=sys.stderr, flush=True)
+        await engine.close()  # running requests end with an in-band error, models are unloaded
         await listener.stop()
-        await engine.close()
     return 0
 
 

@@ -143,7 +143,7 @@ class Listener:
             raise ValueError(f"refusing to listen on {self.config.host} without an API key: set one "
                              "(--api-key or the server settings) or listen on 127.0.0.1")
         runner = web.AppRunner(create_app(self.engine, self.config), handler_cancellation=True,
-                               access_log=None)
+                               access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)
         try:

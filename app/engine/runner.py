@@ -49,6 +49,7 @@ class Runner:
         self._tracked: dict[int, _Tracked] = {}
         self._stopping = False
         self._cancel_all = False
+        self._cancel_reason = ""
         self._outbox: list[tuple[asyncio.Queue, JobEvent]] = []
         self._thread = threading.Thread(target=self._run, name=f"runner:{model}", daemon=True)
         self.steps = 0
@@ -78,10 +79,11 @@ class Runner:
             self._cancels.add(job_id)
             self._cond.notify()
 
-    def cancel_all(self) -> None:
-        """Cancel every job (used at shutdown)."""
+    def cancel_all(self, reason: str = "the server is shutting down") -> None:
+        """End every job with an error saying ``reason`` (used at shutdown)."""
         with self._cond:
             self._cancel_all = True
+            self._cancel_reason = reason
             self._cond.notify()
 
     def job_count(self) -> int:
@@ -111,7 +113,9 @@ class Runner:
                 self._tracked[tracked.job.job_id] = tracked
                 backend.submit(tracked.job)
             if cancel_all:
-                cancels.update(self._tracked)
+                for tracked in list(self._tracked.values()):
+                    backend.cancel(tracked.job.job_id)
+                    self._finish(tracked, "error", "", error=self._cancel_reason)
             for job_id in cancels:
                 if job_id in self._tracked:
                     backend.cancel(job_id)

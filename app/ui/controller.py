@@ -78,11 +78,12 @@ class AppController:
             raise OSError(self.listen_error)
 
     async def stop(self) -> None:
-        """Quit: stop taking requests, end running ones with an error, unload models."""
+        """Quit: running requests end with an error saying so, models are unloaded, then the listener
+        closes (requests arriving meanwhile get a 503)."""
+        await self.engine.close()
         if self.listener is not None:
             await self.listener.stop()
             self.listener = None
-        await self.engine.close()
 
     @property
     def url(self) -> str:
