@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--init-std", type=float, default=0.02)
+    parser.add_argument("--model-vocab", type=int, default=None,
+                        help="embedding rows if not the tokenizer's vocabulary (a deliberately broken model)")
     args = parser.parse_args(argv)
 
     import torch
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = raw_tok.get_vocab_size()
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=args.model_vocab or vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate or args.hidden * 2,
         num_hidden_layers=args.layers,

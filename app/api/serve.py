@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 async def run_server(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
-    registry.names()  # fail early, with the file's name, if models.json is broken
+    registry.check_on_start()  # a broken models.json: clear error, a backup copy, never a silent reset
     engine = Engine(registry, server_settings=settings, max_loaded=args.max_loaded)
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           cors_origins=tuple(args.cors_origin or ()))

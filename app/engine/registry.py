@@ -152,6 +152,32 @@ class Registry:
             raise RegistryError(f"model {name!r} is not registered in {self.path}")
         return found[1]
 
+    def backup_broken(self) -> Path | None:
+        """Keep a copy of an unreadable models.json next to it (once per distinct content)."""
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return None
+        for existing in sorted(self.path.parent.glob(self.path.name + ".broken-*")):
+            try:
+                if existing.read_bytes() == data:
+                    return existing
+            except OSError:
+                continue
+        backup = self.path.with_name(f"{self.path.name}.broken-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(self.path, backup)
+        log.warning("kept a copy of the broken %s as %s", self.path, backup)
+        return backup
+
+    def check_on_start(self) -> None:
+        """Raise RegistryError (with where a backup copy was kept) if models.json is unreadable."""
+        try:
+            self.load()
+        except RegistryError as exc:
+            backup = self.backup_broken()
+            where = f"; a copy was kept as {backup}" if backup else ""
+            raise RegistryError(f"{exc}{where}") from None
+
     # -- writing -------------------------------------------------------------
     def _write(self, data: RegistryFile) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from app.engine.backends.base import Backend
+from app.engine.backends.base import Backend, StepFailed
 from app.engine.jobs import BackendJob, JobEvent, JobFinished, StepEvent, TextDelta, Usage
 from app.engine.metrics import EngineMetrics, RequestRecord
 
@@ -131,6 +131,12 @@ class Runner:
                 continue
             try:
                 events = backend.step()
+            except StepFailed as exc:  # only some jobs failed; the backend has dropped them
+                for job_id in exc.job_ids:
+                    if job_id in self._tracked:
+                        self._finish(self._tracked[job_id], "error", "", error=f"generation failed: {exc}")
+                take = getattr(backend, "take_surviving_events", None)
+                events = take() if take is not None else []
             except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
                 log.exception("backend step failed for model %s", self.model)
                 for tracked in list(self._tracked.values()):

@@ -71,7 +71,7 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
     server.newConnection.connect(on_connection)
     signal.signal(signal.SIGINT, lambda *_: tray.quit())
     try:
-        registry.names()
+        registry.check_on_start()
     except RegistryError as exc:
         QMessageBox.warning(None, "ExLlama Tray", f"{exc}\n\nThe app runs without models until it is fixed.")
     with loop:

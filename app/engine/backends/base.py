@@ -35,6 +35,14 @@ class LoadCancelled(BackendLoadError):
     pass
 
 
+class StepFailed(RuntimeError):
+    """A step failed for some jobs only; the backend has already dropped them."""
+
+    def __init__(self, job_ids: list[int], message: str) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids
+
+
 class Backend(Protocol):
     name: str
     #: "continuous" (jobs join a running batch) or "single" (one job at a time).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
 from app.engine.backends.sampling import make_generator, sample
 from app.engine.jobs import BackendJob, StepEvent
 from app.engine.text_stream import TextStream
@@ -91,6 +91,8 @@ class TransformersBackend:
         self._cache_kw = "past_key_values"
         self.last_step_batch = 0
         self.vocab_size: int | None = None
+        #: events of the jobs that did not fail in a step that raised StepFailed
+        self._failed_events: list[StepEvent] = []
 
     # -- lifecycle ----------------------------------------------------------
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
@@ -186,6 +188,11 @@ class TransformersBackend:
     def has_work(self) -> bool:
         return bool(self._pending or self._running)
 
+    def take_surviving_events(self) -> list[StepEvent]:
+        """After StepFailed: the events of the jobs the failure did not affect."""
+        events, self._failed_events = self._failed_events, []
+        return events
+
     def active_jobs(self) -> int:
         return len(self._pending) + len(self._running)
 
@@ -193,15 +200,33 @@ class TransformersBackend:
         import torch
 
         events: list[StepEvent] = []
+        failed: list[int] = []
+        errors: list[str] = []
         with torch.inference_mode():
             decoding = [j for j in self._running if j.last_token is not None]
+            self.last_step_batch = len(decoding)
             if decoding:
-                self.last_step_batch = len(decoding)
-                self._decode(decoding, events)
-            else:
-                self.last_step_batch = 0
+                try:
+                    self._decode(decoding, events)
+                except Exception as exc:  # the batch failed: only its jobs end, the rest go on
+                    log.exception("decode step failed for %d jobs", len(decoding))
+                    ids = {j.job.job_id for j in decoding}
+                    self._running = [j for j in self._running if j.job.job_id not in ids]
+                    events[:] = [e for e in events if e.job_id not in ids]
+                    failed += sorted(ids)
+                    errors.append(f"{type(exc).__name__}: {exc}")
             if self._pending and len(self._running) < self.max_batch:
-                self._prefill_chunk(self._pending[0], events)
+                job = self._pending[0]
+                try:
+                    self._prefill_chunk(job, events)
+                except Exception as exc:
+                    log.exception("prefill failed for job %d", job.job.job_id)
+                    self.cancel(job.job.job_id)
+                    failed.append(job.job.job_id)
+                    errors.append(f"{type(exc).__name__}: {exc}")
+        if failed:
+            self._failed_events = events
+            raise StepFailed(failed, "; ".join(errors))
         return events
 
     # -- internals ----------------------------------------------------------

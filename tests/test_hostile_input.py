@@ -1,0 +1,124 @@
+"""Property-based fuzzing of every endpoint: hostile bodies and headers get a 4xx OpenAI-style error
+(or a valid answer), never a 500 and never a hang; the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.engine.registry import Registry
+from tests.server_harness import ServerThread, register
+
+CASES = 1000
+ENDPOINTS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+             ("GET", "/v1/models/{fuzz}"), ("POST", "/admin/load"), ("POST", "/admin/unload"), ("GET", "/health"),
+             ("GET", "/metrics"), ("POST", "/chat/completions")]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    registry = Registry(tmp_path_factory.mktemp("fuzz") / "models.json")
+    register(registry, "tiny", tiny_model_dir, context_length=256, max_tokens=2)
+    srv = ServerThread(registry).start()
+    client = httpx.Client(base_url=srv.root, timeout=30)
+    yield srv, client
+    client.close()
+    srv.stop()
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=50),
+    st.sampled_from(["tiny", "system", "user", "assistant", "tool", "", "\x00", "\ud7ff", "😀" * 5]),
+)
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=12), inner, max_size=5)), max_leaves=25)
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream", "stream_options", "stop",
+          "temperature", "top_p", "top_k", "min_p", "seed", "n", "logit_bias", "presence_penalty",
+          "frequency_penalty", "repetition_penalty", "tools", "suffix", "echo", "logprobs", "user", "response_format"]
+plausible = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "tiny:latest", "nope", ""])},
+    optional={f: json_values for f in FIELDS[1:]} | {
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bad", 1]),
+                                                    "content": json_values}), max_size=3),
+        "max_tokens": st.one_of(st.integers(min_value=-5, max_value=10**12), json_values),
+    },
+)
+
+
+def raw_bodies() -> st.SearchStrategy[bytes]:
+    encoded = st.one_of(json_values, plausible).map(lambda v: json.dumps(v).encode())
+    return st.one_of(
+        encoded,
+        st.binary(max_size=300),  # invalid UTF-8 and garbage
+        st.just(b""),
+        st.just(b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'),
+        st.just(b'{"model": "tiny", "prompt": "x", "max_tokens": Infinity}'),
+        st.integers(min_value=50, max_value=5000).map(lambda d: b"[" * d + b"]" * d),  # deep nesting
+        st.integers(min_value=50, max_value=20000).map(lambda d: b'{"a":' * d + b"1" + b"}" * d),
+        st.just(json.dumps({"model": "tiny", "prompt": "x" * 1_000_000, "max_tokens": 1}).encode()),
+        st.just(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "é" * 600_000}]}).encode()),
+        st.just(json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 10**100}).encode()),
+        st.just(b'\xff\xfe{"model": "tiny"}'),
+    )
+
+
+headers = st.fixed_dictionaries({}, optional={
+    "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
+                                     "multipart/form-data; boundary=x", "application/json; charset=latin-1", ""]),
+    "Authorization": st.sampled_from(["Bearer", "Bearer x", "Basic abc", "Bearer " + "k" * 5000]),
+    "X-Api-Key": st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=40),
+    "Accept": st.sampled_from(["*/*", "text/event-stream", "application/xml"]),
+})
+
+
+def check(resp: httpx.Response) -> None:
+    assert resp.status_code < 500, (resp.status_code, resp.text[:300])
+    if resp.status_code >= 400:
+        body = resp.json()
+        assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path", ENDPOINTS, ids=[f"{m} {p}" for m, p in ENDPOINTS])
+def test_fuzz_endpoint(server, method: str, path: str) -> None:
+    srv, client = server
+
+    @settings(max_examples=CASES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+    @given(body=raw_bodies(), hdrs=headers, fuzz=st.text(min_size=1, max_size=40).filter(lambda t: "/" not in t))
+    def one(body: bytes, hdrs: dict, fuzz: str) -> None:
+        from urllib.parse import quote
+
+        url = path.replace("{fuzz}", quote(fuzz, safe="") or "x")
+        resp = client.request(method, url, content=body if method == "POST" else None, headers=hdrs)
+        check(resp)
+
+    one()
+    # still serving afterwards
+    ok = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
+
+
+def test_body_size_limit(server) -> None:
+    srv, client = server
+    big = b'{"model": "tiny", "prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
+    resp = client.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413
+    assert resp.json()["error"]["message"] == "Request body too large"
+
+
+def test_wrong_methods_and_paths(server) -> None:
+    srv, client = server
+    for method, path, status in [("GET", "/v1/chat/completions", 405), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v2/whatever", 404), ("POST", "/v1/embeddings", 404)]:
+        resp = client.request(method, path)
+        assert resp.status_code == status
+        check(resp)
