@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence, get_args
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model", metavar="NAME", help="load this model at start-up")
     p.add_argument("--max-loaded", type=int, default=1, metavar="N", help="models resident at once (default 1)")
-    p.add_argument("--api-key", metavar="KEY", help="require this API key (Authorization: Bearer)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("EXLLAMA_TRAY_API_KEY"),
+                   help="require this API key (Authorization: Bearer); default $EXLLAMA_TRAY_API_KEY")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow CORS from this origin")
     add_setting_options(p)
 
