@@ -189,6 +189,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/completions")
+@routes.post("/v1/fim/completions")  # Continue's fill-in-the-middle path (prompt + suffix)
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     req: CompletionRequest = parse(CompletionRequest, await read_json_body(request))

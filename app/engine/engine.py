@@ -306,19 +306,20 @@ class Engine:
                     f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens",
                     "messages")
             room = ctx - len(ids)
-            if request_layer.max_tokens is not None:
-                if request_layer.max_tokens > room:
-                    raise InvalidRequest(
-                        f"This model's maximum context length is {ctx} tokens. However, you requested "
-                        f"{len(ids) + request_layer.max_tokens} tokens ({len(ids)} in the prompt, "
-                        f"{request_layer.max_tokens} for the completion)", "max_tokens")
-                max_new = request_layer.max_tokens
-            else:
-                max_new = min(int(resolved.max_tokens or room), room)
+            # Clients routinely ask for more tokens than a local model's context has left (Continue
+            # sends 4096 to a 2k model): the request is clamped to the room left, and generation ends
+            # with finish_reason "length" when the context is full. Only a prompt that does not fit
+            # at all is refused.
+            wanted = request_layer.max_tokens if request_layer.max_tokens is not None else resolved.max_tokens
+            max_new = min(int(wanted or room), room)
             vocab = getattr(backend, "vocab_size", None)
             bad = [t for t in logit_bias if t < 0 or (vocab is not None and t >= vocab)]
             if bad:
                 raise InvalidRequest(f"logit_bias has token ids outside the vocabulary: {bad[:5]}", "logit_bias")
+            if isinstance(prompt, list):
+                bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+                if bad:
+                    raise InvalidRequest(f"the prompt has token ids outside the vocabulary: {bad[:5]}", "prompt")
             sampling = SamplingParams(
                 temperature=float(resolved.temperature), top_k=int(resolved.top_k), top_p=float(resolved.top_p),
                 min_p=float(resolved.min_p), typical=float(resolved.typical),

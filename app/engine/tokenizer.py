@@ -95,8 +95,9 @@ class FolderTokenizer:
         return ids
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """``add_bos``: prepend BOS if the model wants one (tokenizer_config's add_bos_token)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+        if add_bos and self.special.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
 
