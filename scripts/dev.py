@@ -65,6 +65,22 @@ def ensure_venv(extras: list[str]) -> None:
     stamp.write_text(wanted + "\n")
 
 
+CONTINUE_CLI = "@continuedev/cli@1.5.47"
+
+
+def ensure_continue_cli() -> None:
+    """The Continue CLI for the live-client test (skipped there when npm is missing)."""
+    prefix = ROOT / ".cache" / "node"
+    if (prefix / "node_modules" / ".bin" / "cn").exists() or not shutil.which("npm"):
+        return
+    step(f"installing {CONTINUE_CLI} for the live client tests")
+    prefix.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix),
+                          CONTINUE_CLI])
+    if res.returncode != 0:
+        step("warning: could not install the Continue CLI; its test will be skipped")
+
+
 def missing_qt_libs() -> list[str]:
     if not sys.platform.startswith("linux") or not shutil.which("dpkg-query"):
         return []
@@ -98,6 +114,7 @@ def main(argv: list[str]) -> int:
     if command == "test":
         ensure_qt_system_libs()
         ensure_venv(["transformers", "dev"])
+        ensure_continue_cli()
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONUNBUFFERED": "1"}
         step("running the test suite")
         rc = subprocess.call([str(venv_python()), "-m", "pytest", *rest], env=env)
