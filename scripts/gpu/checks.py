@@ -382,6 +382,77 @@ def http_bench(rep: Report) -> None:
     rep.check("VRAM: reserved after unload vs before load within 100 MiB", abs(back) <= 100, f"{back:+.1f} MiB")
 
 
+def multi_gpu(rep: Report) -> None:
+    """Two or more GPUs: the EXL2 model with autosplit and with a manual split across GPUs.
+
+    Records per-GPU memory after load, after 100 requests and after unload, and single-stream decode
+    tok/s against the same model on one GPU. Skipped (recorded as such) on a one-GPU machine.
+    """
+    import httpx
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        rep.data["multi_gpu"] = f"skipped: {count} GPU"
+        return
+    app = [sys.executable, "-m", "app", "--models", str(WORK / "models.json")]
+    per_gpu = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(count)]
+    # a split that forces layers onto every GPU: a sliver of the model on each but the last
+    manual = ",".join(["0.03"] * (count - 1) + [f"{per_gpu[-1] - 4:.0f}"])
+    for name, split in (("split-auto", "auto"), ("split-manual", manual)):
+        sh([*app, "add-model", "--no-ollama", "--replace", "--model-dir", str(WORK / "small-exl2"),
+            "--gpu-split", split, "--context-length", "2048", name], 60).check_returncode()
+    http = httpx.Client(timeout=300)
+    body = {"prompt": PROMPT, "logit_bias": BAN, "max_tokens": 128, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+    def gpu_used() -> list[float]:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout.split()
+        return [float(x) for x in out]
+
+    def decode_rate(model: str) -> float:
+        rates = []
+        for i in range(6):
+            stamps = []
+            n = 0
+            with http.stream("POST", f"{BASE}/v1/completions", json={**body, "model": model, "seed": i}) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            n = chunk["usage"]["completion_tokens"]
+                        if any(c.get("text") for c in chunk.get("choices", [])):
+                            stamps.append(time.perf_counter())
+            rates.append((n - 1) / (stamps[-1] - stamps[0]))
+        return statistics.median(rates[1:])
+
+    results: dict[str, Any] = {"gpus": count, "gpu_total_gib": per_gpu, "manual_split": manual}
+    for name in ("tiny-fp16", "small-exl2", "split-auto", "split-manual"):
+        http.post(f"{BASE}/admin/unload", json={"model": name})
+    results["single_gpu_decode_tok_s"] = (http.post(f"{BASE}/admin/load", json={"model": "small-exl2"}) and
+                                          decode_rate("small-exl2"))
+    http.post(f"{BASE}/admin/unload", json={"model": "small-exl2"})
+    for name in ("split-auto", "split-manual"):
+        before = gpu_used()
+        r = http.post(f"{BASE}/admin/load", json={"model": name})
+        rep.check(f"multi-GPU {name}: loads", r.status_code == 200, r.text[:200])
+        after_load = gpu_used()
+        for i in range(100):
+            http.post(f"{BASE}/v1/completions", json={"model": name, "prompt": PROMPT[: 30 + i], "max_tokens": 4,
+                                                      "logit_bias": BAN})
+        after_100 = gpu_used()
+        rate = decode_rate(name)
+        http.post(f"{BASE}/admin/unload", json={"model": name})
+        after_unload = gpu_used()
+        results[name] = {"gpu_used_mib_before": before, "after_load": after_load, "after_100": after_100,
+                         "after_unload": after_unload, "decode_tok_s": rate}
+        rep.check(f"multi-GPU {name}: serves 100 requests and streams", rate > 0, f"{rate:.1f} tok/s")
+    spread = [a - b for a, b in zip(results["split-manual"]["after_load"], results["split-manual"]["gpu_used_mib_before"])]
+    rep.check("multi-GPU manual split puts weights on every GPU", all(d > 10 for d in spread), str(spread))
+    rep.data["multi_gpu"] = results
+
+
 def write_markdown(rep: Report) -> None:
     d = rep.data
     lines = ["# GPU results", "", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -394,6 +465,8 @@ def write_markdown(rep: Report) -> None:
     passed = sum(c["ok"] for c in d["checks"])
     lines += ["", f"## Checks: {passed} passed, {len(d['checks']) - passed} failed", ""]
     lines += [f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']} {c['detail']}" for c in d["checks"]]
+    if "multi_gpu" in d:
+        lines += ["", "## Multi-GPU", "", "```", json.dumps(d["multi_gpu"], indent=1), "```"]
     lines += ["", "## Benchmark (EXL2 model)", "", "```", json.dumps(d["bench"], indent=1), "```", "",
               "## VRAM (MiB)", "", "```", json.dumps(d["vram"], indent=1), "```", ""]
     (rep.out / "gpu-report.md").write_text("\n".join(lines))
@@ -424,6 +497,7 @@ def main() -> int:
             rep.stage("e2e-exl2", lambda: e2e(rep, "small-exl2"))
             rep.stage("switching", lambda: switching(rep))
             rep.stage("http-bench", lambda: http_bench(rep))
+            rep.stage("multi-gpu", lambda: multi_gpu(rep))
         finally:
             proc.terminate()
             try:

@@ -278,10 +278,20 @@ def check_split(split: list[float]) -> None:
     """A manual split must not name more GPUs than exist nor ask for more memory than they have."""
     import torch
 
-    count = torch.cuda.device_count()
-    if len(split) > count:
-        raise BackendLoadError(f"gpu_split names {len(split)} GPUs but only {count} are present")
-    for i, gib in enumerate(split):
-        total = torch.cuda.get_device_properties(i).total_memory / 1024**3
-        if gib > total:
-            raise BackendLoadError(f"gpu_split asks {gib:g} GiB of GPU {i}, which has {total:.1f} GiB")
+    totals = [torch.cuda.get_device_properties(i).total_memory / 1024**3 for i in range(torch.cuda.device_count())]
+    problem = split_problem(split, totals)
+    if problem:
+        raise BackendLoadError(problem)
+
+
+def split_problem(split: list[float], gpu_gib: list[float]) -> str | None:
+    """Why ``split`` (GiB per GPU) cannot work on GPUs with ``gpu_gib`` GiB each, or None when it can."""
+    if len(split) > len(gpu_gib):
+        return (f"gpu_split names {len(split)} GPUs but {len(gpu_gib)} "
+                f"{'is' if len(gpu_gib) == 1 else 'are'} present")
+    for i, (want, have) in enumerate(zip(split, gpu_gib)):
+        if want > have:
+            return f"gpu_split asks {want:g} GiB of GPU {i}, which has {have:.1f} GiB"
+    if sum(split) > sum(gpu_gib):
+        return f"gpu_split asks {sum(split):g} GiB in all; the GPUs have {sum(gpu_gib):.1f} GiB"
+    return None

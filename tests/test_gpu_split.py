@@ -1,0 +1,31 @@
+"""Validation of a manual gpu_split against the GPUs present (pure logic; CI has no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.engine.backends.exllamav2_backend import split_problem
+from app.engine.settings import Settings, parse_gpu_split
+
+
+@pytest.mark.parametrize("split, gpus, message", [
+    ([20, 20, 20], [80.0, 80.0], "names 3 GPUs but 2 are present"),
+    ([20, 20], [80.0], "names 2 GPUs but 1 is present"),
+    ([90], [79.2], "asks 90 GiB of GPU 0, which has 79.2 GiB"),
+    ([10, 140], [139.8, 139.8], "asks 140 GiB of GPU 1"),
+])
+def test_impossible_splits_are_refused_with_the_reason(split, gpus, message) -> None:
+    assert message in split_problem(split, gpus)
+
+
+def test_possible_splits_pass() -> None:
+    assert split_problem([20, 24], [79.2, 79.2]) is None
+    assert split_problem([70], [79.2, 79.2]) is None  # using fewer GPUs than present is fine
+
+
+def test_split_syntax() -> None:
+    assert parse_gpu_split("20, 24.5") == [20.0, 24.5]
+    assert Settings(gpu_split="auto").gpu_split == "auto"
+    for bad in ("x", "20;24", "-1,5", ""):
+        with pytest.raises(ValueError):
+            Settings(gpu_split=bad)
