@@ -97,6 +97,17 @@ def finish_reason(finished: JobFinished) -> str:
     return "length" if finished.finish_reason == "length" else "stop"
 
 
+async def whole_result(handle: JobHandle) -> JobFinished:
+    """Wait for a non-streaming job; a failed one becomes a 500 with the reason."""
+    try:
+        finished = await handle.result()
+    finally:
+        handle.cancel()
+    if finished.finish_reason in ("error", "cancelled"):
+        raise ApiError(500, finished.error or "generation failed", code="generation_failed")
+    return finished
+
+
 def in_band_error(finished: JobFinished) -> dict[str, Any]:
     message = finished.error or f"generation ended: {finished.finish_reason}"
     return {"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}}
@@ -154,12 +165,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     if not stream:
-        try:
-            finished = await handle.result()
-        finally:
-            handle.cancel()
-        if finished.finish_reason in ("error", "cancelled"):
-            raise ApiError(500, finished.error or "generation failed", code="generation_failed")
+        finished = await whole_result(handle)
         return web.json_response({
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.text, "refusal": None},
@@ -201,12 +207,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     base = {"id": cid, "object": "text_completion", "created": created, "model": req.model}
     if not stream:
-        try:
-            finished = await handle.result()
-        finally:
-            handle.cancel()
-        if finished.finish_reason in ("error", "cancelled"):
-            raise ApiError(500, finished.error or "generation failed", code="generation_failed")
+        finished = await whole_result(handle)
         return web.json_response({**base, "choices": [{"index": 0, "text": finished.text, "logprobs": None,
                                                        "finish_reason": finish_reason(finished)}],
                                   "usage": usage_body(finished)}, headers=timing_headers(handle))
