@@ -57,6 +57,8 @@ def main() -> int:
             s.token_bias = bias
         return s
 
+    first_text: list[float] = []
+
     def run(max_new: int, seed: int) -> tuple[float, list[float], int]:
         job = ExLlamaV2DynamicJob(input_ids=ids, max_new_tokens=max_new, gen_settings=settings(), seed=seed,
                                   stop_conditions=[], decode_special_tokens=False)
@@ -64,6 +66,7 @@ def main() -> int:
         gen.enqueue(job)
         stamps: list[float] = []
         tokens = 0
+        text_at = None
         while gen.num_remaining_jobs():
             for r in gen.iterate():
                 if r.get("stage") == "streaming" and r.get("token_ids") is not None:
@@ -72,6 +75,9 @@ def main() -> int:
                         now = time.perf_counter()
                         stamps.extend([now] * n)
                         tokens += n
+                    if text_at is None and r.get("text"):
+                        text_at = time.perf_counter()
+        first_text.append((text_at or time.perf_counter()) - t0)
         return t0, stamps, tokens
 
     for i in range(3):
@@ -83,8 +89,9 @@ def main() -> int:
         _, stamps, tokens = run(args.tokens, 100 + i)
         rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
     ttfts = []
+    first_text.clear()
     for i in range(args.ttft_runs):
-        t0, stamps, _ = run(1, 200 + i)
+        t0, stamps, _ = run(4, 200 + i)  # same request as the HTTP side: 4 tokens, seeds 200..
         ttfts.append(stamps[0] - t0)
     def greedy_ids() -> list[int]:
         g = ExLlamaV2Sampler.Settings.greedy()
@@ -100,6 +107,7 @@ def main() -> int:
     repeatable = greedy_ids() == greedy_ids()
     print(json.dumps({"paged": paged, "greedy_repeatable": repeatable, "prompt_tokens": int(ids.shape[-1]), "decode_tok_s": statistics.median(rates),
                       "decode_tok_s_runs": rates, "decode_tok_s_max": max(rates), "ttft_p50_s": statistics.median(ttfts),
+                      "first_text_p50_s": statistics.median(first_text),
                       "ttft_runs_s": ttfts}))
     return 0
 
