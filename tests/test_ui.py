@@ -56,6 +56,9 @@ def qloop(qapp):
     loop = qasync.QEventLoop(qapp, already_running=False)
     asyncio.set_event_loop(loop)
     yield loop
+    # closing shuts down qasync's default executor (QThreads used by asyncio.to_thread); a QThread
+    # still alive when the interpreter exits aborts the process
+    loop.close()
     asyncio.set_event_loop(None)
 
 

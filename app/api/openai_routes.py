@@ -123,9 +123,10 @@ async def stream_response(request: web.Request, handle: JobHandle,
             await response.write(chunk)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the client left: cancel its job, nobody is there to answer
         log.info("client left during a stream: job %d cancelled", handle.job.job_id)
-        handle.cancel()
+    except asyncio.CancelledError:  # the handler was cancelled because the client disconnected
+        log.info("client left during a stream: job %d cancelled", handle.job.job_id)
         raise
     finally:
         handle.cancel()
