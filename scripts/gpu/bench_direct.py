@@ -24,6 +24,8 @@ def main() -> int:
     parser.add_argument("--ttft-runs", type=int, default=20)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--ban", type=int, nargs="*", default=[], help="token ids biased by -100 (EOS)")
+    parser.add_argument("--serve", action="store_true",
+                        help="after loading, answer JSON commands on stdin (for interleaved measurements)")
     args = parser.parse_args()
 
     import torch
@@ -84,6 +86,20 @@ def main() -> int:
         run(32, i)
     run(args.tokens, 99)
     torch.cuda.synchronize()
+    if args.serve:
+        print("READY", flush=True)
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "decode":
+                _, stamps, tokens = run(cmd["tokens"], cmd["seed"])
+                print(json.dumps({"rate": (tokens - 1) / (stamps[-1] - stamps[0])}), flush=True)
+            elif cmd["op"] == "ttft":
+                first_text.clear()
+                t0, stamps, _ = run(4, cmd["seed"])
+                print(json.dumps({"ttft": stamps[0] - t0, "first_text": first_text[-1]}), flush=True)
+            else:
+                break
+        return 0
     rates = []
     for i in range(args.runs):
         _, stamps, tokens = run(args.tokens, 100 + i)

@@ -314,18 +314,44 @@ def http_bench(rep: Report) -> None:
     for i in range(3):
         stream(32, i)
     stream(256, 99)
-    rates = []
+    # the direct generator in a second process on the same GPU, measured in turns with the server so
+    # that machine drift hits both sides alike
+    direct_proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gpu" / "bench_direct.py"),
+                                    str(WORK / "small-exl2"), "--prompt", PROMPT, "--ban", "2", "5", "--serve",
+                                    "--runs", "1", "--ttft-runs", "1"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert direct_proc.stdin is not None and direct_proc.stdout is not None
+    for line in direct_proc.stdout:
+        if line.strip() == "READY":
+            break
+
+    def direct(cmd: dict) -> dict:
+        direct_proc.stdin.write(json.dumps(cmd) + "\n")
+        direct_proc.stdin.flush()
+        return json.loads(direct_proc.stdout.readline())
+
+    rates, direct_rates = [], []
     for i in range(10):
+        direct_rates.append(direct({"op": "decode", "tokens": 256, "seed": 100 + i})["rate"])
         _, _, stamps, n, _ = stream(256, 100 + i)
         rates.append((n - 1) / (stamps[-1] - stamps[0]))
-    ttfts = []
+    ttfts, direct_ttft, direct_text = [], [], []
     prepare_ms.clear()
     ttft_sum0 = metric("exllama_tray_time_to_first_token_seconds_sum")
     ttft_cnt0 = metric("exllama_tray_time_to_first_token_seconds_count")
     for i in range(20):
+        d = direct({"op": "ttft", "seed": 200 + i})
+        direct_ttft.append(d["ttft"])
+        direct_text.append(d["first_text"])
         _, ttft, _, _, _ = stream(4, 200 + i)
         if ttft is not None:
             ttfts.append(ttft)
+    direct_proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+    direct_proc.stdin.close()
+    direct_proc.wait(60)
+    rep.data["bench"]["direct_interleaved"] = {
+        "decode_tok_s": statistics.median(direct_rates), "decode_tok_s_runs": direct_rates,
+        "ttft_p50_s": statistics.median(direct_ttft), "first_text_p50_s": statistics.median(direct_text)}
     server_ttft = ((metric("exllama_tray_time_to_first_token_seconds_sum") - ttft_sum0)
                    / max(metric("exllama_tray_time_to_first_token_seconds_count") - ttft_cnt0, 1))
     ttft_prepare = statistics.median(prepare_ms) if prepare_ms else None
@@ -339,7 +365,7 @@ def http_bench(rep: Report) -> None:
         lat_full.append(time.perf_counter() - t0)
         if full["choices"][0]["text"] != s_text:
             mismatches += 1
-    direct = rep.data["bench"].get("direct", {})
+    direct = rep.data["bench"].get("direct_interleaved", {})
     rep.data["bench"]["stream_vs_nonstream_text_mismatches"] = f"{mismatches}/10 (same seed)"
     results = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,
             "ttft_p50_s": statistics.median(ttfts), "ttft_runs_s": ttfts,
