@@ -318,3 +318,24 @@ def test_quitting_ends_running_streams_with_an_error(tmp_path: Path, tiny_model_
     raw = result["raw"]
     assert "the server is shutting down" in raw and raw.rstrip().endswith("data: [DONE]")
     srv.stop()
+
+
+def test_idle_unload(tmp_path: Path, tiny_model_dir: Path) -> None:
+    registry = Registry(tmp_path / "models.json")
+    register(registry, "sleepy", tiny_model_dir, idle_unload_minutes=0.01)  # 0.6 s
+    srv = ServerThread(registry).start()
+    try:
+        resp = httpx.post(f"{srv.base_url}/completions", json={"model": "sleepy", "prompt": "hi", "max_tokens": 2},
+                          timeout=60)
+        assert resp.status_code == 200
+        assert "sleepy:latest" in httpx.get(f"{srv.root}/health").json()["loaded"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and srv.engine.manager.states():
+            time.sleep(0.1)
+        assert srv.engine.manager.states() == []
+        # and it loads again on demand
+        resp = httpx.post(f"{srv.base_url}/completions", json={"model": "sleepy", "prompt": "hi", "max_tokens": 2},
+                          timeout=60)
+        assert resp.status_code == 200
+    finally:
+        srv.stop()
