@@ -16,7 +16,6 @@ from keyring.backend import KeyringBackend
 
 pytest.importorskip("PySide6")
 
-from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from app.engine.registry import Registry  # noqa: E402
 from app.server_config import ServerSettings, ServerSettingsStore, get_api_key  # noqa: E402
@@ -238,7 +237,6 @@ async def _lag_scenario(tray, tiny_model_dir: Path) -> None:
 def test_server_settings_change_restarts_the_listener(tray, qloop, memory_keyring) -> None:
     import socket
 
-    from app.server_config import ServerSettings
 
     controller = tray.controller
     old_port = controller.listener.port

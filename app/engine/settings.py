@@ -31,13 +31,6 @@ BackendChoice = Literal["auto", "transformers", "exllamav2"]
 LOAD_TIME_FIELDS = frozenset(
     {"context_length", "batch_size", "cache_type", "gpu_split", "rope_scale", "rope_alpha", "backend"}
 )
-#: Settings a single request may override.
-REQUEST_FIELDS = frozenset(
-    {
-        "temperature", "top_k", "top_p", "min_p", "typical", "repetition_penalty",
-        "presence_penalty", "frequency_penalty", "seed", "stop", "max_tokens",
-    }
-)
 
 
 class Settings(BaseModel):
