@@ -233,38 +233,3 @@ async def _lag_scenario(tray, tiny_model_dir: Path) -> None:
           f"p99 {p99 * 1e3:.1f} ms, max {lags[-1] * 1e3:.1f} ms")
     assert p99 < 0.25, f"event loop lag p99 {p99 * 1e3:.0f} ms"
 
-
-def test_server_settings_change_restarts_the_listener(tray, qloop, memory_keyring) -> None:
-    import socket
-
-
-    controller = tray.controller
-    old_port = controller.listener.port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        new_port = s.getsockname()[1]
-
-    async def scenario() -> None:
-        await controller.apply_server_settings(ServerSettings(port=new_port, cors_enabled=True,
-                                                              cors_origins=["http://localhost:3000"]))
-        ok = await in_thread(lambda: __import__("httpx").get(f"http://127.0.0.1:{new_port}/health"))
-        assert ok.status_code == 200
-        gone = await in_thread(lambda: _refused(old_port))
-        assert gone
-        assert controller.url.endswith(f":{new_port}/v1")
-        assert json.loads(controller.store.path.read_text())["port"] == new_port
-        # the network needs a key first
-        with pytest.raises(ValueError, match="API key"):
-            await controller.apply_server_settings(ServerSettings(port=new_port, on_network=True))
-
-    run(qloop, scenario())
-
-
-def _refused(port: int) -> bool:
-    import httpx
-
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-    except httpx.ConnectError:
-        return True
-    return False
