@@ -18,7 +18,7 @@ pytest.importorskip("PySide6")
 
 
 from app.engine.registry import Registry  # noqa: E402
-from app.server_config import ServerSettings, ServerSettingsStore, get_api_key  # noqa: E402
+from app.server_config import ServerSettingsStore, get_api_key  # noqa: E402
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry  # noqa: E402
 
 
