@@ -50,3 +50,27 @@ def _no_unexpected_errors(caplog: pytest.LogCaptureFixture):
     errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
     if errors and not allowed:
         pytest.fail("unexpected error logged: " + "; ".join(r.getMessage() for r in errors[:3]))
+
+
+_EXIT_STATUS: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without interpreter finalization once Qt has been used.
+
+    After every test has run and been reported, Python's shutdown destroys the remaining PySide6
+    wrappers after the QApplication, which can crash the process ("shared QObject was deleted
+    directly", then a segfault) and turn a green run red. The app itself quits through
+    QApplication.quit() and does not go through this path.
+    """
+    import sys
+
+    if "PySide6.QtWidgets" in sys.modules and "status" in _EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS["status"])

@@ -41,7 +41,11 @@ def refused(port: int) -> bool:
     return False
 
 
-async def test_server_settings_change_restarts_the_listener(tmp_path: Path, memory_keyring) -> None:
+def test_server_settings_change_restarts_the_listener(tmp_path: Path, memory_keyring) -> None:
+    asyncio.run(_restart_scenario(tmp_path))
+
+
+async def _restart_scenario(tmp_path: Path) -> None:
     controller = AppController(Registry(tmp_path / "models.json"), ServerSettingsStore(tmp_path / "server.json"),
                                port=0)
     await controller.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -127,11 +128,14 @@ def test_cors_is_off_by_default(tmp_path: Path, tiny_model_dir: Path) -> None:
         srv.stop()
 
 
-async def test_refuses_network_bind_without_a_key(tmp_path: Path) -> None:
-    engine = Engine(Registry(tmp_path / "models.json"))
-    with pytest.raises(ValueError, match="without an API key"):
-        await Listener(engine, ServerConfig(host="0.0.0.0", port=0)).start()
-    await engine.close()
+def test_refuses_network_bind_without_a_key(tmp_path: Path) -> None:
+    async def go() -> None:
+        engine = Engine(Registry(tmp_path / "models.json"))
+        with pytest.raises(ValueError, match="without an API key"):
+            await Listener(engine, ServerConfig(host="0.0.0.0", port=0)).start()
+        await engine.close()
+
+    asyncio.run(go())
 
 
 def test_serve_refuses_network_bind_without_a_key(tmp_path: Path) -> None:

@@ -39,6 +39,9 @@ class MemoryKeyring(KeyringBackend):
         self.store.pop((service, username), None)
 
 
+_KEEP_ALIVE: list[object] = []
+
+
 @pytest.fixture
 def memory_keyring():
     previous = keyring.get_keyring()
@@ -59,6 +62,7 @@ def qloop(qapp):
     # still alive when the interpreter exits aborts the process
     loop.close()
     asyncio.set_event_loop(None)
+    _KEEP_ALIVE.append(loop)
 
 
 def run(qloop, coro, timeout: float = 180):
@@ -103,6 +107,9 @@ def tray(qtbot, qloop, tmp_path, memory_keyring, fake_ollama):
     yield app
     run(qloop, controller.stop())
     app.status_window.close()
+    # keep the Qt objects alive to the end of the session: collected in the middle of a later test's
+    # event loop, PySide6 wrappers of this test's widgets can crash the process
+    _KEEP_ALIVE.append(app)
 
 
 def menu_texts(menu) -> list[str]:
