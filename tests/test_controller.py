@@ -13,20 +13,6 @@ import pytest
 from app.engine.registry import Registry
 from app.server_config import ServerSettings, ServerSettingsStore
 from app.ui.controller import AppController
-from tests.test_ui import MemoryKeyring  # noqa: F401  (fixture's backend)
-
-
-@pytest.fixture
-def memory_keyring():
-    import keyring
-
-    previous = keyring.get_keyring()
-    ring = MemoryKeyring()
-    keyring.set_keyring(ring)
-    yield ring
-    keyring.set_keyring(previous)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,10 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
-import keyring
 import openai
 import pytest
-from keyring.backend import KeyringBackend
 
 pytest.importorskip("PySide6")
 
@@ -22,33 +20,7 @@ from app.server_config import ServerSettingsStore, get_api_key  # noqa: E402
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry  # noqa: E402
 
 
-class MemoryKeyring(KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.store.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.store[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.store.pop((service, username), None)
-
-
 _KEEP_ALIVE: list[object] = []
-
-
-@pytest.fixture
-def memory_keyring():
-    previous = keyring.get_keyring()
-    ring = MemoryKeyring()
-    keyring.set_keyring(ring)
-    yield ring
-    keyring.set_keyring(previous)
 
 
 @pytest.fixture
