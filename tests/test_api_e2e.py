@@ -248,3 +248,19 @@ def test_health_and_metrics(server: ServerThread) -> None:
                  "exllama_tray_time_per_output_token_seconds_bucket"):
         assert name in text
     assert server.metric("exllama_tray_generation_tokens_total") > 0
+
+
+def test_recent_requests_show_where_the_first_token_time_went(server: ServerThread, client: openai.OpenAI) -> None:
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 6, "temperature": 0, "logit_bias": {"2": -100}}
+    _, streamed = stream_chat(server, body)
+    chat(client, **body)
+    records = httpx.get(f"{server.root}/admin/requests").json()["data"]
+    stream_rec, whole_rec = records[-2], records[-1]
+    assert streamed and stream_rec["completion_tokens"] == whole_rec["completion_tokens"] == 6
+    for rec in (stream_rec, whole_rec):
+        assert rec["model"] == "tiny:latest" and rec["finish_reason"] == "length"
+        assert 0 <= rec["queued_s"] <= rec["ttft_s"]
+        assert rec["first_step_s"] >= 0
+    # the stream's consumer told the GPU thread it had sent the first text; a whole answer has no hand-off
+    assert stream_rec["handoff_s"] is not None and 0 <= stream_rec["handoff_s"] < 60
+    assert whole_rec["handoff_s"] is None

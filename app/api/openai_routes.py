@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -259,6 +260,14 @@ def _admin_model(body: dict[str, Any]) -> str:
     if not isinstance(name, str) or not name:
         raise ApiError(400, "send {\"model\": NAME}", param="model")
     return name
+
+
+@routes.get("/admin/requests")
+async def admin_requests(request: web.Request) -> web.Response:
+    """The most recent finished requests (newest last) with where their time to first text went."""
+    engine = request.app[ENGINE]
+    return web.json_response({"object": "list",
+                              "data": [dataclasses.asdict(r) for r in engine.metrics.recent_requests()]})
 
 
 @routes.get("/admin/cuda-tensors")

@@ -22,13 +22,15 @@ from app.engine.backend_select import create_backend, folder_settings
 from app.engine.jobs import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
 from app.engine.metrics import EngineMetrics
 from app.engine.model_manager import ModelLoadError, ModelManager, ModelState, Resident
-from app.engine.prompt import ChatInput, PromptError
+from app.engine.prompt import ChatInput, PromptError, message_text
 from app.engine.prompt_select import make_prompt_builder
 from app.engine.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
 from app.engine.settings import ResolvedSettings, Settings, SettingsLayers, settings_from_ollama
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
+#: prompts shorter than this (characters) are rendered and tokenized on the event loop itself
+INLINE_CHARS = 4096
 
 __all__ = ["Engine", "EngineError", "InvalidRequest", "ModelNotFound", "ModelLoadError", "JobHandle",
            "ChatRequest", "CompletionRequest", "ModelInfoView"]
@@ -110,6 +112,7 @@ class JobHandle:
         try:
             self.start()
             assert self._queue is not None
+            first_text = True
             while True:
                 event = await self._queue.get()
                 if isinstance(event, JobFinished):
@@ -118,6 +121,12 @@ class JobHandle:
                     yield event
                     return
                 yield event
+                if first_text and isinstance(event, TextDelta):
+                    # the consumer asked for more: it has sent the first text; the GPU thread goes on
+                    first_text = False
+                    runner = self._resident.runner
+                    if runner is not None:
+                        runner.first_text_sent(self.job.job_id)
         finally:
             self.cancel()
 
@@ -265,7 +274,9 @@ class Engine:
         resolved = self.resolve(key, request.settings)
         try:
             builder = make_prompt_builder(entry, resolved)
-            prompt = await asyncio.to_thread(builder.build, ChatInput(request.messages, request.tools))
+            chat = ChatInput(request.messages, request.tools)
+            size = sum(len(message_text(m.get("content"))) for m in request.messages if isinstance(m, dict))
+            prompt = await _off_loop_if_large(size + (INLINE_CHARS if request.tools else 0), builder.build, chat)
         except PromptError as exc:
             raise InvalidRequest(str(exc), "messages") from None
         stops = [*resolved.stop, *(s for s in builder.stop_strings if s not in resolved.stop)]
@@ -297,7 +308,7 @@ class Engine:
             if isinstance(prompt, list):
                 ids = list(prompt)
             else:
-                ids = await asyncio.to_thread(backend.encode, prompt, add_bos=add_bos)
+                ids = await _off_loop_if_large(len(prompt), backend.encode, prompt, add_bos=add_bos)
             if not ids:
                 raise InvalidRequest("the prompt is empty", "prompt")
             ctx = backend.context_length
@@ -338,6 +349,14 @@ class Engine:
         handle = JobHandle(self, resident, job, display_name(key))
         handle.prepare_s = time.perf_counter() - started
         return handle
+
+
+async def _off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on a worker thread when ``size`` (characters of input) makes it slow enough to stall
+    the event loop; small inputs run inline (a thread hop costs more than rendering or tokenizing them)."""
+    if size < INLINE_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def _timestamp(iso: str) -> int:

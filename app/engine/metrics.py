@@ -23,6 +23,11 @@ class RequestRecord:
     tokens_per_s: float | None
     finish_reason: str
     finished_at: float
+    #: where the time to first text went: waiting for the GPU thread, the backend's first step(s),
+    #: and the hand-off of the first text to the client (None where a phase did not happen)
+    queued_s: float | None = None
+    first_step_s: float | None = None
+    handoff_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ The backend's step loop never runs on the event loop. Jobs and cancels reach the
 condition-guarded inbox; events go back with ``loop.call_soon_threadsafe`` into each job's
 unbounded asyncio queue (unbounded so that one slow client can never stall the step loop).
 Non-streaming jobs get a single final event with the whole text.
+
+Time to first text: when a step produces a streaming job's first text, the thread waits (briefly,
+at most ``HANDOFF_WAIT_S``) until the consumer has written it before it runs the next step. Without
+that, the next step takes the GIL back while the event loop is still encoding and sending the first
+chunk, and every client waits for the GPU thread's next switch interval.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from app.engine.metrics import EngineMetrics, RequestRecord
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL = 0.0005
+HANDOFF_WAIT_S = 0.002
 
 
 @dataclass
@@ -28,6 +34,9 @@ class _Tracked:
     job: BackendJob
     queue: asyncio.Queue[JobEvent]
     submitted: float = field(default_factory=time.monotonic)
+    picked: float | None = None  # the GPU thread took the job
+    first_text: float | None = None  # the backend produced the first visible text
+    sent: float | None = None  # the consumer has written the first text (streaming jobs)
     first_token: float | None = None
     last_token: float | None = None
     tokens: int = 0
@@ -51,6 +60,10 @@ class Runner:
         self._cancel_all = False
         self._cancel_reason = ""
         self._outbox: list[tuple[asyncio.Queue, JobEvent]] = []
+        self._handoff_lock = threading.Lock()
+        self._handoff_pending: set[int] = set()
+        self._handoff_new: list[int] = []
+        self._handoff_done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"runner:{model}", daemon=True)
         self.steps = 0
 
@@ -73,6 +86,16 @@ class Runner:
         self._metrics.running.inc()
         self._metrics.record_prompt(len(job.prompt_ids))
         return queue
+
+    def first_text_sent(self, job_id: int) -> None:
+        """The consumer has written a streaming job's first text (lets the GPU thread go on at once)."""
+        tracked = self._tracked.get(job_id)
+        if tracked is not None and tracked.sent is None:
+            tracked.sent = time.monotonic()
+        with self._handoff_lock:
+            self._handoff_pending.discard(job_id)
+            if not self._handoff_pending:
+                self._handoff_done.set()
 
     def cancel(self, job_id: int) -> None:
         with self._cond:
@@ -110,6 +133,7 @@ class Runner:
                 cancels, self._cancels = self._cancels, set()
                 stopping, cancel_all, self._cancel_all = self._stopping, self._cancel_all, False
             for tracked in new:
+                tracked.picked = time.monotonic()
                 self._tracked[tracked.job.job_id] = tracked
                 backend.submit(tracked.job)
             if cancel_all:
@@ -150,10 +174,28 @@ class Runner:
                 tracked = self._tracked.get(event.job_id)
                 if tracked is not None:
                     self._deliver(tracked, event)
+            self._flush_and_hand_off()
+
+    def _flush_and_hand_off(self) -> None:
+        """Flush; if this step carried a streaming job's first text, let the loop send it first."""
+        new, self._handoff_new = self._handoff_new, []
+        if not new:
             self._flush()
+            return
+        with self._handoff_lock:
+            self._handoff_pending = set(new)
+            self._handoff_done.clear()
+        self._flush()
+        self._handoff_done.wait(HANDOFF_WAIT_S)  # releases the GIL; the consumer sets it when written
+        with self._handoff_lock:
+            self._handoff_pending.clear()
 
     def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
         now = time.monotonic()
+        if event.text and tracked.first_text is None:
+            tracked.first_text = now
+            if tracked.job.stream:
+                self._handoff_new.append(tracked.job.job_id)
         if event.new_tokens:
             if tracked.first_token is None:
                 tracked.first_token = now
@@ -183,8 +225,12 @@ class Runner:
         self._metrics.running.dec()
         gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
         tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
-        self._metrics.record_finished(RequestRecord(self.model, usage.prompt_tokens, usage.completion_tokens,
-                                                    ttft, tps, reason, time.time()))
+        picked, first, sent = tracked.picked, tracked.first_text, tracked.sent
+        self._metrics.record_finished(RequestRecord(
+            self.model, usage.prompt_tokens, usage.completion_tokens, ttft, tps, reason, time.time(),
+            queued_s=None if picked is None else picked - tracked.submitted,
+            first_step_s=None if picked is None or first is None else first - picked,
+            handoff_s=None if first is None or sent is None else sent - first))
 
     def _post(self, tracked: _Tracked, event: JobEvent) -> None:
         self._outbox.append((tracked.queue, event))

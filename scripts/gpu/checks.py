@@ -346,6 +346,25 @@ def http_bench(rep: Report) -> None:
         _, ttft, _, _, _ = stream(4, 200 + i)
         if ttft is not None:
             ttfts.append(ttft)
+    # where the server's first-text time went, per request (the last 20 are the TTFT runs)
+    records = http.get(f"{BASE}/admin/requests").json()["data"][-20:]
+
+    def p50_ms(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return statistics.median(values) * 1e3 if values else None
+
+    # the floor of one keep-alive HTTP exchange with this server (no engine work)
+    health_ms = []
+    for _ in range(20):
+        t = time.perf_counter()
+        http.get(f"{BASE}/health")
+        health_ms.append((time.perf_counter() - t) * 1e3)
+    rep.data["bench"]["ttft_phases_p50_ms"] = {
+        "queued (submit -> GPU thread)": p50_ms("queued_s"),
+        "first step (GPU thread -> first text)": p50_ms("first_step_s"),
+        "hand-off (first text -> written to the socket)": p50_ms("handoff_s"),
+        "runner ttft (submit -> first token)": p50_ms("ttft_s"),
+        "GET /health round trip": statistics.median(health_ms)}
     direct_proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
     direct_proc.stdin.close()
     direct_proc.wait(60)
