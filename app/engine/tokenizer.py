@@ -94,9 +94,17 @@ class FolderTokenizer:
             ids.add(eos)
         return ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """The ids of ``text`` (special tokens written in it included), nothing added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def special_token_texts(self) -> list[str]:
+        """The texts of the tokenizer's added tokens (``<s>``, ``<|im_end|>``, ...)."""
+        return [t.content for t in self._tok.get_added_tokens_decoder().values()]
+
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """``add_bos``: prepend BOS if the model wants one (tokenizer_config's add_bos_token)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self.encode_plain(text)
         if add_bos and self.special.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids

@@ -28,14 +28,20 @@ PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
 BAN = {"2": -100, "5": -100}  # </s> and <|im_end|> of the generated tokenizer: keep random models talking
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
+# runs per figure, taken in turns with the direct loop; this machine's speed drifts a lot between runs
+DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 20, 40, 20
 
 
 class Report:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, skip: set[str] | None = None) -> None:
         self.out = out
+        self.skip = skip or set()
         self.data: dict[str, Any] = {"stages": {}, "checks": [], "bench": {}, "vram": {}}
 
     def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        if name in self.skip:
+            self.data["stages"][name] = {"ok": True, "seconds": 0.0, "skipped": True}
+            return None
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
@@ -131,6 +137,17 @@ def quantize(rep: Report) -> None:
     cfg = json.loads((out / "config.json").read_text())
     rep.data["quantized"] = {"reused_measurement": saved.exists(), "quantization_config": cfg.get("quantization_config"),
                              "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+
+
+def profile_first_token(rep: Report) -> None:
+    res = sh([sys.executable, str(ROOT / "scripts" / "gpu" / "profile_first_token.py"), str(WORK / "small-exl2"),
+              "--prompt", PROMPT], 300)
+    print(res.stderr[-2000:], flush=True)
+    res.check_returncode()
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    (rep.out / "profile.txt").write_text(data.pop("profile_backend_first_token") + "\n\n"
+                                         + data.pop("profile_engine_prepare"))
+    rep.data["profile"] = data
 
 
 def direct_bench(rep: Report) -> None:
@@ -331,7 +348,7 @@ def http_bench(rep: Report) -> None:
         return json.loads(direct_proc.stdout.readline())
 
     rates, direct_rates = [], []
-    for i in range(10):
+    for i in range(DECODE_RUNS):
         direct_rates.append(direct({"op": "decode", "tokens": 256, "seed": 100 + i})["rate"])
         _, _, stamps, n, _ = stream(256, 100 + i)
         rates.append((n - 1) / (stamps[-1] - stamps[0]))
@@ -339,7 +356,7 @@ def http_bench(rep: Report) -> None:
     prepare_ms.clear()
     ttft_sum0 = metric("exllama_tray_time_to_first_token_seconds_sum")
     ttft_cnt0 = metric("exllama_tray_time_to_first_token_seconds_count")
-    for i in range(20):
+    for i in range(TTFT_RUNS):
         d = direct({"op": "ttft", "seed": 200 + i})
         direct_ttft.append(d["ttft"])
         direct_text.append(d["first_text"])
@@ -347,7 +364,7 @@ def http_bench(rep: Report) -> None:
         if ttft is not None:
             ttfts.append(ttft)
     # where the server's first-text time went, per request (the last 20 are the TTFT runs)
-    records = http.get(f"{BASE}/admin/requests").json()["data"][-20:]
+    records = http.get(f"{BASE}/admin/requests").json()["data"][-TTFT_RUNS:]
 
     def p50_ms(key: str) -> float | None:
         values = [r[key] for r in records if r.get(key) is not None]
@@ -376,7 +393,7 @@ def http_bench(rep: Report) -> None:
     ttft_prepare = statistics.median(prepare_ms) if prepare_ms else None
     lat_stream, lat_full = [], []
     mismatches = 0
-    for i in range(10):
+    for i in range(LATENCY_RUNS):
         t0, _, _, _, s_text = stream(128, 300 + i)
         lat_stream.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -385,7 +402,7 @@ def http_bench(rep: Report) -> None:
         if full["choices"][0]["text"] != s_text:
             mismatches += 1
     direct = rep.data["bench"].get("direct_interleaved", {})
-    rep.data["bench"]["stream_vs_nonstream_text_mismatches"] = f"{mismatches}/10 (same seed)"
+    rep.data["bench"]["stream_vs_nonstream_text_mismatches"] = f"{mismatches}/{LATENCY_RUNS} (same seed)"
     results = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,
             "ttft_p50_s": statistics.median(ttfts), "ttft_runs_s": ttfts,
             "server_ttft_mean_s": server_ttft, "prepare_p50_ms": ttft_prepare,
@@ -396,6 +413,8 @@ def http_bench(rep: Report) -> None:
     if direct:
         ratio = results["decode_tok_s"] / direct["decode_tok_s"]
         rep.data["bench"]["decode_ratio_http_over_direct"] = ratio
+        rep.data["bench"]["decode_ratio_median_of_pairs"] = statistics.median(
+            h / d for h, d in zip(rates, direct["decode_tok_s_runs"]))
         # like for like: the first chunk that carries text over HTTP vs the first non-empty text the
         # generator yields directly (a first token that is an incomplete UTF-8 byte shows no text)
         direct_ttft = direct.get("first_text_p50_s", direct["ttft_p50_s"])
@@ -526,9 +545,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only-build", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], help="stages to leave out (e.g. e2e-fp16 switching)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rep = Report(args.out)
+    rep = Report(args.out, skip=set(args.skip))
     rep.stage("env", lambda: env_info(rep))
     if rep.stage("extension", lambda: extension(rep)) is None and not rep.data["stages"]["extension"]["ok"]:
         write_markdown(rep)
@@ -538,6 +558,7 @@ def main() -> int:
         return 0
     rep.stage("models", lambda: make_models(rep))
     rep.stage("quantize", lambda: quantize(rep))
+    rep.stage("profile", lambda: profile_first_token(rep))
     rep.stage("direct-bench", lambda: direct_bench(rep))
     proc = rep.stage("serve", lambda: start_server(rep))
     if proc is not None:

@@ -17,12 +17,14 @@ from typing import Any, Sequence
 from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.jobs import BackendJob, SamplingParams, StepEvent
 from app.engine.settings import parse_gpu_split
+from app.engine.tokenizer import FolderTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
 CACHE_CLASSES = {"FP16": "ExLlamaV2Cache", "Q8": "ExLlamaV2Cache_Q8", "Q6": "ExLlamaV2Cache_Q6",
                  "Q4": "ExLlamaV2Cache_Q4"}
 MAX_CHUNK = 2048
+PROBE_TEXT = "Héllo wörld, 1234 ✓ 你好 🙂\n\tdef f(x):  return x"
 
 
 def flash_attn_ok() -> bool:
@@ -61,6 +63,7 @@ class ExLlamaV2Backend:
         self._model: Any = None
         self._cache: Any = None
         self._tokenizer: Any = None
+        self._fast_tokenizer: FolderTokenizer | None = None
         self._generator: Any = None
         self._jobs: dict[int, Any] = {}
         self._eos: set[int] = set()
@@ -124,6 +127,7 @@ class ExLlamaV2Backend:
                 self._cache = cache_cls(model, max_seq_len=cache_len)
             progress(0.96, "loading tokenizer")
             self._tokenizer = ExLlamaV2Tokenizer(config)
+            self._fast_tokenizer = self._agreeing_fast_tokenizer()
             self._make_generator()
         except LoadCancelled:
             self.unload()
@@ -147,6 +151,26 @@ class ExLlamaV2Backend:
             self._eos.add(int(self._tokenizer.eos_token_id))
         progress(1.0, "loaded")
 
+    def _agreeing_fast_tokenizer(self) -> FolderTokenizer | None:
+        """The folder's tokenizer.json through `tokenizers`, if it encodes like exllamav2's tokenizer.
+
+        exllamav2's encode splits on special tokens in Python and builds tensors: on a short prompt it
+        costs more than the rest of a request's preparation. The fast path is used only when both
+        give the same ids for probe texts made of this model's own special tokens and ordinary text.
+        """
+        try:
+            fast = FolderTokenizer(self.model_dir)
+        except TokenizerError:
+            return None
+        specials = fast.special_token_texts()[:64]
+        probes = [PROBE_TEXT, "".join(specials), PROBE_TEXT.join(specials[:8]), " " + PROBE_TEXT, "\n\n"]
+        for text in probes:
+            slow = [int(x) for x in self._tokenizer.encode(text, encode_special_tokens=True)[0].tolist()]
+            if slow != fast.encode_plain(text):
+                log.info("tokenizer.json encodes differently from exllamav2's tokenizer; using exllamav2's")
+                return None
+        return fast
+
     def _make_generator(self) -> None:
         from exllamav2.generator import ExLlamaV2DynamicGenerator
 
@@ -168,6 +192,7 @@ class ExLlamaV2Backend:
                 log.debug("model.unload() failed", exc_info=True)
         del model
         self._tokenizer = None
+        self._fast_tokenizer = None
         gc.collect()
         try:
             import torch
@@ -192,6 +217,12 @@ class ExLlamaV2Backend:
 
     # -- tokens -----------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        if self._fast_tokenizer is not None:
+            ids = self._fast_tokenizer.encode_plain(text)
+            bos = self._tokenizer.bos_token_id
+            if add_bos and bos is not None:  # as exllamav2's own add_bos does
+                ids.insert(0, int(bos))
+            return ids
         ids = self._tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
         return [int(x) for x in ids[0].tolist()]
 
