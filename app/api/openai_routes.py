@@ -272,7 +272,18 @@ async def admin_requests(request: web.Request) -> web.Response:
 
 @routes.get("/admin/cuda-tensors")
 async def admin_cuda_tensors(request: web.Request) -> web.Response:
-    """Diagnostics: the largest live CUDA tensors and what holds them (for VRAM leak reports)."""
+    """Diagnostics: the largest live CUDA tensors and what holds them (for VRAM leak reports), in the
+    server's process and in each model process."""
     from app.engine.diagnostics import cuda_tensor_census
 
-    return web.json_response(await asyncio.to_thread(cuda_tensor_census))
+    engine = request.app[ENGINE]
+    out = {"server": await asyncio.to_thread(cuda_tensor_census)}
+    for state in engine.model_states():
+        resident = engine.manager.resident(state.name)
+        census = getattr(resident.backend if resident else None, "cuda_tensor_census", None)
+        if census is not None and state.state == "ready":
+            try:
+                out[state.name] = await asyncio.to_thread(census)
+            except Exception as exc:  # a model process that just ended: say so, do not fail the report
+                out[state.name] = {"error": str(exc)}
+    return web.json_response(out)

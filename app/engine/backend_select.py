@@ -85,11 +85,13 @@ def create_backend(entry: ModelEntry, settings: ResolvedSettings) -> Backend:
     choice = choose_backend(entry, settings)
     kwargs: dict[str, Any] = {"context_length": int(settings.context_length), "max_batch": int(settings.batch_size)}
     if choice == "exllamav2":
-        from app.engine.backends.exllamav2_backend import ExLlamaV2Backend
+        # in a process of its own: its step loop must not share the GIL with the server (see process_backend)
+        from app.engine.backends.process_backend import ProcessBackend
 
-        return ExLlamaV2Backend(entry.model_dir, cache_type=settings.cache_type, gpu_split=settings.gpu_split,
-                                rope_scale=float(settings.rope_scale), rope_alpha=float(settings.rope_alpha),
-                                **kwargs)
+        return ProcessBackend("app.engine.backends.exllamav2_backend:ExLlamaV2Backend", "exllamav2",
+                              entry.model_dir, cache_type=settings.cache_type, gpu_split=settings.gpu_split,
+                              rope_scale=float(settings.rope_scale), rope_alpha=float(settings.rope_alpha),
+                              **kwargs)
     from app.engine.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(entry.model_dir, rope_scale=float(settings.rope_scale), **kwargs)

@@ -303,12 +303,20 @@ class Engine:
                       stops: list[str], stream: bool, logit_bias: dict[int, float], *, add_bos: bool,
                       started: float) -> JobHandle:
         resident = await self.manager.acquire(key)
+        dead = getattr(resident.backend, "dead", None)
+        if dead:  # its model process crashed or was killed: load it again
+            self.manager.release(resident)
+            log.warning("model %s: %s; loading it again", key, dead)
+            await self.manager.unload(key)
+            resident = await self.manager.acquire(key)
         try:
             backend = resident.backend
             if isinstance(prompt, list):
                 ids = list(prompt)
             else:
-                ids = await _off_loop_if_large(len(prompt), backend.encode, prompt, add_bos=add_bos)
+                # a backend in another process may have to be asked (encode_blocks): never on the loop
+                size = INLINE_CHARS if getattr(backend, "encode_blocks", False) else len(prompt)
+                ids = await _off_loop_if_large(size, backend.encode, prompt, add_bos=add_bos)
             if not ids:
                 raise InvalidRequest("the prompt is empty", "prompt")
             ctx = backend.context_length

@@ -74,6 +74,7 @@ class EngineMetrics:
         self._window_gen = 0
         self._window_start = time.monotonic()
         self._max_batch_seen = 0
+        self._memory_devices: set[str] = set()
 
     # -- recording (any thread) ----------------------------------------------
     def record_step(self, batch: int) -> None:
@@ -121,8 +122,11 @@ class EngineMetrics:
             self._window_prompt = self._window_gen = 0
             self._window_start = now
             self._history.append(sample)
+        for device in self._memory_devices - set(sample.memory):
+            self.memory.labels(device).set(0)  # its model was unloaded (or its model process ended)
         for device, value in sample.memory.items():
             self.memory.labels(device).set(value)
+        self._memory_devices |= set(sample.memory)
         return sample
 
     def history(self, seconds: float = HISTORY_SECONDS) -> list[MetricsSample]:

@@ -59,6 +59,21 @@ def read_special_tokens(folder: Path) -> SpecialTokens:
     )
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A backend's encoding, reproducible without the backend: the folder's tokenizer.json, then
+    ``bos_id`` in front when BOS is asked for (and not already there)."""
+
+    model_dir: str
+    bos_id: int | None
+
+
+def with_bos(ids: list[int], bos_id: int | None, add_bos: bool) -> list[int]:
+    if add_bos and bos_id is not None and (not ids or ids[0] != bos_id):
+        ids.insert(0, bos_id)
+    return ids
+
+
 class FolderTokenizer:
     """Encode/decode with the folder's ``tokenizer.json``; special tokens written in text are honoured."""
 
@@ -66,6 +81,7 @@ class FolderTokenizer:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
+        self.folder = folder
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{folder} has no tokenizer.json")
@@ -104,10 +120,10 @@ class FolderTokenizer:
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """``add_bos``: prepend BOS if the model wants one (tokenizer_config's add_bos_token)."""
-        ids = self.encode_plain(text)
-        if add_bos and self.special.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids.insert(0, self.bos_id)
-        return ids
+        return with_bos(self.encode_plain(text), self.bos_id if self.special.add_bos else None, add_bos)
+
+    def encoder_spec(self) -> EncoderSpec:
+        return EncoderSpec(str(self.folder), self.bos_id if self.special.add_bos else None)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.jobs import BackendJob, SamplingParams, StepEvent
 from app.engine.settings import parse_gpu_split
-from app.engine.tokenizer import FolderTokenizer, TokenizerError
+from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +217,18 @@ class ExLlamaV2Backend:
 
     # -- tokens -----------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        if self._fast_tokenizer is not None:
-            ids = self._fast_tokenizer.encode_plain(text)
-            bos = self._tokenizer.bos_token_id
-            if add_bos and bos is not None:  # as exllamav2's own add_bos does
-                ids.insert(0, int(bos))
-            return ids
+        spec = self.encoder_spec()
+        if spec is not None and self._fast_tokenizer is not None:
+            return with_bos(self._fast_tokenizer.encode_plain(text), spec.bos_id, add_bos)
         ids = self._tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
         return [int(x) for x in ids[0].tolist()]
+
+    def encoder_spec(self) -> EncoderSpec | None:
+        """Set when tokenizer.json encodes like exllamav2's tokenizer (checked at load)."""
+        if self._fast_tokenizer is None:
+            return None
+        bos = self._tokenizer.bos_token_id
+        return EncoderSpec(self.model_dir, None if bos is None else int(bos))
 
     def decode(self, ids: Sequence[int]) -> str:
         import torch

@@ -21,7 +21,7 @@ from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.sampling import make_generator, sample
 from app.engine.jobs import BackendJob, StepEvent
 from app.engine.text_stream import TextStream
-from app.engine.tokenizer import FolderTokenizer, TokenizerError
+from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256
@@ -161,6 +161,9 @@ class TransformersBackend:
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         assert self._tok is not None
         return self._tok.encode(text, add_bos=add_bos)
+
+    def encoder_spec(self) -> EncoderSpec | None:
+        return None if self._tok is None else self._tok.encoder_spec()
 
     def decode(self, ids: Sequence[int]) -> str:
         assert self._tok is not None

@@ -1,0 +1,397 @@
+"""Run a backend in a process of its own (the "model process"), behind the same backend contract.
+
+Why: a backend's step loop is mostly Python launching GPU kernels. In the server's process it shares
+the GIL with the event loop, so every chunk the loop sends and every request it parses stalls the
+step loop, and the first token waits for the loop's turn. In its own process the step loop runs as
+fast as a bare generator loop; the server only relays events. Unloading ends the process, which
+also returns every byte of GPU memory the backend's libraries kept for themselves.
+
+Messages over a ``multiprocessing`` pipe (pickled tuples):
+
+- to the model process: ``("submit", job)``, ``("cancel", job_id)``, ``("encode", request_id, text,
+  add_bos)``, ``("census", request_id)``, ``("cancel_load",)``, ``("unload",)``
+- from it: ``("progress", fraction, message)``, ``("loaded", info)``, ``("load_failed", cancelled,
+  message)``, ``("events", events, batch)`` after every step, ``("step_failed", job_ids, message,
+  events, batch)``, ``("step_error", message)``, ``("memory", {device: bytes})``, ``("reply",
+  request_id, answer)``, ``("unloaded",)``
+
+The model process keeps stepping while it has jobs and never waits for this side.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
+from app.engine.jobs import BackendJob, StepEvent
+from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
+
+log = logging.getLogger(__name__)
+MEMORY_EVERY_S = 1.0
+STEP_POLL_S = 0.05
+CANCEL_GRACE_S = 2.0
+
+
+@dataclass
+class LoadedInfo:
+    """What the model process reports once the model is loaded."""
+
+    batching: str
+    notice: str
+    vocab_size: int | None
+    eos_ids: set[int]
+    encoder: EncoderSpec | None
+    memory: dict[str, int] = field(default_factory=dict)
+
+
+class ProcessBackend:
+    """A backend of class ``target`` ("module:Class") built and driven in a child process."""
+
+    def __init__(self, target: str, name: str, model_dir: str, **kwargs: Any) -> None:
+        self.target = target
+        self.name = name
+        self.model_dir = model_dir
+        self.context_length = int(kwargs["context_length"])
+        self.max_batch = int(kwargs["max_batch"])
+        self.batching = "single"
+        self.notice = ""
+        self.vocab_size: int | None = None
+        self.last_step_batch = 0
+        #: encode() needs a round trip to the model process (no tokenizer.json that matches)
+        self.encode_blocks = True
+        self._kwargs = kwargs
+        self._proc: Any = None
+        self._conn: Any = None
+        self._send_lock = threading.Lock()
+        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._active: set[int] = set()
+        self._eos: set[int] = set()
+        self._memory: dict[str, int] = {}
+        self._encoder: FolderTokenizer | None = None
+        self._encoder_bos: int | None = None
+        self._replies: dict[int, Future] = {}
+        self._next_request = 0
+        self._reader: threading.Thread | None = None
+        self._dead: str | None = None
+        self._surviving: list[StepEvent] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        here, there = ctx.Pipe()
+        progress(0.0, "starting the model process")
+        self._proc = ctx.Process(target=child_main, args=(there, self.target, self.model_dir, self._kwargs),
+                                 name=f"model:{self.model_dir}", daemon=True)
+        self._proc.start()
+        there.close()
+        self._conn = here
+        cancel_deadline: float | None = None
+        while True:
+            if cancel.is_set() and cancel_deadline is None:
+                self._send(("cancel_load",))
+                cancel_deadline = time.monotonic() + CANCEL_GRACE_S
+            if cancel_deadline is not None and time.monotonic() > cancel_deadline:
+                # still busy (importing, building, reading a large file): the process just ends
+                self._reap()
+                raise LoadCancelled("load cancelled")
+            try:
+                ready = here.poll(0.1)
+            except (EOFError, OSError):
+                ready = True
+            if not ready:
+                if not self._proc.is_alive():
+                    self._reap()
+                    raise BackendLoadError(f"the model process exited while loading (exit code {self._proc.exitcode})")
+                continue
+            try:
+                msg = here.recv()
+            except (EOFError, OSError):
+                self._reap()
+                raise BackendLoadError(
+                    f"the model process exited while loading (exit code {self._proc.exitcode})") from None
+            if msg[0] == "progress":
+                progress(msg[1], msg[2])
+            elif msg[0] == "load_failed":
+                self._reap()
+                raise (LoadCancelled if msg[1] else BackendLoadError)(msg[2])
+            elif msg[0] == "loaded":
+                self._loaded(msg[1])
+                return
+
+    def _loaded(self, info: LoadedInfo) -> None:
+        self.batching, self.notice, self.vocab_size = info.batching, info.notice, info.vocab_size
+        self._eos = set(info.eos_ids)
+        self._memory = dict(info.memory)
+        if info.encoder is not None:
+            try:
+                self._encoder = FolderTokenizer(info.encoder.model_dir)
+                self._encoder_bos = info.encoder.bos_id
+                self.encode_blocks = False
+            except TokenizerError:
+                log.info("encoding through the model process (tokenizer.json unreadable here)")
+        self._reader = threading.Thread(target=self._read, name=f"model-reader:{self.model_dir}", daemon=True)
+        self._reader.start()
+
+    def unload(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.is_alive():
+            try:
+                self._send(("unload",))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(60)
+        self._reap()
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        if self._conn is not None:
+            self._conn.close()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
+        self._memory = {}
+        self._active.clear()
+
+    def memory_used(self) -> dict[str, int]:
+        return dict(self._memory)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def dead(self) -> str | None:
+        """Why the model process is gone (it crashed or was killed), or None while it runs."""
+        return self._dead
+
+    # -- the pipe ----------------------------------------------------------------------
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self) -> None:
+        """Reader thread: events to step(), replies to their futures."""
+        conn = self._conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "memory":
+                self._memory = msg[1]
+            elif kind == "reply":
+                future = self._replies.pop(msg[1], None)
+                if future is not None and isinstance(msg[2], Exception):
+                    future.set_exception(msg[2])
+                elif future is not None:
+                    future.set_result(msg[2])
+            elif kind == "unloaded":
+                break
+            else:
+                self._events.put(msg)
+        code = self._proc.exitcode if self._proc is not None else None
+        self._dead = f"the model process has exited (exit code {code})"
+        for future in list(self._replies.values()):
+            future.set_exception(RuntimeError(self._dead))
+        self._replies.clear()
+        self._events.put(("dead",))
+
+    # -- tokens ------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        if self._encoder is not None:
+            return with_bos(self._encoder.encode_plain(text), self._encoder_bos, add_bos)
+        return self._call("encode", text, add_bos)
+
+    def cuda_tensor_census(self) -> dict[str, Any]:
+        """The model process's live CUDA tensors (see app.engine.diagnostics)."""
+        return self._call("census")
+
+    def _call(self, kind: str, *args: Any) -> Any:
+        """Ask the model process (answered between two of its steps). Blocks: not on the event loop."""
+        if self._dead or self._conn is None:
+            raise RuntimeError(self._dead or "the model is not loaded")
+        future: Future = Future()
+        with self._send_lock:
+            self._next_request += 1
+            request = self._next_request
+            self._replies[request] = future
+            self._conn.send((kind, request, *args))
+        return future.result(timeout=120)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self._encoder is None:
+            raise RuntimeError("decoding needs tokenizer.json")
+        return self._encoder.decode(ids)
+
+    def eos_token_ids(self) -> set[int]:
+        return set(self._eos)
+
+    # -- jobs (runner thread) ------------------------------------------------------------
+    def submit(self, job: BackendJob) -> None:
+        self._active.add(job.job_id)
+        if not self._dead:
+            try:
+                self._send(("submit", job))
+                return
+            except (BrokenPipeError, OSError):
+                pass
+        self._events.put(("events", [StepEvent(job.job_id, finished=True, finish_reason="error",
+                                               error=self._dead or "the model process has exited")], 0))
+
+    def cancel(self, job_id: int) -> None:
+        if job_id in self._active:
+            self._active.discard(job_id)
+            if not self._dead:
+                try:
+                    self._send(("cancel", job_id))
+                except (BrokenPipeError, OSError):
+                    pass
+
+    def has_work(self) -> bool:
+        return bool(self._active)
+
+    def active_jobs(self) -> int:
+        return len(self._active)
+
+    def step(self) -> list[StepEvent]:
+        """The events of the model process's next step (blocks until it has stepped)."""
+        while self._active:
+            try:
+                msg = self._events.get(timeout=STEP_POLL_S)
+            except queue.Empty:
+                if self._dead:  # nothing more will come for the jobs still here
+                    raise RuntimeError(self._dead) from None
+                continue
+            kind = msg[0]
+            if kind == "dead":
+                continue
+            if kind == "step_error":
+                raise RuntimeError(msg[1])
+            if kind == "step_failed":
+                _, job_ids, message, events, batch = msg
+                self.last_step_batch = batch
+                self._active.difference_update(job_ids)
+                self._surviving = self._keep(events)
+                raise StepFailed(job_ids, message)
+            _, events, batch = msg
+            self.last_step_batch = batch
+            return self._keep(events)
+        return []
+
+    def take_surviving_events(self) -> list[StepEvent]:
+        events, self._surviving = self._surviving, []
+        return events
+
+    def _keep(self, events: list[StepEvent]) -> list[StepEvent]:
+        kept = [e for e in events if e.job_id in self._active]  # a cancelled job's late events are dropped
+        for e in kept:
+            if e.finished:
+                self._active.discard(e.job_id)
+        return kept
+
+
+# -- the model process -----------------------------------------------------------------
+def child_main(conn: Any, target: str, model_dir: str, kwargs: dict[str, Any]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s model-process %(levelname)s %(name)s: %(message)s")
+    commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+    cancel = threading.Event()
+    send_lock = threading.Lock()
+
+    def send(msg: tuple) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    def listen() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                commands.put(("unload",))  # the server went away
+                return
+            if msg[0] == "cancel_load":
+                cancel.set()
+            else:
+                commands.put(msg)
+
+    threading.Thread(target=listen, name="commands", daemon=True).start()
+    module_name, class_name = target.split(":")
+    backend = getattr(importlib.import_module(module_name), class_name)(model_dir, **kwargs)
+    try:
+        backend.load(lambda f, m: send(("progress", f, m)), cancel)
+    except LoadCancelled as exc:
+        send(("load_failed", True, str(exc)))
+        return
+    except BackendLoadError as exc:
+        send(("load_failed", False, str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - anything else is still a readable load failure
+        log.exception("loading failed")
+        send(("load_failed", False, f"{type(exc).__name__}: {exc}"))
+        return
+    spec = getattr(backend, "encoder_spec", lambda: None)()
+    send(("loaded", LoadedInfo(backend.batching, getattr(backend, "notice", ""), getattr(backend, "vocab_size", None),
+                               set(backend.eos_token_ids()), spec, backend.memory_used())))
+    serve(backend, commands, send)
+
+
+def serve(backend: Any, commands: queue.SimpleQueue, send: Any) -> None:
+    """Step while there is work; between steps take commands; report memory once a second."""
+    memory_at = time.monotonic()
+    while True:
+        try:
+            msg = commands.get(block=not backend.has_work(), timeout=None if backend.has_work() else MEMORY_EVERY_S)
+        except queue.Empty:
+            msg = None
+        while msg is not None:
+            kind = msg[0]
+            if kind == "submit":
+                backend.submit(msg[1])
+            elif kind == "cancel":
+                backend.cancel(msg[1])
+            elif kind in ("encode", "census"):
+                try:
+                    if kind == "encode":
+                        answer: Any = backend.encode(msg[2], add_bos=msg[3])
+                    else:
+                        from app.engine.diagnostics import cuda_tensor_census
+
+                        answer = cuda_tensor_census()
+                except Exception as exc:  # noqa: BLE001 - the caller gets the reason
+                    answer = exc
+                send(("reply", msg[1], answer))
+            elif kind == "unload":
+                backend.unload()
+                send(("unloaded",))
+                return
+            try:
+                msg = commands.get_nowait()
+            except queue.Empty:
+                msg = None
+        if backend.has_work():
+            try:
+                events = backend.step()
+            except StepFailed as exc:
+                take = getattr(backend, "take_surviving_events", None)
+                send(("step_failed", exc.job_ids, str(exc), take() if take is not None else [],
+                      getattr(backend, "last_step_batch", 1)))
+            except Exception as exc:  # noqa: BLE001 - the server fails the jobs with this reason
+                log.exception("step failed")
+                send(("step_error", f"{type(exc).__name__}: {exc}"))
+            else:
+                send(("events", events, getattr(backend, "last_step_batch", 1)))
+        now = time.monotonic()
+        if now - memory_at >= MEMORY_EVERY_S:
+            memory_at = now
+            send(("memory", backend.memory_used()))

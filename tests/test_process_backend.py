@@ -1,0 +1,201 @@
+"""A backend in its own model process (how the exllamav2 backend runs), exercised with the CPU backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from app.engine.backends.base import BackendLoadError, LoadCancelled
+from app.engine.backends.process_backend import ProcessBackend
+from app.engine.backends.transformers_backend import TransformersBackend
+from app.engine.engine import Engine
+from app.engine.jobs import BackendJob, SamplingParams
+from app.engine.registry import ModelEntry, Registry
+from app.engine.settings import ResolvedSettings
+from tests.openai_schema import validate
+from tests.server_harness import ServerThread, register
+
+TARGET = "app.engine.backends.transformers_backend:TransformersBackend"
+GREEDY = SamplingParams(temperature=0.0, logit_bias={2: -100.0})
+
+
+def in_process(model_dir: Path) -> TransformersBackend:
+    backend = TransformersBackend(model_dir, context_length=256, max_batch=4)
+    backend.load(lambda f, m: None, threading.Event())
+    return backend
+
+
+def in_child(model_dir: Path, progress: list | None = None, cancel: threading.Event | None = None) -> ProcessBackend:
+    backend = ProcessBackend(TARGET, "transformers", str(model_dir), context_length=256, max_batch=4)
+    backend.load(lambda f, m: progress.append((f, m)) if progress is not None else None, cancel or threading.Event())
+    return backend
+
+
+def run_jobs(backend, jobs: list[BackendJob]) -> dict[int, str]:
+    for job in jobs:
+        backend.submit(job)
+    texts = {job.job_id: "" for job in jobs}
+    while backend.has_work():
+        for event in backend.step():
+            texts[event.job_id] += event.text
+    return texts
+
+
+def job(prompt_ids: list[int], n: int = 8, **kw) -> BackendJob:
+    return BackendJob(prompt_ids=prompt_ids, max_new_tokens=n, sampling=kw.pop("sampling", GREEDY),
+                      stop_strings=[], stop_token_ids={2}, **kw)
+
+
+def test_model_process_generates_what_the_backend_generates_in_process(tiny_model_dir: Path) -> None:
+    progress: list = []
+    child = in_child(tiny_model_dir, progress)
+    local = in_process(tiny_model_dir)
+    try:
+        assert progress[0][1] == "starting the model process" and progress[-1] == (1.0, "loaded")
+        assert child.pid is not None and child.pid != os.getpid() and child.dead is None
+        assert not child.encode_blocks  # tokenizer.json is read here: no round trip per request
+        for text in ("Hello there", "<|im_start|>user\nhi<|im_end|>", "héllo ✓"):
+            assert child.encode(text, add_bos=True) == local.encode(text, add_bos=True)
+        assert child.eos_token_ids() == local.eos_token_ids() and child.vocab_size == local.vocab_size
+        assert child.memory_used() and all(v > 0 for v in child.memory_used().values())
+        prompts = [local.encode("Once upon a time"), local.encode("The end of the story"), local.encode("x")]
+        want = run_jobs(local, [job(p) for p in prompts])
+        got = run_jobs(child, [job(p) for p in prompts])
+        assert list(got.values()) == list(want.values()) and all(got.values())
+        assert child.last_step_batch >= 1
+        # without a usable tokenizer.json here, encoding is asked of the model process
+        child._encoder = None  # noqa: SLF001
+        assert child.encode("Hello there", add_bos=True) == local.encode("Hello there", add_bos=True)
+        assert child.cuda_tensor_census() == {"tensors": [], "allocated": 0, "reserved": 0}  # CPU only
+    finally:
+        child.unload()
+        local.unload()
+    assert child.pid is None
+
+
+def test_cancelled_job_reports_nothing_more(tiny_model_dir: Path) -> None:
+    child = in_child(tiny_model_dir)
+    try:
+        ids = child.encode("Once upon a time")
+        keep, drop = job(ids, 12), job(ids, 200)
+        child.submit(keep)
+        child.submit(drop)
+        seen_after_cancel = []
+        cancelled = False
+        while child.has_work():
+            for event in child.step():
+                if cancelled:
+                    seen_after_cancel.append(event.job_id)
+            if not cancelled:
+                child.cancel(drop.job_id)
+                cancelled = True
+        assert drop.job_id not in seen_after_cancel and child.active_jobs() == 0
+        assert run_jobs(child, [job(ids, 4)])  # still serving
+    finally:
+        child.unload()
+
+
+def test_load_failure_is_readable_and_the_process_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    backend = ProcessBackend(TARGET, "transformers", str(tmp_path), context_length=256, max_batch=1)
+    with pytest.raises(BackendLoadError) as err:
+        backend.load(lambda f, m: None, threading.Event())
+    assert "tokenizer.json" in str(err.value)
+    assert backend.pid is None
+
+
+def test_load_cancel_ends_the_model_process(tiny_model_dir: Path) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    backend = ProcessBackend(TARGET, "transformers", str(tiny_model_dir), context_length=256, max_batch=1)
+    with pytest.raises(LoadCancelled):
+        backend.load(lambda f, m: None, cancel)
+    assert backend.pid is None
+
+
+def test_killed_model_process_fails_its_jobs_clearly(tiny_model_dir: Path) -> None:
+    child = in_child(tiny_model_dir)
+    try:
+        ids = child.encode("Once upon a time")
+        child.submit(job(ids, 10_000))
+        child.step()
+        os.kill(child.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="model process has exited"):
+            for _ in range(10_000):
+                child.step()
+        assert child.dead and "exit code" in child.dead
+        late = job(ids, 4)
+        child.submit(late)  # never raises: the job ends with the reason
+        events = child.step()
+    except BaseException:
+        child.unload()
+        raise
+    child.unload()
+    assert any(e.job_id == late.job_id and e.finish_reason == "error" and "exited" in (e.error or "") for e in events)
+
+
+# -- through the server -------------------------------------------------------------------
+def process_factory(entry: ModelEntry, settings: ResolvedSettings) -> ProcessBackend:
+    return ProcessBackend(TARGET, "transformers", entry.model_dir, context_length=int(settings.context_length),
+                          max_batch=int(settings.batch_size))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    registry = Registry(tmp_path_factory.mktemp("proc") / "models.json")
+    register(registry, "tiny", tiny_model_dir, context_length=256, batch_size=4)
+    srv = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=process_factory,
+                                                                         **kw)).start()
+    yield srv
+    srv.stop()
+
+
+def model_pid(server: ServerThread) -> int | None:
+    resident = server.engine.manager.resident("tiny:latest")
+    return None if resident is None else resident.backend.pid
+
+
+def test_server_streams_from_the_model_process(server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
+            "temperature": 0, "logit_bias": {"2": -100}}
+    raw = client.chat.completions.with_raw_response.create(**body)
+    whole = json.loads(raw.text)
+    validate("CreateChatCompletionResponse", whole)
+    pieces = []
+    for chunk in client.chat.completions.create(**body, stream=True):
+        pieces.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"] != ""
+    assert model_pid(server) not in (None, os.getpid())
+
+
+def test_a_killed_model_process_is_loaded_again_on_the_next_request(server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    client.chat.completions.create(**body)
+    first = model_pid(server)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.engine.manager.resident("tiny:latest").backend.dead is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = client.chat.completions.create(**body)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert model_pid(server) not in (None, first)
+
+
+def test_unload_ends_the_model_process(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    pid = model_pid(server)
+    census = httpx.get(f"{server.root}/admin/cuda-tensors", timeout=120).json()
+    assert set(census) == {"server", "tiny:latest"} and census["tiny:latest"]["tensors"] == []
+    httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
