@@ -69,6 +69,19 @@ class ExLlamaV2Backend:
         self._eos: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
+    @staticmethod
+    def warm_up(progress: ProgressFn) -> None:
+        """The imports a load needs (seconds; the first time ever also the CUDA extension's build)."""
+        progress(0.0, "importing torch")
+        import torch
+
+        if not torch.cuda.is_available():
+            return  # load() says so readably
+        if not extension_prebuilt():
+            progress(0.0, "loading exllamav2's CUDA extension (the first time it is built: several minutes)")
+        import exllamav2  # noqa: F401
+        from exllamav2.generator import ExLlamaV2DynamicGenerator  # noqa: F401
+
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
         try:
             import torch

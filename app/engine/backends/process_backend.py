@@ -6,16 +6,22 @@ step loop, and the first token waits for the loop's turn. In its own process the
 fast as a bare generator loop; the server only relays events. Unloading ends the process, which
 also returns every byte of GPU memory the backend's libraries kept for themselves.
 
+A new process first imports torch and the backend's library (seconds; the first time ever, the
+exllamav2 extension's CUDA build: minutes) and says so as load progress, then loads the model.
+
 Messages over a ``multiprocessing`` pipe (pickled tuples):
 
-- to the model process: ``("submit", job)``, ``("cancel", job_id)``, ``("encode", request_id, text,
-  add_bos)``, ``("census", request_id)``, ``("cancel_load",)``, ``("unload",)``
-- from it: ``("progress", fraction, message)``, ``("loaded", info)``, ``("load_failed", cancelled,
-  message)``, ``("events", events, batch)`` after every step, ``("step_failed", job_ids, message,
-  events, batch)``, ``("step_error", message)``, ``("memory", {device: bytes})``, ``("reply",
-  request_id, answer)``, ``("unloaded",)``
+- to the model process: ``("load", model_dir, kwargs)``, ``("cancel_load",)`` and ``("serve",)``
+  while loading; then ``("submit", job)``, ``("cancel", job_id)``, ``("encode", request_id, text,
+  add_bos)``, ``("census", request_id)``, ``("unload",)``
+- from it: ``("progress", fraction, message)``, ``("loaded", info)``,
+  ``("load_failed", cancelled, message)``; then ``("events", events, batch, t_start, t_end)`` after
+  every step, ``("step_failed", job_ids, message, events, batch)``, ``("step_error", message)``,
+  ``("memory", {device: bytes})`` (while working), ``("reply", request_id, answer)``, ``("unloaded",)``
 
-The model process keeps stepping while it has jobs and never waits for this side.
+The model process keeps stepping while it has jobs and never waits for this side. On this side
+whoever needs a message reads the pipe (the runner thread in :meth:`ProcessBackend.step`, a caller
+of :meth:`ProcessBackend.encode`); there is no relay thread in between.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import multiprocessing
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -36,7 +43,7 @@ from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, w
 
 log = logging.getLogger(__name__)
 MEMORY_EVERY_S = 1.0
-STEP_POLL_S = 0.05
+POLL_S = 0.05
 CANCEL_GRACE_S = 2.0
 
 
@@ -52,8 +59,17 @@ class LoadedInfo:
     memory: dict[str, int] = field(default_factory=dict)
 
 
+def start_process(target: str) -> tuple[Any, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=child_main, args=(there, target), name=f"model-process:{target}", daemon=True)
+    proc.start()
+    there.close()
+    return proc, here
+
+
 class ProcessBackend:
-    """A backend of class ``target`` ("module:Class") built and driven in a child process."""
+    """A backend of class ``target`` ("module:Class") built and driven in a model process."""
 
     def __init__(self, target: str, name: str, model_dir: str, **kwargs: Any) -> None:
         self.target = target
@@ -65,13 +81,16 @@ class ProcessBackend:
         self.notice = ""
         self.vocab_size: int | None = None
         self.last_step_batch = 0
+        #: (start, end) of the model process's last step and when this side read it (time.monotonic)
+        self.last_step_times: tuple[float, float, float] | None = None
         #: encode() needs a round trip to the model process (no tokenizer.json that matches)
         self.encode_blocks = True
         self._kwargs = kwargs
         self._proc: Any = None
         self._conn: Any = None
         self._send_lock = threading.Lock()
-        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._read_lock = threading.Lock()
+        self._inbox: deque[tuple] = deque()
         self._active: set[int] = set()
         self._eos: set[int] = set()
         self._memory: dict[str, int] = {}
@@ -79,20 +98,14 @@ class ProcessBackend:
         self._encoder_bos: int | None = None
         self._replies: dict[int, Future] = {}
         self._next_request = 0
-        self._reader: threading.Thread | None = None
         self._dead: str | None = None
         self._surviving: list[StepEvent] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        here, there = ctx.Pipe()
         progress(0.0, "starting the model process")
-        self._proc = ctx.Process(target=child_main, args=(there, self.target, self.model_dir, self._kwargs),
-                                 name=f"model:{self.model_dir}", daemon=True)
-        self._proc.start()
-        there.close()
-        self._conn = here
+        self._proc, self._conn = start_process(self.target)
+        self._send(("load", self.model_dir, self._kwargs))
         cancel_deadline: float | None = None
         while True:
             if cancel.is_set() and cancel_deadline is None:
@@ -103,26 +116,22 @@ class ProcessBackend:
                 self._reap()
                 raise LoadCancelled("load cancelled")
             try:
-                ready = here.poll(0.1)
+                if not self._conn.poll(0.1):
+                    if not self._proc.is_alive():
+                        raise EOFError
+                    continue
+                msg = self._conn.recv()
             except (EOFError, OSError):
-                ready = True
-            if not ready:
-                if not self._proc.is_alive():
-                    self._reap()
-                    raise BackendLoadError(f"the model process exited while loading (exit code {self._proc.exitcode})")
-                continue
-            try:
-                msg = here.recv()
-            except (EOFError, OSError):
+                code = self._proc.exitcode
                 self._reap()
-                raise BackendLoadError(
-                    f"the model process exited while loading (exit code {self._proc.exitcode})") from None
+                raise BackendLoadError(f"the model process exited while loading (exit code {code})") from None
             if msg[0] == "progress":
                 progress(msg[1], msg[2])
             elif msg[0] == "load_failed":
                 self._reap()
                 raise (LoadCancelled if msg[1] else BackendLoadError)(msg[2])
             elif msg[0] == "loaded":
+                self._send(("serve",))
                 self._loaded(msg[1])
                 return
 
@@ -137,8 +146,6 @@ class ProcessBackend:
                 self.encode_blocks = False
             except TokenizerError:
                 log.info("encoding through the model process (tokenizer.json unreadable here)")
-        self._reader = threading.Thread(target=self._read, name=f"model-reader:{self.model_dir}", daemon=True)
-        self._reader.start()
 
     def unload(self) -> None:
         if self._proc is None:
@@ -148,7 +155,11 @@ class ProcessBackend:
                 self._send(("unload",))
             except (BrokenPipeError, OSError):
                 pass
-            self._proc.join(60)
+            deadline = time.monotonic() + 60
+            while self._proc.is_alive() and self._dead is None and time.monotonic() < deadline:
+                with self._read_lock:  # keep reading so that it is never stuck writing to us
+                    self._read_one(0.1)
+            self._proc.join(5)
         self._reap()
 
     def _reap(self) -> None:
@@ -158,12 +169,17 @@ class ProcessBackend:
             proc.join(10)
         if self._conn is not None:
             self._conn.close()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(5)
         self._memory = {}
         self._active.clear()
 
     def memory_used(self) -> dict[str, int]:
+        """The model process's latest memory report (read off the pipe here when nobody else reads it)."""
+        if self._conn is not None and self._dead is None and self._read_lock.acquire(blocking=False):
+            try:
+                while self._dead is None and self._conn.poll(0):
+                    self._read_one(0)
+            finally:
+                self._read_lock.release()
         return dict(self._memory)
 
     @property
@@ -173,6 +189,8 @@ class ProcessBackend:
     @property
     def dead(self) -> str | None:
         """Why the model process is gone (it crashed or was killed), or None while it runs."""
+        if self._dead is None and self._proc is not None and not self._proc.is_alive():
+            self._mark_dead()
         return self._dead
 
     # -- the pipe ----------------------------------------------------------------------
@@ -180,33 +198,38 @@ class ProcessBackend:
         with self._send_lock:
             self._conn.send(msg)
 
-    def _read(self) -> None:
-        """Reader thread: events to step(), replies to their futures."""
-        conn = self._conn
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break
-            kind = msg[0]
-            if kind == "memory":
-                self._memory = msg[1]
-            elif kind == "reply":
-                future = self._replies.pop(msg[1], None)
-                if future is not None and isinstance(msg[2], Exception):
-                    future.set_exception(msg[2])
-                elif future is not None:
-                    future.set_result(msg[2])
-            elif kind == "unloaded":
-                break
-            else:
-                self._events.put(msg)
-        code = self._proc.exitcode if self._proc is not None else None
-        self._dead = f"the model process has exited (exit code {code})"
+    def _read_one(self, timeout: float) -> None:
+        """Read and dispatch one message if one comes within ``timeout``. Hold ``_read_lock``."""
+        try:
+            if not self._conn.poll(timeout):
+                if not self._proc.is_alive():
+                    self._mark_dead()
+                return
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            self._mark_dead()
+            return
+        kind = msg[0]
+        if kind == "memory":
+            self._memory = msg[1]
+        elif kind == "reply":
+            future = self._replies.pop(msg[1], None)
+            if future is not None and isinstance(msg[2], Exception):
+                future.set_exception(msg[2])
+            elif future is not None:
+                future.set_result(msg[2])
+        elif kind in ("events", "step_failed", "step_error"):
+            self._inbox.append(msg)
+
+    def _mark_dead(self) -> None:
+        if self._dead is None:
+            if self._proc is not None:
+                self._proc.join(1)
+            code = None if self._proc is None else self._proc.exitcode
+            self._dead = f"the model process has exited (exit code {code})"
         for future in list(self._replies.values()):
             future.set_exception(RuntimeError(self._dead))
         self._replies.clear()
-        self._events.put(("dead",))
 
     # -- tokens ------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
@@ -220,7 +243,7 @@ class ProcessBackend:
 
     def _call(self, kind: str, *args: Any) -> Any:
         """Ask the model process (answered between two of its steps). Blocks: not on the event loop."""
-        if self._dead or self._conn is None:
+        if self.dead or self._conn is None:
             raise RuntimeError(self._dead or "the model is not loaded")
         future: Future = Future()
         with self._send_lock:
@@ -228,7 +251,15 @@ class ProcessBackend:
             request = self._next_request
             self._replies[request] = future
             self._conn.send((kind, request, *args))
-        return future.result(timeout=120)
+        deadline = time.monotonic() + 120
+        while not future.done() and time.monotonic() < deadline:
+            if self._read_lock.acquire(timeout=POLL_S):  # else the runner is reading: it dispatches our reply
+                try:
+                    if not future.done():
+                        self._read_one(POLL_S)
+                finally:
+                    self._read_lock.release()
+        return future.result(timeout=0)
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._encoder is None:
@@ -241,14 +272,14 @@ class ProcessBackend:
     # -- jobs (runner thread) ------------------------------------------------------------
     def submit(self, job: BackendJob) -> None:
         self._active.add(job.job_id)
-        if not self._dead:
+        if not self.dead:
             try:
                 self._send(("submit", job))
                 return
             except (BrokenPipeError, OSError):
-                pass
-        self._events.put(("events", [StepEvent(job.job_id, finished=True, finish_reason="error",
-                                               error=self._dead or "the model process has exited")], 0))
+                self._mark_dead()
+        self._inbox.append(("events", [StepEvent(job.job_id, finished=True, finish_reason="error",
+                                                 error=self._dead)], 0, 0.0, 0.0))
 
     def cancel(self, job_id: int) -> None:
         if job_id in self._active:
@@ -257,7 +288,7 @@ class ProcessBackend:
                 try:
                     self._send(("cancel", job_id))
                 except (BrokenPipeError, OSError):
-                    pass
+                    self._mark_dead()
 
     def has_work(self) -> bool:
         return bool(self._active)
@@ -268,27 +299,29 @@ class ProcessBackend:
     def step(self) -> list[StepEvent]:
         """The events of the model process's next step (blocks until it has stepped)."""
         while self._active:
-            try:
-                msg = self._events.get(timeout=STEP_POLL_S)
-            except queue.Empty:
-                if self._dead:  # nothing more will come for the jobs still here
-                    raise RuntimeError(self._dead) from None
-                continue
-            kind = msg[0]
-            if kind == "dead":
-                continue
-            if kind == "step_error":
-                raise RuntimeError(msg[1])
-            if kind == "step_failed":
-                _, job_ids, message, events, batch = msg
-                self.last_step_batch = batch
-                self._active.difference_update(job_ids)
-                self._surviving = self._keep(events)
-                raise StepFailed(job_ids, message)
-            _, events, batch = msg
-            self.last_step_batch = batch
-            return self._keep(events)
+            if self._inbox:
+                return self._take(self._inbox.popleft())
+            if self._dead:  # nothing more will come for the jobs still here
+                raise RuntimeError(self._dead)
+            with self._read_lock:
+                if not self._inbox:
+                    self._read_one(POLL_S)
         return []
+
+    def _take(self, msg: tuple) -> list[StepEvent]:
+        kind = msg[0]
+        if kind == "step_error":
+            raise RuntimeError(msg[1])
+        if kind == "step_failed":
+            _, job_ids, message, events, batch = msg
+            self.last_step_batch = batch
+            self._active.difference_update(job_ids)
+            self._surviving = self._keep(events)
+            raise StepFailed(job_ids, message)
+        _, events, batch, t_start, t_end = msg
+        self.last_step_batch = batch
+        self.last_step_times = (t_start, t_end, time.monotonic())
+        return self._keep(events)
 
     def take_surviving_events(self) -> list[StepEvent]:
         events, self._surviving = self._surviving, []
@@ -303,31 +336,47 @@ class ProcessBackend:
 
 
 # -- the model process -----------------------------------------------------------------
-def child_main(conn: Any, target: str, model_dir: str, kwargs: dict[str, Any]) -> None:
+def child_main(conn: Any, target: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s model-process %(levelname)s %(name)s: %(message)s")
-    commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    warm_up = getattr(cls, "warm_up", None)
+    if warm_up is not None:
+        try:  # the heavy imports first, reported as load progress (minutes when a CUDA build runs)
+            warm_up(lambda f, m: conn.send(("progress", f, m)))
+        except (EOFError, OSError):
+            return  # the server has gone
+        except Exception:  # noqa: BLE001 - load() meets the same problem and reports it readably
+            log.warning("warming up %s failed", target, exc_info=True)
+    try:
+        msg = conn.recv()
+    except (EOFError, OSError):
+        return
+    if msg[0] != "load":
+        return
+    _, model_dir, kwargs = msg
     cancel = threading.Event()
     send_lock = threading.Lock()
 
-    def send(msg: tuple) -> None:
+    def send(out: tuple) -> None:
         with send_lock:
-            conn.send(msg)
+            conn.send(out)
 
-    def listen() -> None:
+    def listen_while_loading() -> None:
         while True:
             try:
-                msg = conn.recv()
+                got = conn.recv()
             except (EOFError, OSError):
-                commands.put(("unload",))  # the server went away
-                return
-            if msg[0] == "cancel_load":
                 cancel.set()
-            else:
-                commands.put(msg)
+                return
+            if got[0] == "cancel_load":
+                cancel.set()
+            elif got[0] == "serve":
+                return
 
-    threading.Thread(target=listen, name="commands", daemon=True).start()
-    module_name, class_name = target.split(":")
-    backend = getattr(importlib.import_module(module_name), class_name)(model_dir, **kwargs)
+    listener = threading.Thread(target=listen_while_loading, name="load-commands", daemon=True)
+    listener.start()
+    backend = cls(model_dir, **kwargs)
     try:
         backend.load(lambda f, m: send(("progress", f, m)), cancel)
     except LoadCancelled as exc:
@@ -343,55 +392,64 @@ def child_main(conn: Any, target: str, model_dir: str, kwargs: dict[str, Any]) -
     spec = getattr(backend, "encoder_spec", lambda: None)()
     send(("loaded", LoadedInfo(backend.batching, getattr(backend, "notice", ""), getattr(backend, "vocab_size", None),
                                set(backend.eos_token_ids()), spec, backend.memory_used())))
-    serve(backend, commands, send)
+    listener.join()  # it ends on "serve": from here on this thread reads the pipe itself
+    serve(backend, conn)
 
 
-def serve(backend: Any, commands: queue.SimpleQueue, send: Any) -> None:
-    """Step while there is work; between steps take commands; report memory once a second."""
+def serve(backend: Any, conn: Any) -> None:
+    """Step while there is work; between steps take commands; report memory while working."""
     memory_at = time.monotonic()
     while True:
+        busy = backend.has_work()
         try:
-            msg = commands.get(block=not backend.has_work(), timeout=None if backend.has_work() else MEMORY_EVERY_S)
-        except queue.Empty:
-            msg = None
-        while msg is not None:
-            kind = msg[0]
-            if kind == "submit":
-                backend.submit(msg[1])
-            elif kind == "cancel":
-                backend.cancel(msg[1])
-            elif kind in ("encode", "census"):
-                try:
-                    if kind == "encode":
-                        answer: Any = backend.encode(msg[2], add_bos=msg[3])
-                    else:
-                        from app.engine.diagnostics import cuda_tensor_census
-
-                        answer = cuda_tensor_census()
-                except Exception as exc:  # noqa: BLE001 - the caller gets the reason
-                    answer = exc
-                send(("reply", msg[1], answer))
-            elif kind == "unload":
-                backend.unload()
-                send(("unloaded",))
-                return
-            try:
-                msg = commands.get_nowait()
-            except queue.Empty:
-                msg = None
-        if backend.has_work():
-            try:
-                events = backend.step()
-            except StepFailed as exc:
-                take = getattr(backend, "take_surviving_events", None)
-                send(("step_failed", exc.job_ids, str(exc), take() if take is not None else [],
-                      getattr(backend, "last_step_batch", 1)))
-            except Exception as exc:  # noqa: BLE001 - the server fails the jobs with this reason
-                log.exception("step failed")
-                send(("step_error", f"{type(exc).__name__}: {exc}"))
-            else:
-                send(("events", events, getattr(backend, "last_step_batch", 1)))
+            while conn.poll(0 if busy else None):
+                msg = conn.recv()
+                if not handle(backend, conn, msg):
+                    return
+                busy = backend.has_work()
+        except (EOFError, OSError):  # the server went away
+            backend.unload()
+            return
+        if not busy:
+            continue
+        t_start = time.monotonic()
+        try:
+            events = backend.step()
+        except StepFailed as exc:
+            take = getattr(backend, "take_surviving_events", None)
+            conn.send(("step_failed", exc.job_ids, str(exc), take() if take is not None else [],
+                       getattr(backend, "last_step_batch", 1)))
+        except Exception as exc:  # noqa: BLE001 - the server fails the jobs with this reason
+            log.exception("step failed")
+            conn.send(("step_error", f"{type(exc).__name__}: {exc}"))
+        else:
+            conn.send(("events", events, getattr(backend, "last_step_batch", 1), t_start, time.monotonic()))
         now = time.monotonic()
-        if now - memory_at >= MEMORY_EVERY_S:
+        if now - memory_at >= MEMORY_EVERY_S or not backend.has_work():
             memory_at = now
-            send(("memory", backend.memory_used()))
+            conn.send(("memory", backend.memory_used()))
+
+
+def handle(backend: Any, conn: Any, msg: tuple) -> bool:
+    """One command from the server; False when the process should end."""
+    kind = msg[0]
+    if kind == "submit":
+        backend.submit(msg[1])
+    elif kind == "cancel":
+        backend.cancel(msg[1])
+    elif kind in ("encode", "census"):
+        try:
+            if kind == "encode":
+                answer: Any = backend.encode(msg[2], add_bos=msg[3])
+            else:
+                from app.engine.diagnostics import cuda_tensor_census
+
+                answer = cuda_tensor_census()
+        except Exception as exc:  # noqa: BLE001 - the caller gets the reason
+            answer = exc
+        conn.send(("reply", msg[1], answer))
+    elif kind == "unload":
+        backend.unload()
+        conn.send(("unloaded",))
+        return False
+    return True

@@ -95,6 +95,13 @@ class TransformersBackend:
         self._failed_events: list[StepEvent] = []
 
     # -- lifecycle ----------------------------------------------------------
+    @staticmethod
+    def warm_up(progress: ProgressFn) -> None:
+        """The imports a load needs (seconds), for a model process started ahead of time."""
+        progress(0.0, "importing torch and transformers")
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
         progress(0.0, "importing torch and transformers")
         try:
