@@ -18,6 +18,7 @@ from app.engine.backends.process_backend import ProcessBackend
 from app.engine.backends.transformers_backend import TransformersBackend
 from app.engine.engine import Engine
 from app.engine.jobs import BackendJob, SamplingParams
+from app.engine.pipe_runner import PipeRunner
 from app.engine.registry import ModelEntry, Registry
 from app.engine.settings import ResolvedSettings
 from tests.openai_schema import validate
@@ -199,3 +200,102 @@ def test_unload_ends_the_model_process(server: ServerThread) -> None:
     httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def resident_backend(server: ServerThread) -> ProcessBackend:
+    return server.engine.manager.resident("tiny:latest").backend
+
+
+def open_stream(server: ServerThread, max_tokens: int = 400):
+    """A raw SSE stream that has delivered its first text chunk (context manager)."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": max_tokens, "stream": True, "temperature": 0, "logit_bias": {"2": -100}}
+    return httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120)
+
+
+def test_the_event_loop_reads_the_model_process_directly(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    resident = server.engine.manager.resident("tiny:latest")
+    assert isinstance(resident.runner, PipeRunner) and resident.backend.loop_reads
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True, temperature=0,
+        logit_bias={"2": -100}) if c.choices)
+    assert text
+    records = httpx.get(f"{server.root}/admin/requests", timeout=10).json()["data"]
+    last = records[-1]
+    # where the first text's time went, measured on both sides of the pipe
+    assert last["to_model_step_s"] is not None and last["to_model_step_s"] >= 0
+    assert 0 < last["model_step_s"] < 60 and last["from_model_s"] >= 0
+
+
+def test_encoding_asked_of_the_model_process_is_answered_while_the_loop_reads(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0,
+            "logit_bias": {"2": -100}}
+    here = client.completions.create(**body)  # encoded in this process (tokenizer.json)
+    backend = resident_backend(server)
+    local, backend._encoder, backend.encode_blocks = backend._encoder, None, True  # noqa: SLF001
+    try:
+        there = client.completions.create(**body)  # encoded by the model process, reply read by the loop
+    finally:
+        backend._encoder, backend.encode_blocks = local, False  # noqa: SLF001
+    assert there.usage.prompt_tokens == here.usage.prompt_tokens > 1
+    assert there.choices[0].text == here.choices[0].text != ""
+
+
+def test_client_disconnect_cancels_the_job_in_the_model_process(server: ServerThread) -> None:
+    def cancelled_total() -> float:
+        try:
+            return server.metric('exllama_tray_requests_total{finish_reason="cancelled"}')
+        except KeyError:  # no request was cancelled yet
+            return 0.0
+
+    cancelled = cancelled_total()
+    with open_stream(server) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (server.metric("exllama_tray_requests_running") != 0
+                                           or resident_backend(server).active_jobs() != 0):
+        time.sleep(0.05)
+    assert server.metric("exllama_tray_requests_running") == 0 and resident_backend(server).active_jobs() == 0
+    assert cancelled_total() == cancelled + 1
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3).choices[0].finish_reason in ("stop", "length")
+
+
+def stream_until_end(server: ServerThread, during) -> list[dict]:
+    """Start a long stream, call ``during()`` after its first chunk, return every chunk it sent."""
+    chunks = []
+    with open_stream(server, max_tokens=2000) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                if len(chunks) == 2:
+                    during()
+    return chunks
+
+
+def test_unload_asked_during_a_stream_lets_it_finish_then_ends_the_process(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    pid = model_pid(server)
+    unload = threading.Thread(target=lambda: httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"},
+                                                        timeout=120).raise_for_status())
+    chunks = stream_until_end(server, unload.start)
+    unload.join(60)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # clamped to the context left
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_model_process_killed_during_a_stream_ends_it_with_the_reason(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    chunks = stream_until_end(server, lambda: os.kill(model_pid(server), signal.SIGKILL))
+    assert "model process has exited" in json.dumps(chunks[-1])
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert out.choices[0].finish_reason in ("stop", "length")  # loaded again

@@ -28,6 +28,11 @@ class RequestRecord:
     queued_s: float | None = None
     first_step_s: float | None = None
     handoff_s: float | None = None
+    #: backends in a model process: from taking the job to the start of the step that gave the first
+    #: text (the pipe, the process waking, earlier steps), that step, and its events' way back
+    to_model_step_s: float | None = None
+    model_step_s: float | None = None
+    from_model_s: float | None = None
 
 
 @dataclass(frozen=True)

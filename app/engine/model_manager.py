@@ -18,6 +18,7 @@ from typing import Callable, Literal
 
 from app.engine.backends.base import Backend, BackendLoadError, LoadCancelled
 from app.engine.metrics import EngineMetrics
+from app.engine.pipe_runner import PipeRunner, loop_can_read
 from app.engine.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,9 @@ class ModelManager:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return
-        runner = Runner(resident.name, resident.backend, self._metrics, loop)
+        # a model process's pipe is read by the event loop itself where the loop can (no thread between)
+        runner_cls = PipeRunner if loop_can_read(loop, resident.backend) else Runner
+        runner = runner_cls(resident.name, resident.backend, self._metrics, loop)
         runner.start()
         resident.runner = runner
         resident.state = "ready" if resident.state == "loading" else resident.state

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from app.engine.backends.base import Backend, StepFailed
 from app.engine.jobs import BackendJob, JobEvent, JobFinished, StepEvent, TextDelta, Usage
@@ -38,6 +39,8 @@ class _Tracked:
     first_text: float | None = None  # the backend produced the first visible text
     sent: float | None = None  # the consumer has written the first text (streaming jobs)
     first_token: float | None = None
+    #: (start, end, read) of the model-process step that gave the first text (process backends)
+    step_times: tuple[float, float, float] | None = None
     last_token: float | None = None
     tokens: int = 0
     text: list[str] = field(default_factory=list)
@@ -153,28 +156,36 @@ class Runner:
             self._flush()
             if not backend.has_work():
                 continue
-            try:
-                events = backend.step()
-            except StepFailed as exc:  # only some jobs failed; the backend has dropped them
-                for job_id in exc.job_ids:
-                    if job_id in self._tracked:
-                        self._finish(self._tracked[job_id], "error", "", error=f"generation failed: {exc}")
-                take = getattr(backend, "take_surviving_events", None)
-                events = take() if take is not None else []
-            except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
-                log.exception("backend step failed for model %s", self.model)
-                for tracked in list(self._tracked.values()):
-                    backend.cancel(tracked.job.job_id)
-                    self._finish(tracked, "error", "", error=f"generation failed: {exc}")
+            if self._apply_step(backend.step):
+                self._flush_and_hand_off()
+            else:
                 self._flush()
-                continue
-            self.steps += 1
-            self._metrics.record_step(getattr(backend, "last_step_batch", 1))
-            for event in events:
-                tracked = self._tracked.get(event.job_id)
-                if tracked is not None:
-                    self._deliver(tracked, event)
-            self._flush_and_hand_off()
+
+    def _apply_step(self, step: Callable[[], list[StepEvent]]) -> bool:
+        """Run ``step`` (one backend step, or the reading of one) and deliver its events; False when the
+        backend failed as a whole (every job it had has been ended with the reason)."""
+        backend = self.backend
+        try:
+            events = step()
+        except StepFailed as exc:  # only some jobs failed; the backend has dropped them
+            for job_id in exc.job_ids:
+                if job_id in self._tracked:
+                    self._finish(self._tracked[job_id], "error", "", error=f"generation failed: {exc}")
+            take = getattr(backend, "take_surviving_events", None)
+            events = take() if take is not None else []
+        except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
+            log.exception("backend step failed for model %s", self.model)
+            for tracked in list(self._tracked.values()):
+                backend.cancel(tracked.job.job_id)
+                self._finish(tracked, "error", "", error=f"generation failed: {exc}")
+            return False
+        self.steps += 1
+        self._metrics.record_step(getattr(backend, "last_step_batch", 1))
+        for event in events:
+            tracked = self._tracked.get(event.job_id)
+            if tracked is not None:
+                self._deliver(tracked, event)
+        return True
 
     def _flush_and_hand_off(self) -> None:
         """Flush; if this step carried a streaming job's first text, let the loop send it first."""
@@ -225,12 +236,15 @@ class Runner:
         self._metrics.running.dec()
         gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
         tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
-        picked, first, sent = tracked.picked, tracked.first_text, tracked.sent
+        picked, first, sent, steps = tracked.picked, tracked.first_text, tracked.sent, tracked.step_times
         self._metrics.record_finished(RequestRecord(
             self.model, usage.prompt_tokens, usage.completion_tokens, ttft, tps, reason, time.time(),
             queued_s=None if picked is None else picked - tracked.submitted,
             first_step_s=None if picked is None or first is None else first - picked,
-            handoff_s=None if first is None or sent is None else sent - first))
+            handoff_s=None if first is None or sent is None else sent - first,
+            to_model_step_s=None if steps is None or picked is None else steps[0] - picked,
+            model_step_s=None if steps is None else steps[1] - steps[0],
+            from_model_s=None if steps is None else steps[2] - steps[1]))
 
     def _post(self, tracked: _Tracked, event: JobEvent) -> None:
         self._outbox.append((tracked.queue, event))

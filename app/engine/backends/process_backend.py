@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
-import queue
 import threading
 import time
 from collections import deque
@@ -85,6 +84,8 @@ class ProcessBackend:
         self.last_step_times: tuple[float, float, float] | None = None
         #: encode() needs a round trip to the model process (no tokenizer.json that matches)
         self.encode_blocks = True
+        #: the event loop reads the pipe (see PipeRunner): nobody else may, callers wait for it
+        self.loop_reads = False
         self._kwargs = kwargs
         self._proc: Any = None
         self._conn: Any = None
@@ -174,7 +175,8 @@ class ProcessBackend:
 
     def memory_used(self) -> dict[str, int]:
         """The model process's latest memory report (read off the pipe here when nobody else reads it)."""
-        if self._conn is not None and self._dead is None and self._read_lock.acquire(blocking=False):
+        if (not self.loop_reads and self._conn is not None and self._dead is None
+                and self._read_lock.acquire(blocking=False)):
             try:
                 while self._dead is None and self._conn.poll(0):
                     self._read_one(0)
@@ -194,6 +196,28 @@ class ProcessBackend:
         return self._dead
 
     # -- the pipe ----------------------------------------------------------------------
+    def fileno(self) -> int:
+        """The pipe's descriptor, for an event loop that reads it (readable: call read_available)."""
+        return self._conn.fileno()
+
+    def read_available(self) -> list[tuple]:
+        """What the model process has sent, without waiting: replies and memory reports are dispatched
+        here; step messages come back in order, for :meth:`take_step`. The end of the process shows
+        as :attr:`dead`."""
+        with self._read_lock:
+            try:
+                while self._dead is None and self._conn.poll(0):
+                    self._read_one(0)
+            except (EOFError, OSError):
+                self._mark_dead()
+            out = list(self._inbox)
+            self._inbox.clear()
+        return out
+
+    def has_pending(self) -> bool:
+        """Step messages already read (or made here for a job the dead process never got)."""
+        return bool(self._inbox)
+
     def _send(self, msg: tuple) -> None:
         with self._send_lock:
             self._conn.send(msg)
@@ -251,6 +275,8 @@ class ProcessBackend:
             request = self._next_request
             self._replies[request] = future
             self._conn.send((kind, request, *args))
+        if self.loop_reads:  # the event loop dispatches the reply (this is never called on the loop)
+            return future.result(timeout=120)
         deadline = time.monotonic() + 120
         while not future.done() and time.monotonic() < deadline:
             if self._read_lock.acquire(timeout=POLL_S):  # else the runner is reading: it dispatches our reply
@@ -300,7 +326,7 @@ class ProcessBackend:
         """The events of the model process's next step (blocks until it has stepped)."""
         while self._active:
             if self._inbox:
-                return self._take(self._inbox.popleft())
+                return self.take_step(self._inbox.popleft())
             if self._dead:  # nothing more will come for the jobs still here
                 raise RuntimeError(self._dead)
             with self._read_lock:
@@ -308,7 +334,8 @@ class ProcessBackend:
                     self._read_one(POLL_S)
         return []
 
-    def _take(self, msg: tuple) -> list[StepEvent]:
+    def take_step(self, msg: tuple) -> list[StepEvent]:
+        """The events of one step message (raises StepFailed / RuntimeError as :meth:`step` does)."""
         kind = msg[0]
         if kind == "step_error":
             raise RuntimeError(msg[1])

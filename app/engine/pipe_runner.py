@@ -1,0 +1,141 @@
+"""Drive a backend that runs in a model process from the event loop itself.
+
+The model process steps on its own; all this side does is write jobs to its pipe and read its events.
+Doing both on the event loop (the pipe is one more descriptor the loop waits on) leaves no thread in
+between: a request's job reaches the model process as soon as the loop has prepared it, and a step's
+events wake the loop directly, which writes them to the clients. With the thread-based
+:class:`~app.engine.runner.Runner` each of those crossings was two wake-ups (loop -> runner thread ->
+model process, and back), each a few hundred microseconds on a busy or virtualised machine, on the
+path of every first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from app.engine.jobs import BackendJob, JobEvent, StepEvent
+from app.engine.metrics import EngineMetrics
+from app.engine.runner import Runner, _distribute, _Tracked
+
+log = logging.getLogger(__name__)
+
+
+def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Any) -> bool:
+    """Whether ``backend`` offers its pipe and ``loop`` can watch a descriptor (not every loop can)."""
+    if not callable(getattr(backend, "read_available", None)):
+        return False
+    try:
+        fd = backend.fileno()
+        loop.add_reader(fd, lambda: None)
+        loop.remove_reader(fd)
+    except (NotImplementedError, AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+class PipeRunner(Runner):
+    """Same contract as :class:`Runner`; call everything but :meth:`stop` on the event loop."""
+
+    def __init__(self, model: str, backend: Any, metrics: EngineMetrics, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(model, backend, metrics, loop)
+        self._fd: int | None = None
+
+    def start(self) -> None:
+        self.backend.loop_reads = True
+        self._fd = self.backend.fileno()
+        self._loop.add_reader(self._fd, self._readable)
+
+    def submit(self, job: BackendJob) -> asyncio.Queue[JobEvent]:
+        if self._stopping:
+            raise RuntimeError(f"model {self.model} is unloading")
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        tracked = _Tracked(job, queue)
+        tracked.picked = tracked.submitted
+        self._tracked[job.job_id] = tracked
+        self._metrics.running.inc()
+        self._metrics.record_prompt(len(job.prompt_ids))
+        self.backend.submit(job)  # a write to the pipe; the model process reads it between two steps
+        if self.backend.has_pending():  # the process is gone: the job's error is already here
+            self._loop.call_soon(self._readable)
+        return queue
+
+    def cancel(self, job_id: int) -> None:
+        tracked = self._tracked.get(job_id)
+        if tracked is not None:
+            self.backend.cancel(job_id)
+            self._finish(tracked, "cancelled", "")
+            self._flush()
+
+    def cancel_all(self, reason: str = "the server is shutting down") -> None:
+        self._end_all(reason)
+
+    def job_count(self) -> int:
+        return len(self._tracked)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop reading; jobs still inside end with an error. Called off the loop (or on it)."""
+        done = threading.Event()
+
+        def stop_here() -> None:
+            self._stopping = True
+            if self._fd is not None:
+                self._loop.remove_reader(self._fd)
+                self._fd = None
+            self._end_all("the model was unloaded while generating")
+            self.backend.loop_reads = False
+            done.set()
+
+        if self._loop.is_closed():
+            stop_here()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            stop_here()
+            return
+        try:
+            self._loop.call_soon_threadsafe(stop_here)
+        except RuntimeError:  # closed in between
+            stop_here()
+            return
+        if not done.wait(timeout):
+            log.warning("model %s: the event loop did not stop the pipe reader in %.0f s", self.model, timeout)
+
+    # -- on the event loop -------------------------------------------------------------
+    def _readable(self) -> None:
+        backend = self.backend
+        for msg in backend.read_available():
+            self._apply_step(lambda m=msg: backend.take_step(m))
+            self._handoff_new.clear()  # the model process does not wait for the loop: no hand-off
+        dead = backend.dead
+        if dead is not None:
+            if self._fd is not None:
+                self._loop.remove_reader(self._fd)
+                self._fd = None
+            self._end_all(dead)
+        self._flush()
+
+    def _end_all(self, reason: str) -> None:
+        for tracked in list(self._tracked.values()):
+            self.backend.cancel(tracked.job.job_id)
+            self._finish(tracked, "error", "", error=reason)
+        self._flush()
+
+    def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
+        if event.text and tracked.first_text is None:
+            tracked.step_times = getattr(self.backend, "last_step_times", None)
+        super()._deliver(tracked, event)
+
+    def _flush(self) -> None:
+        """On the loop already: the events go straight into the jobs' queues."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            _distribute(batch)
+
+    def _run(self) -> None:  # pragma: no cover - there is no thread
+        raise RuntimeError("PipeRunner has no thread")
