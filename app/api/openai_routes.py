@@ -119,6 +119,7 @@ async def stream_response(request: web.Request, handle: JobHandle,
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", **timing_headers(handle)})
     try:
+        handle.start_early()
         await response.prepare(request)
         async for chunk in chunks:
             await response.write(chunk)

@@ -97,6 +97,13 @@ class JobHandle:
         #: seconds from the request reaching the engine to the job entering the runner
         self.prepare_s = 0.0
 
+    def start_early(self) -> None:
+        """Hand the job over now if nothing here competes with the event loop for it (a model process
+        steps on its own), so that the first step overlaps the response headers."""
+        runner = self._resident.runner
+        if runner is not None and runner.steps_elsewhere:
+            self.start()
+
     def start(self) -> None:
         """Hand the job to the runner. Done on first iteration, so that the event loop has finished
         its own work for the request (headers written) before the GPU thread starts competing with

@@ -39,6 +39,8 @@ def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Any) -> bool:
 class PipeRunner(Runner):
     """Same contract as :class:`Runner`; call everything but :meth:`stop` on the event loop."""
 
+    steps_elsewhere = True
+
     def __init__(self, model: str, backend: Any, metrics: EngineMetrics, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(model, backend, metrics, loop)
         self._fd: int | None = None

@@ -49,6 +49,9 @@ class _Tracked:
 class Runner:
     """Owns a loaded backend and its worker thread."""
 
+    #: the backend steps outside this process (no GIL shared with the event loop)
+    steps_elsewhere = False
+
     def __init__(self, model: str, backend: Backend, metrics: EngineMetrics,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.model = model
