@@ -584,12 +584,12 @@ def main() -> int:
     rep.stage("quantize", lambda: quantize(rep))
     if args.profile:
         rep.stage("profile", lambda: profile_first_token(rep))
-    rep.stage("direct-bench", lambda: direct_bench(rep), needs_s=200)
+    rep.stage("direct-bench", lambda: direct_bench(rep), needs_s=180)
     proc = rep.stage("serve", lambda: start_server(rep))
     if proc is not None:
         try:  # what the goals need first, in case the budget runs out
             rep.stage("e2e-exl2", lambda: e2e(rep, "small-exl2"), needs_s=30)
-            rep.stage("http-bench", lambda: http_bench(rep), needs_s=90)
+            rep.stage("http-bench", lambda: http_bench(rep), needs_s=100)
             rep.stage("switching", lambda: switching(rep), needs_s=60)
             rep.stage("e2e-fp16", lambda: e2e(rep, "tiny-fp16"), needs_s=30)
             rep.stage("multi-gpu", lambda: multi_gpu(rep), needs_s=60)
