@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""What serving costs on top of the backend's own steps, on the CPU, with a step of known length.
+
+A synthetic backend whose every step busy-waits a fixed time (as a CUDA synchronisation spins) and
+yields one token per job is served by the real engine and aiohttp server, and driven through HTTP
+with a keep-alive client, in two ways: in a model process read by the event loop (how exllamav2
+runs) and in the server's process on the runner thread (how the CPU backend runs). The bare step
+loop is the reference. Prints decode tok/s, time to first text and streaming vs non-streaming
+latency for each, so a change to the serving path can be judged without a GPU.
+
+Usage: python scripts/bench_model_process.py [--step-ms 2.5] [--runs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.engine.backends.base import ProgressFn  # noqa: E402
+from app.engine.jobs import BackendJob, StepEvent  # noqa: E402
+from app.engine.tokenizer import EncoderSpec, FolderTokenizer  # noqa: E402
+
+STEP_S = 0.0025  # replaced from --step-ms in the model process too (through the backend's kwargs)
+
+
+class FixedStepBackend:
+    """One token of text per job per step; every step takes ``step_s`` of busy CPU time."""
+
+    name = "fixed-step"
+    batching = "single"
+    notice = ""
+    last_step_batch = 0
+
+    def __init__(self, model_dir: str, *, context_length: int, max_batch: int, step_s: float = STEP_S) -> None:
+        self.model_dir, self.context_length, self.max_batch, self.step_s = model_dir, context_length, max_batch, step_s
+        self._tok: FolderTokenizer | None = None
+        self._left: dict[int, int] = {}
+        self.vocab_size: int | None = None
+
+    def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
+        self._tok = FolderTokenizer(self.model_dir)
+        self.vocab_size = 1024
+        progress(1.0, "loaded")
+
+    def encoder_spec(self) -> EncoderSpec:
+        assert self._tok is not None
+        return EncoderSpec(self.model_dir, self._tok.bos_id)
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        assert self._tok is not None
+        return self._tok.encode(text, add_bos=add_bos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        assert self._tok is not None
+        return self._tok.decode(ids)
+
+    def eos_token_ids(self) -> set[int]:
+        return set()
+
+    def submit(self, job: BackendJob) -> None:
+        self._left[job.job_id] = job.max_new_tokens
+
+    def cancel(self, job_id: int) -> None:
+        self._left.pop(job_id, None)
+
+    def has_work(self) -> bool:
+        return bool(self._left)
+
+    def active_jobs(self) -> int:
+        return len(self._left)
+
+    def step(self) -> list[StepEvent]:
+        end = time.perf_counter() + self.step_s
+        while time.perf_counter() < end:
+            pass
+        events = []
+        for job_id in list(self._left)[:1]:  # one job at a time, like the unpaged generator
+            self._left[job_id] -= 1
+            done = self._left[job_id] == 0
+            if done:
+                del self._left[job_id]
+            events.append(StepEvent(job_id, "a", 1, done, "length" if done else None))
+        self.last_step_batch = len(events)
+        return events
+
+    def unload(self) -> None:
+        self._left.clear()
+
+    def memory_used(self) -> dict[str, int]:
+        return {}
+
+
+def direct(model_dir: str, step_s: float, tokens: int) -> tuple[float, float]:
+    """The bare step loop: (first text after submit in s, tok/s)."""
+    backend = FixedStepBackend(model_dir, context_length=4096, max_batch=1, step_s=step_s)
+    backend.load(lambda f, m: None, threading.Event())
+    job = BackendJob(prompt_ids=[1] * 100, max_new_tokens=tokens, sampling=_greedy(), stop_strings=[],
+                     stop_token_ids=set())
+    t0 = time.perf_counter()
+    backend.submit(job)
+    stamps = []
+    while backend.has_work():
+        backend.step()
+        stamps.append(time.perf_counter())
+    return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def _greedy() -> Any:
+    from app.engine.jobs import SamplingParams
+
+    return SamplingParams(temperature=0.0)
+
+
+def serve(model_dir: Path, in_process: bool, step_s: float) -> Any:
+    from app.engine.backends.process_backend import ProcessBackend
+    from app.engine.engine import Engine
+    from app.engine.registry import Registry
+    from tests.server_harness import ServerThread, register
+
+    def factory(entry: Any, settings: Any) -> Any:
+        kwargs = {"context_length": 4096, "max_batch": 1, "step_s": step_s}
+        if in_process:
+            return FixedStepBackend(entry.model_dir, **kwargs)
+        return ProcessBackend(f"{Path(__file__).stem}:FixedStepBackend", "fixed-step", entry.model_dir, **kwargs)
+
+    registry = Registry(model_dir.parent / f"models-{in_process}.json")
+    register(registry, "m", model_dir, context_length=4096)
+    return ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=factory, **kw)).start()
+
+
+def http_figures(server: Any, runs: int, tokens: int) -> dict[str, float]:
+    import httpx
+
+    http = httpx.Client(timeout=120)
+    body = {"model": "m", "prompt": "The quick brown fox " * 5, "temperature": 0}
+
+    def stream(n: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        stamps = []
+        with http.stream("POST", f"{server.base_url}/completions", json={**body, "max_tokens": n, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"text":"a"' in line.replace(" ", ""):
+                    stamps.append(time.perf_counter())
+        return t0, stamps
+
+    for _ in range(3):
+        stream(16)
+    rates, ttfts, lat_s, lat_n = [], [], [], []
+    for _ in range(runs):
+        _, stamps = stream(tokens)
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        for _ in range(5):
+            t0, stamps = stream(4)
+            ttfts.append(stamps[0] - t0)
+        t0, _ = stream(128)
+        lat_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        http.post(f"{server.base_url}/completions", json={**body, "max_tokens": 128}).raise_for_status()
+        lat_n.append(time.perf_counter() - t0)
+    return {"decode_tok_s": statistics.median(rates), "ttft_ms": statistics.median(ttfts) * 1e3,
+            "stream_128_ms": statistics.median(lat_s) * 1e3, "nonstream_128_ms": statistics.median(lat_n) * 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--step-ms", type=float, default=2.5)
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args()
+    step_s = args.step_ms / 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        import subprocess
+
+        model_dir = Path(tmp) / "tok"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(model_dir),
+                        "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+                        "--intermediate", "64"], check=True, capture_output=True)
+        firsts, rates = zip(*(direct(str(model_dir), step_s, args.tokens) for _ in range(args.runs)))
+        results: dict[str, Any] = {"step_ms": args.step_ms, "direct": {
+            "decode_tok_s": statistics.median(rates), "ttft_ms": statistics.median(firsts) * 1e3}}
+        for name, in_process in (("model process, loop reads the pipe", False), ("in process, runner thread", True)):
+            server = serve(model_dir, in_process, step_s)
+            try:
+                results[name] = http_figures(server, args.runs, args.tokens)
+            finally:
+                server.stop()
+    ref = results["direct"]
+    print(f"step {args.step_ms} ms; bare loop: {ref['decode_tok_s']:.1f} tok/s, first text {ref['ttft_ms']:.2f} ms")
+    print(f"{'served':36} {'tok/s':>8} {'x bare':>7} {'TTFT ms':>8} {'+bare':>6} {'stream128':>10} {'nonstream128':>12}")
+    for name, r in results.items():
+        if name in ("direct", "step_ms"):
+            continue
+        print(f"{name:36} {r['decode_tok_s']:8.1f} {r['decode_tok_s'] / ref['decode_tok_s']:7.3f} {r['ttft_ms']:8.2f} "
+              f"{r['ttft_ms'] - ref['ttft_ms']:6.2f} {r['stream_128_ms']:10.1f} {r['nonstream_128_ms']:12.1f}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
