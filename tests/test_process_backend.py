@@ -17,7 +17,7 @@ from app.engine.backends.base import BackendLoadError, LoadCancelled
 from app.engine.backends.process_backend import ProcessBackend
 from app.engine.backends.transformers_backend import TransformersBackend
 from app.engine.engine import Engine
-from app.engine.jobs import BackendJob, SamplingParams
+from app.engine.jobs import BackendJob, SamplingParams, StepEvent
 from app.engine.pipe_runner import PipeRunner
 from app.engine.registry import ModelEntry, Registry
 from app.engine.settings import ResolvedSettings
@@ -299,3 +299,57 @@ def test_a_model_process_killed_during_a_stream_ends_it_with_the_reason(server: 
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert out.choices[0].finish_reason in ("stop", "length")  # loaded again
+
+
+def test_outbox_sends_streams_at_once_and_holds_a_non_streaming_jobs_middle(tmp_path: Path) -> None:
+    from multiprocessing import Pipe
+
+    from app.engine.backends.process_backend import Outbox
+
+    here, there = Pipe()
+    outbox = Outbox(there)
+    streaming, whole = job([1, 2], 50), job([1, 2], 50, stream=False)
+    outbox.submitted(streaming)
+    outbox.submitted(whole)
+
+    def sent() -> list:
+        out = []
+        while here.poll(0):
+            out.append(here.recv())
+        return out
+
+    outbox.step([StepEvent(whole.job_id, "a", 1)], 1, 0.0, 0.001)  # a job's first event: at once
+    assert [m[1] for m in sent()] == [[StepEvent(whole.job_id, "a", 1)]]
+    outbox.step([StepEvent(whole.job_id, "b", 1)], 1, 0.001, 0.002)
+    outbox.step([StepEvent(whole.job_id, "c", 1)], 1, 0.002, 0.003)
+    assert sent() == []  # held, merged
+    outbox.step([StepEvent(streaming.job_id, "x", 1)], 2, 0.003, 0.004)  # a stream's event takes them along
+    (msg,) = sent()
+    assert msg[1] == [StepEvent(whole.job_id, "bc", 2), StepEvent(streaming.job_id, "x", 1)]
+    outbox.step([StepEvent(whole.job_id, "d", 1)], 1, 0.004, 0.005)
+    outbox.step([StepEvent(whole.job_id, "e", 1)], 1, 0.2, 0.201)  # held longer than HOLD_S: sent
+    (msg,) = sent()
+    assert msg[1] == [StepEvent(whole.job_id, "de", 2)]
+    outbox.step([StepEvent(whole.job_id, "f", 1)], 1, 0.202, 0.203)
+    outbox.step([StepEvent(whole.job_id, "g", 1, True, "length")], 1, 0.203, 0.204)  # the end: at once
+    (msg,) = sent()
+    assert msg[1] == [StepEvent(whole.job_id, "fg", 2, True, "length")]
+    outbox.step([StepEvent(streaming.job_id, "y", 1)], 1, 0.3, 0.301)
+    assert [m[1] for m in sent()] == [[StepEvent(streaming.job_id, "y", 1)]]
+
+
+def test_a_non_streaming_request_wakes_the_server_a_few_times_not_per_token(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    runner = server.engine.manager.resident("tiny:latest").runner
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
+            "temperature": 0, "logit_bias": {"2": -100}}
+    before = runner.steps
+    whole = client.chat.completions.create(**body)
+    messages_whole = runner.steps - before
+    before = runner.steps
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                       if c.choices)
+    messages_streamed = runner.steps - before
+    assert streamed == whole.choices[0].message.content and whole.usage.completion_tokens == 60
+    assert messages_streamed >= 60 > 4 * messages_whole, (messages_streamed, messages_whole)
