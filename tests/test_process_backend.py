@@ -35,7 +35,8 @@ def in_process(model_dir: Path) -> TransformersBackend:
 
 
 def in_child(model_dir: Path, progress: list | None = None, cancel: threading.Event | None = None) -> ProcessBackend:
-    backend = ProcessBackend(TARGET, "transformers", str(model_dir), context_length=256, max_batch=4)
+    backend = ProcessBackend(TARGET, "transformers", str(model_dir), keep_spare=False, context_length=256,
+                             max_batch=4)
     backend.load(lambda f, m: progress.append((f, m)) if progress is not None else None, cancel or threading.Event())
     return backend
 
@@ -353,3 +354,66 @@ def test_a_non_streaming_request_wakes_the_server_a_few_times_not_per_token(serv
     messages_streamed = runner.steps - before
     assert streamed == whole.choices[0].message.content and whole.usage.completion_tokens == 60
     assert messages_streamed >= 60 > 4 * messages_whole, (messages_streamed, messages_whole)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # ended but not reaped (a container's first process may not reap orphans)
+        return "\tZ" in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for(check, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_started(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+
+    def spare_pid() -> int | None:
+        spares = httpx.get(f"{server.root}/health", timeout=10).json()["spare_processes"]
+        return next((s["pid"] for s in spares if s["alive"]), None)
+
+    assert wait_for(lambda: spare_pid() is not None)
+    spare, serving = spare_pid(), model_pid(server)
+    assert spare != serving
+    httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert wait_for(lambda: process_gone(serving))
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert model_pid(server) == spare  # the model went to the process that was ready
+    assert wait_for(lambda: spare_pid() not in (None, spare))
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies(tmp_path: Path) -> None:
+    from app.engine.backends.process_backend import SparePool
+
+    pool = SparePool()
+    pool.refill(TARGET)
+    (spare,) = pool.describe()
+    pool.close()
+    assert process_gone(spare["pid"]) and pool.describe() == []
+    # a server that dies without closing anything (the tray app leaves without finalization)
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
+            "from app.engine.backends.process_backend import SPARES\n"
+            f"SPARES.refill({TARGET!r})\n"
+            "print(SPARES.describe()[0]['pid'], flush=True)\n"
+            "os._exit(0)\n")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
+                         capture_output=True, text=True, timeout=60)
+    orphan = int(out.stdout.strip())
+    assert wait_for(lambda: process_gone(orphan), 90), "the orphaned spare process kept running"

@@ -267,12 +267,21 @@ class Engine:
         memory["rss"] = psutil.Process().memory_info().rss
         return memory
 
+    def spare_processes(self) -> list[dict[str, Any]]:
+        """Model processes started ahead of a load, with their imports done (see SparePool)."""
+        from app.engine.backends.process_backend import SPARES
+
+        return SPARES.describe()
+
     async def close(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
             self._sampler = None
         await self.manager.close()
+        from app.engine.backends.process_backend import SPARES
+
+        await asyncio.to_thread(SPARES.close)
 
     # -- generation -------------------------------------------------------------------
     async def submit_chat(self, request: ChatRequest) -> JobHandle:

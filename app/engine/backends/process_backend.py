@@ -7,7 +7,8 @@ fast as a bare generator loop; the server only relays events. Unloading ends the
 also returns every byte of GPU memory the backend's libraries kept for themselves.
 
 A new process first imports torch and the backend's library (seconds; the first time ever, the
-exllamav2 extension's CUDA build: minutes) and says so as load progress, then loads the model.
+exllamav2 extension's CUDA build: minutes) and says so as load progress, then loads the model. After a
+first load one spare process with those imports done waits for the next (:class:`SparePool`).
 
 Messages over a ``multiprocessing`` pipe (pickled tuples):
 
@@ -67,10 +68,59 @@ def start_process(target: str) -> tuple[Any, Any]:
     return proc, here
 
 
-class ProcessBackend:
-    """A backend of class ``target`` ("module:Class") built and driven in a model process."""
+class SparePool:
+    """At most one started, model-less model process per backend, kept from a first load on.
 
-    def __init__(self, target: str, name: str, model_dir: str, **kwargs: Any) -> None:
+    A model process spends seconds importing torch and the backend's library before it can load
+    anything (about 10 s for exllamav2 on the GPU test machine), which every model switch would pay.
+    The spare has done those imports and waits for a model; it costs that process's memory and no GPU
+    memory (nothing touches CUDA before a model is loaded). It ends with the server, or by itself
+    when the server's end of its pipe closes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spares: dict[str, tuple[Any, Any]] = {}
+
+    def take(self, target: str) -> tuple[Any, Any] | None:
+        with self._lock:
+            spare = self._spares.pop(target, None)
+        if spare is not None and spare[0].is_alive():
+            return spare
+        if spare is not None:
+            spare[1].close()
+        return None
+
+    def refill(self, target: str) -> None:
+        with self._lock:
+            if target in self._spares and self._spares[target][0].is_alive():
+                return
+            self._spares[target] = start_process(target)
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"backend": t, "pid": proc.pid, "alive": proc.is_alive()} for t, (proc, _) in self._spares.items()]
+
+    def close(self) -> None:
+        with self._lock:
+            spares, self._spares = list(self._spares.values()), {}
+        for proc, conn in spares:
+            conn.close()
+            proc.kill()
+            proc.join(5)
+
+
+SPARES = SparePool()
+
+
+class ProcessBackend:
+    """A backend of class ``target`` ("module:Class") built and driven in a model process.
+
+    ``keep_spare``: after loading, have a spare process of the same backend ready for the next load
+    (see :class:`SparePool`).
+    """
+
+    def __init__(self, target: str, name: str, model_dir: str, *, keep_spare: bool = True, **kwargs: Any) -> None:
         self.target = target
         self.name = name
         self.model_dir = model_dir
@@ -87,6 +137,7 @@ class ProcessBackend:
         #: the event loop reads the pipe (see PipeRunner): nobody else may, callers wait for it
         self.loop_reads = False
         self._kwargs = kwargs
+        self._keep_spare = keep_spare
         self._proc: Any = None
         self._conn: Any = None
         self._send_lock = threading.Lock()
@@ -104,8 +155,9 @@ class ProcessBackend:
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
-        progress(0.0, "starting the model process")
-        self._proc, self._conn = start_process(self.target)
+        spare = SPARES.take(self.target) if self._keep_spare else None
+        progress(0.0, "starting the model process" if spare is None else "handing the model to a ready process")
+        self._proc, self._conn = spare or start_process(self.target)
         self._send(("load", self.model_dir, self._kwargs))
         cancel_deadline: float | None = None
         while True:
@@ -134,6 +186,8 @@ class ProcessBackend:
             elif msg[0] == "loaded":
                 self._send(("serve",))
                 self._loaded(msg[1])
+                if self._keep_spare:
+                    SPARES.refill(self.target)
                 return
 
     def _loaded(self, info: LoadedInfo) -> None:
