@@ -186,6 +186,7 @@ def start_server(rep: Report) -> subprocess.Popen:
     for _ in range(100):
         try:
             if httpx.get(f"{BASE}/health", timeout=1).status_code == 200:
+                rep.data["vram_no_model_process"] = vram()  # nothing of ours on the GPU yet
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -469,6 +470,16 @@ def http_bench(rep: Report) -> None:
     back = after_unload["gpu_used_mib"] - vram_before["gpu_used_mib"]
     rep.check("VRAM: GPU memory used (nvidia-smi) after unload vs before load within 100 MiB", abs(back) <= 100,
               f"{back:+.1f} MiB")
+    # a spare model process (imports done, no model) waits for the next load: it must hold no GPU memory
+    spares = [sp["pid"] for sp in httpx.get(f"{BASE}/health").json().get("spare_processes", []) if sp["alive"]]
+    apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True).stdout
+    rep.data["gpu_processes_after_unload"] = {"spare_pids": spares, "nvidia_smi_compute_apps": apps}
+    none_yet = rep.data.get("vram_no_model_process", {}).get("gpu_used_mib")
+    if none_yet is not None:
+        extra = after_unload["gpu_used_mib"] - none_yet
+        rep.check("VRAM: after unload, with a spare model process waiting, as before any model process "
+                  "(within 100 MiB)", bool(spares) and abs(extra) <= 100, f"{extra:+.1f} MiB, spares {spares}")
 
 
 def multi_gpu(rep: Report) -> None:
