@@ -130,7 +130,8 @@ class ProcessBackend:
         self.notice = ""
         self.vocab_size: int | None = None
         self.last_step_batch = 0
-        #: (start, end) of the model process's last step and when this side read it (time.monotonic)
+        #: start and end of the model process's last step and when this side read its events
+        #: (time.monotonic: one clock for all processes)
         self.last_step_times: tuple[float, float, float] | None = None
         #: encode() needs a round trip to the model process (no tokenizer.json that matches)
         self.encode_blocks = True
