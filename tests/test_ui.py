@@ -128,7 +128,8 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
     # the plots' data grows
     tray.show_status()
     before = tray.status_window.point_count()
-    await until(lambda: tray.status_window.point_count() >= before + 2, 10)
+    # idle, the plots are redrawn twice every 10 samples (tray.on_sample): wait out one such cycle
+    await until(lambda: tray.status_window.point_count() >= before + 2, 25)
     assert tray.status_window.table.rowCount() >= 1
 
     # change a setting in the dialog: invalid first, then valid
@@ -212,3 +213,35 @@ async def _lag_scenario(tray, tiny_model_dir: Path) -> None:
           f"p99 {p99 * 1e3:.1f} ms, max {lags[-1] * 1e3:.1f} ms")
     assert p99 < 0.25, f"event loop lag p99 {p99 * 1e3:.0f} ms"
 
+
+
+def test_model_process_is_read_by_the_qt_event_loop(qloop, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The tray runs on qasync: a model process's pipe is watched by Qt's event dispatcher."""
+    from app.engine.backends.process_backend import ProcessBackend
+    from app.engine.engine import CompletionRequest, Engine
+    from app.engine.jobs import TextDelta
+    from app.engine.pipe_runner import PipeRunner
+    from app.engine.settings import Settings
+    from tests.server_harness import register
+
+    target = "app.engine.backends.transformers_backend:TransformersBackend"
+    registry = Registry(tmp_path / "models.json")
+    register(registry, "tiny", tiny_model_dir, context_length=256)
+    engine = Engine(registry, backend_factory=lambda entry, settings: ProcessBackend(
+        target, "transformers", entry.model_dir, keep_spare=False, context_length=256, max_batch=2))
+
+    async def scenario() -> tuple[list[str], str, object]:
+        await engine.start()
+        try:
+            request = CompletionRequest("tiny", "Once upon a time", Settings(temperature=0.0, max_tokens=12),
+                                        stream=True, logit_bias={2: -100.0})
+            pieces = [e.text async for e in await engine.submit_completion(request) if isinstance(e, TextDelta)]
+            whole = await (await engine.submit_completion(CompletionRequest(
+                "tiny", "Once upon a time", Settings(temperature=0.0, max_tokens=12), logit_bias={2: -100.0}))).result()
+            return pieces, whole.text, engine.manager.resident("tiny:latest").runner
+        finally:
+            await engine.close()
+
+    pieces, whole, runner = run(qloop, scenario())
+    assert isinstance(runner, PipeRunner)
+    assert len(pieces) > 1 and "".join(pieces) == whole != ""
