@@ -5,8 +5,10 @@ A synthetic backend whose every step busy-waits a fixed time (as a CUDA synchron
 yields one token per job is served by the real engine and aiohttp server, and driven through HTTP
 with a keep-alive client, in two ways: in a model process read by the event loop (how exllamav2
 runs) and in the server's process on the runner thread (how the CPU backend runs). The bare step
-loop is the reference. Prints decode tok/s, time to first text and streaming vs non-streaming
-latency for each, so a change to the serving path can be judged without a GPU.
+loop is the reference. The server runs in a process of its own, the client in this one. Prints
+decode tok/s, time to first text and streaming vs non-streaming latency for each, so a change to the
+serving path can be judged without a GPU (on a 2-core machine the client, the server and the model
+process compete for the cores: compare rows of one run, not runs of different machines).
 
 Usage: python scripts/bench_model_process.py [--step-ms 2.5] [--runs 8]
 """
@@ -21,84 +23,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.engine.backends.base import ProgressFn  # noqa: E402
-from app.engine.jobs import BackendJob, StepEvent  # noqa: E402
-from app.engine.tokenizer import EncoderSpec, FolderTokenizer  # noqa: E402
+from app.engine.jobs import BackendJob  # noqa: E402
+from tests.fixed_step_backend import FixedStepBackend  # noqa: E402
 
-STEP_S = 0.0025  # replaced from --step-ms in the model process too (through the backend's kwargs)
-
-
-class FixedStepBackend:
-    """One token of text per job per step; every step takes ``step_s`` of busy CPU time."""
-
-    name = "fixed-step"
-    batching = "single"
-    notice = ""
-    last_step_batch = 0
-
-    def __init__(self, model_dir: str, *, context_length: int, max_batch: int, step_s: float = STEP_S) -> None:
-        self.model_dir, self.context_length, self.max_batch, self.step_s = model_dir, context_length, max_batch, step_s
-        self._tok: FolderTokenizer | None = None
-        self._left: dict[int, int] = {}
-        self.vocab_size: int | None = None
-
-    def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
-        self._tok = FolderTokenizer(self.model_dir)
-        self.vocab_size = 1024
-        progress(1.0, "loaded")
-
-    def encoder_spec(self) -> EncoderSpec:
-        assert self._tok is not None
-        return EncoderSpec(self.model_dir, self._tok.bos_id)
-
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        assert self._tok is not None
-        return self._tok.encode(text, add_bos=add_bos)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        assert self._tok is not None
-        return self._tok.decode(ids)
-
-    def eos_token_ids(self) -> set[int]:
-        return set()
-
-    def submit(self, job: BackendJob) -> None:
-        self._left[job.job_id] = job.max_new_tokens
-
-    def cancel(self, job_id: int) -> None:
-        self._left.pop(job_id, None)
-
-    def has_work(self) -> bool:
-        return bool(self._left)
-
-    def active_jobs(self) -> int:
-        return len(self._left)
-
-    def step(self) -> list[StepEvent]:
-        end = time.perf_counter() + self.step_s
-        while time.perf_counter() < end:
-            pass
-        events = []
-        for job_id in list(self._left)[:1]:  # one job at a time, like the unpaged generator
-            self._left[job_id] -= 1
-            done = self._left[job_id] == 0
-            if done:
-                del self._left[job_id]
-            events.append(StepEvent(job_id, "a", 1, done, "length" if done else None))
-        self.last_step_batch = len(events)
-        return events
-
-    def unload(self) -> None:
-        self._left.clear()
-
-    def memory_used(self) -> dict[str, int]:
-        return {}
-
+TARGET = "tests.fixed_step_backend:FixedStepBackend"
 
 def direct(model_dir: str, step_s: float, tokens: int) -> tuple[float, float]:
     """The bare step loop: (first text after submit in s, tok/s)."""
@@ -121,7 +54,8 @@ def _greedy() -> Any:
     return SamplingParams(temperature=0.0)
 
 
-def serve(model_dir: Path, in_process: bool, step_s: float) -> Any:
+def _server_main(model_dir: str, in_process: bool, step_s: float, ports: Any, stop: Any) -> None:
+    """The server in a process of its own, as in real use (the client must not share its GIL)."""
     from app.engine.backends.process_backend import ProcessBackend
     from app.engine.engine import Engine
     from app.engine.registry import Registry
@@ -131,11 +65,31 @@ def serve(model_dir: Path, in_process: bool, step_s: float) -> Any:
         kwargs = {"context_length": 4096, "max_batch": 1, "step_s": step_s}
         if in_process:
             return FixedStepBackend(entry.model_dir, **kwargs)
-        return ProcessBackend(f"{Path(__file__).stem}:FixedStepBackend", "fixed-step", entry.model_dir, **kwargs)
+        return ProcessBackend(TARGET, "fixed-step", entry.model_dir, **kwargs)
 
-    registry = Registry(model_dir.parent / f"models-{in_process}.json")
-    register(registry, "m", model_dir, context_length=4096)
-    return ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=factory, **kw)).start()
+    registry = Registry(Path(model_dir).parent / f"models-{in_process}.json")
+    register(registry, "m", Path(model_dir), context_length=4096)
+    server = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=factory, **kw))
+    server.start()
+    ports.put(server.port)
+    stop.wait()
+    server.stop()
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path, in_process: bool, step_s: float) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._ports, self._stop = ctx.Queue(), ctx.Event()
+        self._proc = ctx.Process(target=_server_main, args=(str(model_dir), in_process, step_s, self._ports,
+                                                            self._stop))
+        self._proc.start()
+        self.base_url = f"http://127.0.0.1:{self._ports.get(timeout=120)}/v1"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._proc.join(60)
 
 
 def http_figures(server: Any, runs: int, tokens: int) -> dict[str, float]:
@@ -189,7 +143,7 @@ def main() -> int:
         results: dict[str, Any] = {"step_ms": args.step_ms, "direct": {
             "decode_tok_s": statistics.median(rates), "ttft_ms": statistics.median(firsts) * 1e3}}
         for name, in_process in (("model process, loop reads the pipe", False), ("in process, runner thread", True)):
-            server = serve(model_dir, in_process, step_s)
+            server = ServerProcess(model_dir, in_process, step_s)
             try:
                 results[name] = http_figures(server, args.runs, args.tokens)
             finally:

@@ -417,3 +417,69 @@ def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies
                          capture_output=True, text=True, timeout=60)
     orphan = int(out.stdout.strip())
     assert wait_for(lambda: process_gone(orphan), 90), "the orphaned spare process kept running"
+
+
+@pytest.fixture(scope="module")
+def fixed_step_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """Model processes whose steps take 2 ms ("fast", a small model on a GPU) and 30 ms ("slow")."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("fixed")
+    registry = Registry(base / "models.json")
+    for name in ("fast", "slow"):
+        shutil.copytree(tiny_model_dir, base / name)
+        register(registry, name, base / name, context_length=4096)
+
+    def factory(entry: ModelEntry, settings: ResolvedSettings) -> ProcessBackend:
+        step_s = 0.002 if Path(entry.model_dir).name == "fast" else 0.030
+        return ProcessBackend("tests.fixed_step_backend:FixedStepBackend", "fixed-step", entry.model_dir,
+                              keep_spare=False, context_length=4096, max_batch=1, step_s=step_s)
+
+    srv = ServerThread(registry, max_loaded=2, engine_factory=lambda reg, **kw: Engine(
+        reg, backend_factory=factory, **kw)).start()
+    yield srv
+    srv.stop()
+
+
+def stream_tokens(server: ServerThread, model: str, n: int) -> list[str]:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": n, "stream": True}
+    pieces = []
+    with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                pieces.extend(c["text"] for c in json.loads(line[6:])["choices"] if c.get("text"))
+    return pieces
+
+
+def test_fast_steps_are_read_on_a_timer_once_the_first_text_is_out(fixed_step_server: ServerThread) -> None:
+    from app.engine.pipe_runner import POLL_FASTER_THAN_S
+
+    stream_tokens(fixed_step_server, "fast", 20)  # the runner learns how fast the model steps
+    runner = fixed_step_server.engine.manager.resident("fast:latest").runner
+    assert runner._step_s is not None and runner._step_s < POLL_FASTER_THAN_S  # noqa: SLF001
+    polled, woken = runner.polled_reads, runner.woken_reads
+    pieces = stream_tokens(fixed_step_server, "fast", 300)
+    assert "".join(pieces) == "a" * 300  # every token, in order, none twice
+    assert runner.polled_reads - polled > 50  # read on the timer ...
+    assert runner.woken_reads - woken < 20  # ... not woken by each of the 300 tokens
+    records = httpx.get(f"{fixed_step_server.root}/admin/requests", timeout=10).json()["data"]
+    assert records[-1]["completion_tokens"] == 300 and records[-1]["finish_reason"] == "length"
+
+
+def test_slow_steps_wake_the_loop_and_are_never_polled(fixed_step_server: ServerThread) -> None:
+    pieces = stream_tokens(fixed_step_server, "slow", 12)
+    runner = fixed_step_server.engine.manager.resident("slow:latest").runner
+    assert "".join(pieces) == "a" * 12
+    assert runner.polled_reads == 0 and runner.woken_reads >= 12
+
+
+def test_a_request_arriving_while_polling_is_answered_and_idle_the_loop_waits_on_the_pipe(fixed_step_server: ServerThread) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(stream_tokens, fixed_step_server, "fast", 400)
+        time.sleep(0.3)  # the first is being polled by now
+        short = pool.submit(stream_tokens, fixed_step_server, "fast", 5)
+        assert "".join(short.result(60)) == "a" * 5 and "".join(long.result(60)) == "a" * 400
+    runner = fixed_step_server.engine.manager.resident("fast:latest").runner
+    assert runner._fd is not None and runner._timer is None  # noqa: SLF001 - idle again: waiting on the pipe
