@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
+import select
 import threading
 import time
 from collections import deque
@@ -506,6 +507,12 @@ class Outbox:
         self._held.pop(job_id, None)
 
     def step(self, events: list[StepEvent], batch: int, t_start: float, t_end: float) -> None:
+        if not self._held and len(events) == 1 and self._streaming.get(events[0].job_id, True):
+            # the common case (one streaming job): straight out, nothing to merge
+            if events[0].finished:
+                self._streaming.pop(events[0].job_id, None)
+            self._conn.send(("events", events, batch, t_start, t_end))
+            return
         urgent = False
         for event in events:
             if event.finished or self._streaming.get(event.job_id, True) or event.job_id not in self._started:
@@ -533,10 +540,21 @@ def serve(backend: Any, conn: Any) -> None:
     """Step while there is work; between steps take commands; report memory while working."""
     memory_at = time.monotonic()
     outbox = Outbox(conn)
+    # between two steps the pipe is only glanced at: a poll object is cheaper than conn.poll(0)
+    poller = getattr(select, "poll", None)
+    if poller is not None:
+        poller = poller()
+        poller.register(conn.fileno(), select.POLLIN)
+
+    def has_command(busy: bool) -> bool:
+        if busy and poller is not None:
+            return bool(poller.poll(0))
+        return conn.poll(0 if busy else None)
+
     while True:
         busy = backend.has_work()
         try:
-            while conn.poll(0 if busy else None):
+            while has_command(busy):
                 msg = conn.recv()
                 if not handle(backend, conn, msg, outbox):
                     return
