@@ -13,7 +13,7 @@ pipe and reads it on a short timer instead (:data:`POLL_FASTER_THAN_S`). A write
 sleeping reader costs the writer, here the model process between two of its steps, tens of
 microseconds on a virtual machine: a few per cent of a 2.5 ms step. With nobody waiting on the pipe,
 the write costs nothing more than the copy; the tokens reach the clients up to one poll interval later
-(half a step, at most 2 ms), and time to first token is untouched.
+(half a step, 1 to 2 ms), and time to first token is untouched.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from app.engine.runner import Runner, _distribute, _Tracked
 log = logging.getLogger(__name__)
 #: poll instead of waiting when the model's steps come faster than this
 POLL_FASTER_THAN_S = 0.010
-POLL_MIN_S, POLL_MAX_S = 0.0005, 0.002
+#: the poll interval: half a step, within these (qasync's timers count whole milliseconds: less than
+#: 1 ms would be a timer of 0, a busy loop)
+POLL_MIN_S, POLL_MAX_S = 0.001, 0.002
 
 
 def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Any) -> bool:
