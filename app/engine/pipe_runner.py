@@ -57,8 +57,7 @@ class PipeRunner(Runner):
         super().__init__(model, backend, metrics, loop)
         self._fd: int | None = None  # set while the loop waits on the pipe
         self._timer: asyncio.TimerHandle | None = None  # set while it polls the pipe instead
-        self._last_step_end: float | None = None
-        self._step_s: float | None = None  # recent time between two steps of the model process
+        self._step_s: float | None = None  # how long the model process's recent steps took
         #: how many pipe reads came from the timer and from the pipe's readiness (diagnostics, tests)
         self.polled_reads = 0
         self.woken_reads = 0
@@ -139,7 +138,7 @@ class PipeRunner(Runner):
         for msg in backend.read_available():
             self._apply_step(lambda m=msg: backend.take_step(m))
             self._handoff_new.clear()  # the model process does not wait for the loop: no hand-off
-            self._note_step_end(msg)
+            self._note_step(msg)
         dead = backend.dead
         if dead is not None:
             self._stop_reading()
@@ -148,14 +147,12 @@ class PipeRunner(Runner):
         if dead is None and not self._stopping:
             self._choose_mode()
 
-    def _note_step_end(self, msg: tuple) -> None:
-        if msg[0] != "events":
+    def _note_step(self, msg: tuple) -> None:
+        """Follow how long the model process's steps take (its own clock: idle time does not count)."""
+        if msg[0] != "events" or msg[4] <= msg[3]:
             return
-        end = msg[4]
-        if self._last_step_end is not None and end > self._last_step_end:
-            gap = end - self._last_step_end
-            self._step_s = gap if self._step_s is None else 0.7 * self._step_s + 0.3 * gap
-        self._last_step_end = end
+        took = msg[4] - msg[3]
+        self._step_s = took if self._step_s is None else 0.7 * self._step_s + 0.3 * took
 
     def _choose_mode(self) -> None:
         """Poll while every job has its first text and steps are fast; else wait on the pipe."""
@@ -164,7 +161,6 @@ class PipeRunner(Runner):
         tracked = self._tracked.values()
         fast = self._step_s is not None and self._step_s < POLL_FASTER_THAN_S
         if not (tracked and fast and all(t.first_text is not None for t in tracked)):
-            self._last_step_end = None if not tracked else self._last_step_end
             self._wait_on_pipe()
             return
         if self._fd is not None:
