@@ -396,6 +396,19 @@ def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_start
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_spare_that_died_is_replaced_by_a_fresh_process(server: ServerThread) -> None:
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert wait_for(lambda: any(s["alive"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]))
+    (spare,) = [s["pid"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]]
+    os.kill(spare, signal.SIGKILL)
+    httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
+    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert model_pid(server) not in (None, spare)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
 def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies(tmp_path: Path) -> None:
     from app.engine.backends.process_backend import SparePool
 

@@ -160,7 +160,12 @@ class ProcessBackend:
         spare = SPARES.take(self.target) if self._keep_spare else None
         progress(0.0, "starting the model process" if spare is None else "handing the model to a ready process")
         self._proc, self._conn = spare or start_process(self.target)
-        self._send(("load", self.model_dir, self._kwargs))
+        try:
+            self._send(("load", self.model_dir, self._kwargs))
+        except (BrokenPipeError, OSError):  # a spare that ended in the meantime: start a fresh one
+            self._reap()
+            self._proc, self._conn = start_process(self.target)
+            self._send(("load", self.model_dir, self._kwargs))
         cancel_deadline: float | None = None
         while True:
             if cancel.is_set() and cancel_deadline is None:
