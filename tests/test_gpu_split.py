@@ -29,3 +29,17 @@ def test_split_syntax() -> None:
     for bad in ("x", "20;24", "-1,5", ""):
         with pytest.raises(ValueError):
             Settings(gpu_split=bad)
+
+
+def test_the_extension_build_is_announced_only_when_it_will_happen(tmp_path, monkeypatch) -> None:
+    """exllamav2's CUDA extension compiles at first import (minutes); later starts find torch's build."""
+    from app.engine.backends.exllamav2_backend import extension_needs_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extension_needs_build()  # no exllamav2 here, nothing built
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = tmp_path / _get_build_directory("exllamav2_ext", verbose=False)
+    built.mkdir(parents=True, exist_ok=True)
+    (built / "exllamav2_ext.so").write_bytes(b"")
+    assert not extension_needs_build()

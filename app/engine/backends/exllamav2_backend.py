@@ -11,7 +11,9 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Sequence
 
 from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
@@ -39,8 +41,18 @@ def flash_attn_ok() -> bool:
     return tuple(parts) >= (2, 5, 7)
 
 
-def extension_prebuilt() -> bool:
-    return importlib.util.find_spec("exllamav2_ext") is not None
+def extension_needs_build() -> bool:
+    """Whether importing exllamav2 will compile its CUDA extension (minutes): not installed prebuilt
+    and not in torch's JIT build cache from an earlier start."""
+    if "exllamav2" in sys.modules or importlib.util.find_spec("exllamav2_ext") is not None:
+        return False
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where torch keeps JIT builds
+
+        folder = Path(_get_build_directory("exllamav2_ext", verbose=False))
+        return not any(folder.glob("exllamav2_ext*.so")) and not any(folder.glob("exllamav2_ext*.pyd"))
+    except Exception:  # noqa: BLE001 - torch's private helper moved: assume the worst, say "first time"
+        return True
 
 
 class ExLlamaV2Backend:
@@ -77,8 +89,11 @@ class ExLlamaV2Backend:
 
         if not torch.cuda.is_available():
             return  # load() says so readably
-        if not extension_prebuilt():
-            progress(0.0, "loading exllamav2's CUDA extension (the first time it is built: several minutes)")
+        if extension_needs_build():
+            progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
+            log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
+        else:
+            progress(0.0, "importing exllamav2")
         import exllamav2  # noqa: F401
         from exllamav2.generator import ExLlamaV2DynamicGenerator  # noqa: F401
 
@@ -89,8 +104,8 @@ class ExLlamaV2Backend:
             raise BackendLoadError("the exllamav2 backend needs torch with CUDA; install the 'exllamav2' extra") from None
         if not torch.cuda.is_available():
             raise BackendLoadError("the exllamav2 backend needs an NVIDIA GPU with CUDA; torch sees none")
-        if not extension_prebuilt():
-            progress(0.0, "building the exllamav2 CUDA extension (first run only; this takes several minutes)")
+        if extension_needs_build():  # not warmed up first (the backend used in this process)
+            progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
             log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
         try:
             from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
