@@ -496,3 +496,21 @@ def test_a_request_arriving_while_polling_is_answered_and_idle_the_loop_waits_on
         assert "".join(short.result(60)) == "a" * 5 and "".join(long.result(60)) == "a" * 400
     runner = fixed_step_server.engine.manager.resident("fast:latest").runner
     assert runner._fd is not None and runner._timer is None  # noqa: SLF001 - idle again: waiting on the pipe
+
+
+def test_a_spare_ends_a_while_after_the_last_model_of_its_backend_is_unloaded() -> None:
+    from app.engine.backends.process_backend import SparePool
+
+    pool = SparePool(idle_s=0.5)
+    try:
+        pool.loaded(TARGET)
+        pool.refill(TARGET)
+        (first,) = pool.describe()
+        pool.unloaded(TARGET)
+        pool.loaded(TARGET)  # loaded again in time (a model switch): the spare stays
+        time.sleep(1.0)
+        assert [s["pid"] for s in pool.describe()] == [first["pid"]] and not process_gone(first["pid"])
+        pool.unloaded(TARGET)  # nothing of this backend loaded any more
+        assert wait_for(lambda: pool.describe() == [], 10) and wait_for(lambda: process_gone(first["pid"]), 10)
+    finally:
+        pool.close()

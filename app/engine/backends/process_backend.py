@@ -75,13 +75,43 @@ class SparePool:
     A model process spends seconds importing torch and the backend's library before it can load
     anything (about 10 s for exllamav2 on the GPU test machine), which every model switch would pay.
     The spare has done those imports and waits for a model; it costs that process's memory and no GPU
-    memory (nothing touches CUDA before a model is loaded). It ends with the server, or by itself
-    when the server's end of its pipe closes.
+    memory (nothing touches CUDA before a model is loaded). It ends with the server, by itself when
+    the server's end of its pipe closes, or ``idle_s`` after the last model of its backend was
+    unloaded (an app left idle gives the memory back).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, idle_s: float = 600.0) -> None:
+        self.idle_s = idle_s
         self._lock = threading.Lock()
         self._spares: dict[str, tuple[Any, Any]] = {}
+        self._loaded: dict[str, int] = {}
+        self._timers: dict[str, threading.Timer] = {}
+
+    def loaded(self, target: str) -> None:
+        """A model of ``target`` is loaded: keep its spare."""
+        with self._lock:
+            self._loaded[target] = self._loaded.get(target, 0) + 1
+            timer = self._timers.pop(target, None)
+        if timer is not None:
+            timer.cancel()
+
+    def unloaded(self, target: str) -> None:
+        """A model of ``target`` is gone; with none left, its spare ends after ``idle_s``."""
+        with self._lock:
+            self._loaded[target] = max(self._loaded.get(target, 0) - 1, 0)
+            if self._loaded[target] or target not in self._spares or target in self._timers:
+                return
+            timer = self._timers[target] = threading.Timer(self.idle_s, self._expire, [target])
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self, target: str) -> None:
+        with self._lock:
+            self._timers.pop(target, None)
+            spare = None if self._loaded.get(target) else self._spares.pop(target, None)
+        if spare is not None:
+            log.info("no %s model loaded for %.0f s: the spare model process ends", target, self.idle_s)
+            _end(*spare)
 
     def take(self, target: str) -> tuple[Any, Any] | None:
         with self._lock:
@@ -105,10 +135,17 @@ class SparePool:
     def close(self) -> None:
         with self._lock:
             spares, self._spares = list(self._spares.values()), {}
+            timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
         for proc, conn in spares:
-            conn.close()
-            proc.kill()
-            proc.join(5)
+            _end(proc, conn)
+
+
+def _end(proc: Any, conn: Any) -> None:
+    conn.close()
+    proc.kill()
+    proc.join(5)
 
 
 SPARES = SparePool()
@@ -140,6 +177,7 @@ class ProcessBackend:
         self.loop_reads = False
         self._kwargs = kwargs
         self._keep_spare = keep_spare
+        self._counted = False  # SPARES knows this backend as loaded
         self._proc: Any = None
         self._conn: Any = None
         self._send_lock = threading.Lock()
@@ -194,6 +232,8 @@ class ProcessBackend:
                 self._send(("serve",))
                 self._loaded(msg[1])
                 if self._keep_spare:
+                    SPARES.loaded(self.target)
+                    self._counted = True
                     SPARES.refill(self.target)
                 return
 
@@ -225,6 +265,9 @@ class ProcessBackend:
         self._reap()
 
     def _reap(self) -> None:
+        if self._counted:
+            self._counted = False
+            SPARES.unloaded(self.target)
         proc, self._proc = self._proc, None
         if proc is not None and proc.is_alive():
             proc.kill()
