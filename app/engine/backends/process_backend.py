@@ -126,7 +126,12 @@ class SparePool:
         with self._lock:
             if target in self._spares and self._spares[target][0].is_alive():
                 return
-            self._spares[target] = start_process(target)
+        started = start_process(target)  # outside the lock: /health reads the pool on the event loop
+        with self._lock:
+            extra = self._spares.get(target)
+            self._spares[target] = started
+        if extra is not None:  # a dead spare, or one that another refill started meanwhile: end it
+            _end(*extra)
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
