@@ -514,3 +514,29 @@ def test_a_spare_ends_a_while_after_the_last_model_of_its_backend_is_unloaded() 
         assert wait_for(lambda: pool.describe() == [], 10) and wait_for(lambda: process_gone(first["pid"]), 10)
     finally:
         pool.close()
+
+
+def test_where_the_loop_cannot_watch_the_pipe_the_runner_thread_reads_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Windows' proactor loop has no add_reader: the model process is then driven by the runner thread."""
+    from app.engine import model_manager
+    from app.engine.runner import Runner
+
+    registry = Registry(tmp_path / "models.json")
+    register(registry, "tiny", tiny_model_dir, context_length=256, batch_size=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_manager, "loop_can_read", lambda loop, backend: False)
+        srv = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(
+            reg, backend_factory=lambda e, s: ProcessBackend(TARGET, "transformers", e.model_dir, keep_spare=False,
+                                                             context_length=256, max_batch=4), **kw)).start()
+        try:
+            client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120)
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
+                    "temperature": 0, "logit_bias": {"2": -100}}
+            whole = client.chat.completions.create(**body).choices[0].message.content
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                **body, stream=True) if c.choices)
+            runner = srv.engine.manager.resident("tiny:latest").runner
+            assert type(runner) is Runner and not runner.backend.loop_reads
+            assert streamed == whole != ""
+        finally:
+            srv.stop()
