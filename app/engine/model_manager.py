@@ -19,7 +19,7 @@ from typing import Callable, Literal
 from app.engine.backends.base import Backend, BackendLoadError, LoadCancelled
 from app.engine.metrics import EngineMetrics
 from app.engine.pipe_runner import PipeRunner, loop_can_read
-from app.engine.runner import Runner
+from app.engine.runner import Runner, RunnerBase
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Resident:
     state: ResidentState = "loading"
     progress: float = 0.0
     message: str = "queued"
-    runner: Runner | None = None
+    runner: RunnerBase | None = None
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -255,7 +255,7 @@ class ModelManager:
         resident.message = "unloading"
         self._spawn(self._unload(resident, runner))
 
-    async def _unload(self, resident: Resident, runner: Runner | None) -> None:
+    async def _unload(self, resident: Resident, runner: RunnerBase | None) -> None:
         log.info("unloading model %s", resident.name)
         if runner is not None:
             await asyncio.to_thread(runner.stop)

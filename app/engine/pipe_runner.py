@@ -23,9 +23,9 @@ import logging
 import threading
 from typing import Any
 
-from app.engine.jobs import BackendJob, JobEvent, StepEvent
+from app.engine.jobs import BackendJob, JobEvent
 from app.engine.metrics import EngineMetrics
-from app.engine.runner import Runner, _distribute, _Tracked
+from app.engine.runner import RunnerBase, _distribute, _Tracked
 
 log = logging.getLogger(__name__)
 #: poll instead of waiting when the model's steps come faster than this
@@ -48,8 +48,8 @@ def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Any) -> bool:
     return True
 
 
-class PipeRunner(Runner):
-    """Same contract as :class:`Runner`; call everything but :meth:`stop` on the event loop."""
+class PipeRunner(RunnerBase):
+    """Same contract as :class:`~app.engine.runner.Runner`; call everything but :meth:`stop` on the event loop."""
 
     steps_elsewhere = True
 
@@ -137,7 +137,6 @@ class PipeRunner(Runner):
         backend = self.backend
         for msg in backend.read_available():
             self._apply_step(lambda m=msg: backend.take_step(m))
-            self._handoff_new.clear()  # the model process does not wait for the loop: no hand-off
             self._note_step(msg)
         dead = backend.dead
         if dead is not None:
@@ -187,21 +186,14 @@ class PipeRunner(Runner):
             self._fd = None
 
     def _end_all(self, reason: str) -> None:
-        for tracked in list(self._tracked.values()):
-            self.backend.cancel(tracked.job.job_id)
-            self._finish(tracked, "error", "", error=reason)
+        self._fail_all(reason)
         self._flush()
 
-    def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
-        if event.text and tracked.first_text is None:
-            tracked.step_times = getattr(self.backend, "last_step_times", None)
-        super()._deliver(tracked, event)
+    def _first_text(self, tracked: _Tracked) -> None:
+        tracked.step_times = getattr(self.backend, "last_step_times", None)
 
     def _flush(self) -> None:
         """On the loop already: the events go straight into the jobs' queues."""
         if self._outbox:
             batch, self._outbox = self._outbox, []
             _distribute(batch)
-
-    def _run(self) -> None:  # pragma: no cover - there is no thread
-        raise RuntimeError("PipeRunner has no thread")

@@ -1,5 +1,9 @@
 """The worker thread that drives one loaded backend and hands events to asyncio.
 
+:class:`RunnerBase` is what every runner does with a backend's events (tracking, delivery, metrics);
+:class:`Runner` is the thread described here; :class:`~app.engine.pipe_runner.PipeRunner` drives a
+backend in a model process from the event loop itself.
+
 The backend's step loop never runs on the event loop. Jobs and cancels reach the thread through a
 condition-guarded inbox; events go back with ``loop.call_soon_threadsafe`` into each job's
 unbounded asyncio queue (unbounded so that one slow client can never stall the step loop).
@@ -46,8 +50,11 @@ class _Tracked:
     text: list[str] = field(default_factory=list)
 
 
-class Runner:
-    """Owns a loaded backend and its worker thread."""
+class RunnerBase:
+    """What every runner does with a backend's events: track jobs, deliver text and the end, metrics.
+
+    Subclasses say how jobs reach the backend and how events reach the loop (:meth:`_flush`).
+    """
 
     #: the backend steps outside this process (no GIL shared with the event loop)
     steps_elsewhere = False
@@ -58,20 +65,117 @@ class Runner:
         self.backend = backend
         self._metrics = metrics
         self._loop = loop
+        self._tracked: dict[int, _Tracked] = {}
+        self._stopping = False
+        self._outbox: list[tuple[asyncio.Queue, JobEvent]] = []
+        self.steps = 0
+
+    def first_text_sent(self, job_id: int) -> None:
+        """The consumer has written a streaming job's first text."""
+        tracked = self._tracked.get(job_id)
+        if tracked is not None and tracked.sent is None:
+            tracked.sent = time.monotonic()
+
+    def _apply_step(self, step: Callable[[], list[StepEvent]]) -> bool:
+        """Run ``step`` (one backend step, or the reading of one) and deliver its events; False when the
+        backend failed as a whole (every job it had has been ended with the reason)."""
+        backend = self.backend
+        try:
+            events = step()
+        except StepFailed as exc:  # only some jobs failed; the backend has dropped them
+            for job_id in exc.job_ids:
+                if job_id in self._tracked:
+                    self._finish(self._tracked[job_id], "error", "", error=f"generation failed: {exc}")
+            take = getattr(backend, "take_surviving_events", None)
+            events = take() if take is not None else []
+        except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
+            log.exception("backend step failed for model %s", self.model)
+            self._fail_all(f"generation failed: {exc}")
+            return False
+        self.steps += 1
+        self._metrics.record_step(getattr(backend, "last_step_batch", 1))
+        for event in events:
+            tracked = self._tracked.get(event.job_id)
+            if tracked is not None:
+                self._deliver(tracked, event)
+        return True
+
+    def _fail_all(self, reason: str) -> None:
+        """Cancel every job in the backend and end it with an error saying ``reason``."""
+        for tracked in list(self._tracked.values()):
+            self.backend.cancel(tracked.job.job_id)
+            self._finish(tracked, "error", "", error=reason)
+
+    def _first_text(self, tracked: _Tracked) -> None:
+        """A job's first visible text has just come (a hook for the subclasses)."""
+
+    def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
+        now = time.monotonic()
+        if event.text and tracked.first_text is None:
+            tracked.first_text = now
+            self._first_text(tracked)
+        if event.new_tokens:
+            if tracked.first_token is None:
+                tracked.first_token = now
+            elif tracked.last_token is not None:
+                self._metrics.token_latency.observe((now - tracked.last_token) / event.new_tokens)
+            tracked.last_token = now
+            tracked.tokens += event.new_tokens
+            self._metrics.record_tokens(event.new_tokens)
+        if event.finished:
+            self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error)
+        elif event.text:
+            if tracked.job.stream:
+                self._post(tracked, TextDelta(event.text))
+            else:
+                tracked.text.append(event.text)
+
+    def _finish(self, tracked: _Tracked, reason: str, text: str, error: str | None = None) -> None:
+        self._tracked.pop(tracked.job.job_id, None)
+        now = time.monotonic()
+        if tracked.job.stream and text:
+            self._post(tracked, TextDelta(text))
+            text = ""
+        full = "".join(tracked.text) + text
+        ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
+        usage = Usage(len(tracked.job.prompt_ids), tracked.tokens)
+        self._post(tracked, JobFinished(reason, usage, full, ttft, now - tracked.submitted, error))  # type: ignore[arg-type]
+        self._metrics.running.dec()
+        gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
+        tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
+        picked, first, sent, steps = tracked.picked, tracked.first_text, tracked.sent, tracked.step_times
+        self._metrics.record_finished(RequestRecord(
+            self.model, usage.prompt_tokens, usage.completion_tokens, ttft, tps, reason, time.time(),
+            queued_s=None if picked is None else picked - tracked.submitted,
+            first_step_s=None if picked is None or first is None else first - picked,
+            handoff_s=None if first is None or sent is None else sent - first,
+            to_model_step_s=None if steps is None or picked is None else steps[0] - picked,
+            model_step_s=None if steps is None else steps[1] - steps[0],
+            from_model_s=None if steps is None else steps[2] - steps[1]))
+
+    def _post(self, tracked: _Tracked, event: JobEvent) -> None:
+        self._outbox.append((tracked.queue, event))
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+
+class Runner(RunnerBase):
+    """Owns a loaded backend and its worker thread."""
+
+    def __init__(self, model: str, backend: Backend, metrics: EngineMetrics,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(model, backend, metrics, loop)
         self._cond = threading.Condition()
         self._inbox: list[_Tracked] = []
         self._cancels: set[int] = set()
-        self._tracked: dict[int, _Tracked] = {}
-        self._stopping = False
         self._cancel_all = False
         self._cancel_reason = ""
-        self._outbox: list[tuple[asyncio.Queue, JobEvent]] = []
         self._handoff_lock = threading.Lock()
         self._handoff_pending: set[int] = set()
         self._handoff_new: list[int] = []
         self._handoff_done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"runner:{model}", daemon=True)
-        self.steps = 0
 
     def start(self) -> None:
         # The step loop and the event loop share the GIL. While this thread runs Python between
@@ -95,9 +199,7 @@ class Runner:
 
     def first_text_sent(self, job_id: int) -> None:
         """The consumer has written a streaming job's first text (lets the GPU thread go on at once)."""
-        tracked = self._tracked.get(job_id)
-        if tracked is not None and tracked.sent is None:
-            tracked.sent = time.monotonic()
+        super().first_text_sent(job_id)
         with self._handoff_lock:
             self._handoff_pending.discard(job_id)
             if not self._handoff_pending:
@@ -143,17 +245,13 @@ class Runner:
                 self._tracked[tracked.job.job_id] = tracked
                 backend.submit(tracked.job)
             if cancel_all:
-                for tracked in list(self._tracked.values()):
-                    backend.cancel(tracked.job.job_id)
-                    self._finish(tracked, "error", "", error=self._cancel_reason)
+                self._fail_all(self._cancel_reason)
             for job_id in cancels:
                 if job_id in self._tracked:
                     backend.cancel(job_id)
                     self._finish(self._tracked[job_id], "cancelled", "")
             if stopping:
-                for tracked in list(self._tracked.values()):
-                    backend.cancel(tracked.job.job_id)
-                    self._finish(tracked, "error", "", error="the model was unloaded while generating")
+                self._fail_all("the model was unloaded while generating")
                 self._flush()
                 return
             self._flush()
@@ -163,32 +261,6 @@ class Runner:
                 self._flush_and_hand_off()
             else:
                 self._flush()
-
-    def _apply_step(self, step: Callable[[], list[StepEvent]]) -> bool:
-        """Run ``step`` (one backend step, or the reading of one) and deliver its events; False when the
-        backend failed as a whole (every job it had has been ended with the reason)."""
-        backend = self.backend
-        try:
-            events = step()
-        except StepFailed as exc:  # only some jobs failed; the backend has dropped them
-            for job_id in exc.job_ids:
-                if job_id in self._tracked:
-                    self._finish(self._tracked[job_id], "error", "", error=f"generation failed: {exc}")
-            take = getattr(backend, "take_surviving_events", None)
-            events = take() if take is not None else []
-        except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
-            log.exception("backend step failed for model %s", self.model)
-            for tracked in list(self._tracked.values()):
-                backend.cancel(tracked.job.job_id)
-                self._finish(tracked, "error", "", error=f"generation failed: {exc}")
-            return False
-        self.steps += 1
-        self._metrics.record_step(getattr(backend, "last_step_batch", 1))
-        for event in events:
-            tracked = self._tracked.get(event.job_id)
-            if tracked is not None:
-                self._deliver(tracked, event)
-        return True
 
     def _flush_and_hand_off(self) -> None:
         """Flush; if this step carried a streaming job's first text, let the loop send it first."""
@@ -204,53 +276,9 @@ class Runner:
         with self._handoff_lock:
             self._handoff_pending.clear()
 
-    def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
-        now = time.monotonic()
-        if event.text and tracked.first_text is None:
-            tracked.first_text = now
-            if tracked.job.stream:
-                self._handoff_new.append(tracked.job.job_id)
-        if event.new_tokens:
-            if tracked.first_token is None:
-                tracked.first_token = now
-            elif tracked.last_token is not None:
-                self._metrics.token_latency.observe((now - tracked.last_token) / event.new_tokens)
-            tracked.last_token = now
-            tracked.tokens += event.new_tokens
-            self._metrics.record_tokens(event.new_tokens)
-        if event.finished:
-            self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error)
-        elif event.text:
-            if tracked.job.stream:
-                self._post(tracked, TextDelta(event.text))
-            else:
-                tracked.text.append(event.text)
-
-    def _finish(self, tracked: _Tracked, reason: str, text: str, error: str | None = None) -> None:
-        self._tracked.pop(tracked.job.job_id, None)
-        now = time.monotonic()
-        if tracked.job.stream and text:
-            self._post(tracked, TextDelta(text))
-            text = ""
-        full = "".join(tracked.text) + text
-        ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
-        usage = Usage(len(tracked.job.prompt_ids), tracked.tokens)
-        self._post(tracked, JobFinished(reason, usage, full, ttft, now - tracked.submitted, error))  # type: ignore[arg-type]
-        self._metrics.running.dec()
-        gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
-        tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
-        picked, first, sent, steps = tracked.picked, tracked.first_text, tracked.sent, tracked.step_times
-        self._metrics.record_finished(RequestRecord(
-            self.model, usage.prompt_tokens, usage.completion_tokens, ttft, tps, reason, time.time(),
-            queued_s=None if picked is None else picked - tracked.submitted,
-            first_step_s=None if picked is None or first is None else first - picked,
-            handoff_s=None if first is None or sent is None else sent - first,
-            to_model_step_s=None if steps is None or picked is None else steps[0] - picked,
-            model_step_s=None if steps is None else steps[1] - steps[0],
-            from_model_s=None if steps is None else steps[2] - steps[1]))
-
-    def _post(self, tracked: _Tracked, event: JobEvent) -> None:
-        self._outbox.append((tracked.queue, event))
+    def _first_text(self, tracked: _Tracked) -> None:
+        if tracked.job.stream:
+            self._handoff_new.append(tracked.job.job_id)
 
     def _flush(self) -> None:
         """Hand this step's events to the loop in one wake-up (one self-pipe write per step)."""
