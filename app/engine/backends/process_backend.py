@@ -17,12 +17,14 @@ Messages over a ``multiprocessing`` pipe (pickled tuples):
   add_bos)``, ``("census", request_id)``, ``("unload",)``
 - from it: ``("progress", fraction, message)``, ``("loaded", info)``,
   ``("load_failed", cancelled, message)``; then ``("events", events, batch, t_start, t_end)`` after
-  a step (see :class:`Outbox` for the steps of non-streaming jobs), ``("step_failed", job_ids, message, events, batch)``, ``("step_error", message)``,
-  ``("memory", {device: bytes})`` (while working), ``("reply", request_id, answer)``, ``("unloaded",)``
+  a step (see :class:`Outbox` for the steps of non-streaming jobs), ``("step_failed", job_ids,
+  message, events, batch)``, ``("step_error", message)``, ``("memory", {device: bytes})`` (while
+  working), ``("reply", request_id, answer)``, ``("unloaded",)``
 
 The model process keeps stepping while it has jobs and never waits for this side. On this side
-whoever needs a message reads the pipe (the runner thread in :meth:`ProcessBackend.step`, a caller
-of :meth:`ProcessBackend.encode`); there is no relay thread in between.
+whoever needs a message reads the pipe: the event loop through :meth:`ProcessBackend.read_available`
+(see :mod:`app.engine.pipe_runner`), or where a loop cannot watch it the runner thread in
+:meth:`ProcessBackend.step` and a caller of :meth:`ProcessBackend.encode`; no relay thread between.
 """
 
 from __future__ import annotations
@@ -284,11 +286,9 @@ class ProcessBackend:
 
     def memory_used(self) -> dict[str, int]:
         """The model process's latest memory report (read off the pipe here when nobody else reads it)."""
-        if (not self.loop_reads and self._conn is not None and self._dead is None
-                and self._read_lock.acquire(blocking=False)):
+        if not self.loop_reads and self._conn is not None and self._read_lock.acquire(blocking=False):
             try:
-                while self._dead is None and self._conn.poll(0):
-                    self._read_one(0)
+                self._drain()
             finally:
                 self._read_lock.release()
         return dict(self._memory)
@@ -314,14 +314,18 @@ class ProcessBackend:
         here; step messages come back in order, for :meth:`take_step`. The end of the process shows
         as :attr:`dead`."""
         with self._read_lock:
-            try:
-                while self._dead is None and self._conn.poll(0):
-                    self._read_one(0)
-            except (EOFError, OSError):
-                self._mark_dead()
+            self._drain()
             out = list(self._inbox)
             self._inbox.clear()
         return out
+
+    def _drain(self) -> None:
+        """Read and dispatch everything already sent. Hold ``_read_lock``."""
+        try:
+            while self._dead is None and self._conn.poll(0):
+                self._read_one(0)
+        except (EOFError, OSError):
+            self._mark_dead()
 
     def has_pending(self) -> bool:
         """Step messages already read (or made here for a job the dead process never got)."""
@@ -634,9 +638,10 @@ def serve(backend: Any, conn: Any) -> None:
         else:
             outbox.step(events, getattr(backend, "last_step_batch", 1), t_start, time.monotonic())
         now = time.monotonic()
-        if not backend.has_work():
+        done = not backend.has_work()
+        if done:
             outbox.flush()
-        if now - memory_at >= MEMORY_EVERY_S or not backend.has_work():
+        if done or now - memory_at >= MEMORY_EVERY_S:
             memory_at = now
             conn.send(("memory", backend.memory_used()))
 
