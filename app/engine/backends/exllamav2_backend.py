@@ -55,6 +55,15 @@ def extension_needs_build() -> bool:
         return True
 
 
+def announce_extension_build(progress: ProgressFn) -> bool:
+    """Say so (progress and log) when importing exllamav2 is about to build its extension."""
+    if not extension_needs_build():
+        return False
+    progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
+    log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
+    return True
+
+
 class ExLlamaV2Backend:
     name = "exllamav2"
 
@@ -89,10 +98,7 @@ class ExLlamaV2Backend:
 
         if not torch.cuda.is_available():
             return  # load() says so readably
-        if extension_needs_build():
-            progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
-            log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
-        else:
+        if not announce_extension_build(progress):
             progress(0.0, "importing exllamav2")
         import exllamav2  # noqa: F401
         from exllamav2.generator import ExLlamaV2DynamicGenerator  # noqa: F401
@@ -104,9 +110,7 @@ class ExLlamaV2Backend:
             raise BackendLoadError("the exllamav2 backend needs torch with CUDA; install the 'exllamav2' extra") from None
         if not torch.cuda.is_available():
             raise BackendLoadError("the exllamav2 backend needs an NVIDIA GPU with CUDA; torch sees none")
-        if extension_needs_build():  # not warmed up first (the backend used in this process)
-            progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
-            log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
+        announce_extension_build(progress)  # when not warmed up first (the backend used in this process)
         try:
             from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
             import exllamav2 as exl
