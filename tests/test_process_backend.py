@@ -228,6 +228,9 @@ def test_the_event_loop_reads_the_model_process_directly(server: ServerThread) -
     # where the first text's time went, measured on both sides of the pipe
     assert last["to_model_step_s"] is not None and last["to_model_step_s"] >= 0
     assert 0 < last["model_step_s"] < 60 and last["from_model_s"] >= 0
+    # and its decoding in the model process: 5 steps after the first, inside a span that holds them
+    assert last["completion_tokens"] == 6 and last["model_decode_steps"] == 5
+    assert 0 < last["model_decode_in_steps_s"] <= last["model_decode_span_s"] < 60
 
 
 def test_encoding_asked_of_the_model_process_is_answered_while_the_loop_reads(server: ServerThread) -> None:
@@ -305,10 +308,10 @@ def test_a_model_process_killed_during_a_stream_ends_it_with_the_reason(server: 
 def test_outbox_sends_streams_at_once_and_holds_a_non_streaming_jobs_middle(tmp_path: Path) -> None:
     from multiprocessing import Pipe
 
-    from app.engine.backends.process_backend import Outbox
+    from app.engine.backends.process_backend import Outbox, from_wire, pipe_writer
 
     here, there = Pipe()
-    outbox = Outbox(there)
+    outbox = Outbox(pipe_writer(there))
     streaming, whole = job([1, 2], 50), job([1, 2], 50, stream=False)
     outbox.submitted(streaming)
     outbox.submitted(whole)
@@ -316,7 +319,8 @@ def test_outbox_sends_streams_at_once_and_holds_a_non_streaming_jobs_middle(tmp_
     def sent() -> list:
         out = []
         while here.poll(0):
-            out.append(here.recv())
+            msg = here.recv()
+            out.append((msg[0], from_wire(msg[1]), *msg[2:]))
         return out
 
     outbox.step([StepEvent(whole.job_id, "a", 1)], 1, 0.0, 0.001)  # a job's first event: at once
@@ -334,7 +338,11 @@ def test_outbox_sends_streams_at_once_and_holds_a_non_streaming_jobs_middle(tmp_
     outbox.step([StepEvent(whole.job_id, "f", 1)], 1, 0.202, 0.203)
     outbox.step([StepEvent(whole.job_id, "g", 1, True, "length")], 1, 0.203, 0.204)  # the end: at once
     (msg,) = sent()
-    assert msg[1] == [StepEvent(whole.job_id, "fg", 2, True, "length")]
+    # the end carries the job's decode times: six steps after its first, 1 ms each, over 0.203 s
+    (end,) = msg[1]
+    assert end.decode_times is not None and end.decode_times.steps == 6
+    assert end.decode_times.in_steps_s == pytest.approx(0.006) and end.decode_times.span_s == pytest.approx(0.203)
+    assert msg[1] == [StepEvent(whole.job_id, "fg", 2, True, "length", None, end.decode_times)]
     outbox.step([StepEvent(streaming.job_id, "y", 1)], 1, 0.3, 0.301)
     assert [m[1] for m in sent()] == [[StepEvent(streaming.job_id, "y", 1)]]
 

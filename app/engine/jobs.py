@@ -50,6 +50,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class DecodeTimes:
+    """How a job's steps after its first went in a model process (its own clock), for diagnostics."""
+
+    steps: int
+    #: time inside the backend's step() over those steps
+    in_steps_s: float
+    #: from the end of the job's first step to the end of its last
+    span_s: float
+
+
+@dataclass(frozen=True)
 class StepEvent:
     """What a backend reports for one job after a step: new text and tokens, and whether it ended."""
 
@@ -59,6 +70,8 @@ class StepEvent:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    #: on a finished job's last event, from backends in a model process
+    decode_times: DecodeTimes | None = None
 
 
 @dataclass(frozen=True)

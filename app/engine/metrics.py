@@ -33,6 +33,11 @@ class RequestRecord:
     to_model_step_s: float | None = None
     model_step_s: float | None = None
     from_model_s: float | None = None
+    #: the model process's side of decoding (steps after the first): how many, the time inside them,
+    #: and from the end of the first to the end of the last (the rest is its loop between steps)
+    model_decode_steps: int | None = None
+    model_decode_in_steps_s: float | None = None
+    model_decode_span_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from app.engine.backends.base import Backend, StepFailed
-from app.engine.jobs import BackendJob, JobEvent, JobFinished, StepEvent, TextDelta, Usage
+from app.engine.jobs import BackendJob, DecodeTimes, JobEvent, JobFinished, StepEvent, TextDelta, Usage
 from app.engine.metrics import EngineMetrics, RequestRecord
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class _Tracked:
     #: (start, end, read) of the model-process step that gave the first text (process backends)
     step_times: tuple[float, float, float] | None = None
     last_token: float | None = None
+    #: the model process's timing of the job's later steps (process backends, with the last event)
+    decode_times: DecodeTimes | None = None
     tokens: int = 0
     text: list[str] = field(default_factory=list)
 
@@ -123,6 +125,7 @@ class RunnerBase:
             tracked.tokens += event.new_tokens
             self._metrics.record_tokens(event.new_tokens)
         if event.finished:
+            tracked.decode_times = event.decode_times
             self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error)
         elif event.text:
             if tracked.job.stream:
@@ -144,6 +147,7 @@ class RunnerBase:
         gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
         tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
         picked, first, sent, steps = tracked.picked, tracked.first_text, tracked.sent, tracked.step_times
+        decode = tracked.decode_times
         self._metrics.record_finished(RequestRecord(
             self.model, usage.prompt_tokens, usage.completion_tokens, ttft, tps, reason, time.time(),
             queued_s=None if picked is None else picked - tracked.submitted,
@@ -151,7 +155,10 @@ class RunnerBase:
             handoff_s=None if first is None or sent is None else sent - first,
             to_model_step_s=None if steps is None or picked is None else steps[0] - picked,
             model_step_s=None if steps is None else steps[1] - steps[0],
-            from_model_s=None if steps is None else steps[2] - steps[1]))
+            from_model_s=None if steps is None else steps[2] - steps[1],
+            model_decode_steps=None if decode is None else decode.steps,
+            model_decode_in_steps_s=None if decode is None else decode.in_steps_s,
+            model_decode_span_s=None if decode is None else decode.span_s))
 
     def _post(self, tracked: _Tracked, event: JobEvent) -> None:
         self._outbox.append((tracked.queue, event))

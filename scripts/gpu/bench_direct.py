@@ -60,6 +60,8 @@ def main() -> int:
         return s
 
     first_text: list[float] = []
+    #: per run: steps after the first token, the time inside iterate() over them, their span
+    decode_times: list[tuple[int, float, float]] = []
 
     def run(max_new: int, seed: int) -> tuple[float, list[float], int]:
         job = ExLlamaV2DynamicJob(input_ids=ids, max_new_tokens=max_new, gen_settings=settings(), seed=seed,
@@ -69,8 +71,17 @@ def main() -> int:
         stamps: list[float] = []
         tokens = 0
         text_at = None
+        steps, in_steps, first_end, last_end = 0, 0.0, None, None
         while gen.num_remaining_jobs():
-            for r in gen.iterate():
+            t_step = time.perf_counter()
+            results = gen.iterate()
+            t_end = time.perf_counter()
+            if first_end is None:
+                if tokens or any(r.get("token_ids") is not None for r in results):
+                    first_end = last_end = t_end
+            else:
+                steps, in_steps, last_end = steps + 1, in_steps + t_end - t_step, t_end
+            for r in results:
                 if r.get("stage") == "streaming" and r.get("token_ids") is not None:
                     n = int(r["token_ids"].shape[-1])
                     if n:
@@ -80,6 +91,7 @@ def main() -> int:
                     if text_at is None and r.get("text"):
                         text_at = time.perf_counter()
         first_text.append((text_at or time.perf_counter()) - t0)
+        decode_times.append((steps, in_steps, (last_end or 0.0) - (first_end or 0.0)))
         return t0, stamps, tokens
 
     for i in range(3):
@@ -92,7 +104,9 @@ def main() -> int:
             cmd = json.loads(line)
             if cmd["op"] == "decode":
                 _, stamps, tokens = run(cmd["tokens"], cmd["seed"])
-                print(json.dumps({"rate": (tokens - 1) / (stamps[-1] - stamps[0])}), flush=True)
+                steps, in_steps, span = decode_times[-1]
+                print(json.dumps({"rate": (tokens - 1) / (stamps[-1] - stamps[0]), "steps": steps,
+                                  "in_steps_s": in_steps, "span_s": span}), flush=True)
             elif cmd["op"] == "ttft":
                 first_text.clear()
                 t0, stamps, _ = run(4, cmd["seed"])

@@ -29,7 +29,7 @@ BASE = f"http://127.0.0.1:{PORT}"
 BAN = {"2": -100, "5": -100}  # </s> and <|im_end|> of the generated tokenizer: keep random models talking
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 # runs per figure, taken in turns with the direct loop; this machine's speed drifts a lot between runs
-DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 12, 40, 10
+DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 24, 40, 10
 SWITCH_REQUESTS = 4
 
 
@@ -364,11 +364,32 @@ def http_bench(rep: Report) -> None:
         direct_proc.stdin.flush()
         return json.loads(direct_proc.stdout.readline())
 
-    rates, direct_rates = [], []
+    rates, direct_rates, direct_decodes = [], [], []
     for i in range(DECODE_RUNS):
-        direct_rates.append(direct({"op": "decode", "tokens": 256, "seed": 100 + i})["rate"])
-        _, _, stamps, n, _ = stream(256, 100 + i)
-        rates.append((n - 1) / (stamps[-1] - stamps[0]))
+        # in turns, and which side goes first alternates: whatever the first run of a pair pays (a
+        # process woken from idle, caches) falls on both sides alike
+        for side in (("direct", "http") if i % 2 == 0 else ("http", "direct")):
+            if side == "direct":
+                direct_decodes.append(direct({"op": "decode", "tokens": 256, "seed": 100 + i}))
+                direct_rates.append(direct_decodes[-1]["rate"])
+            else:
+                _, _, stamps, n, _ = stream(256, 100 + i)
+                rates.append((n - 1) / (stamps[-1] - stamps[0]))
+    # the model process's side of those runs, from the server's request log, against the direct loop's:
+    # per step, the time inside the generator's iterate() and the time of the loop around it
+    decode_records = [r for r in http.get(f"{BASE}/admin/requests").json()["data"]
+                      if r.get("completion_tokens") == 256 and r.get("model_decode_steps")][-DECODE_RUNS:]
+
+    def per_step_us(items: list[tuple[int, float, float]]) -> dict[str, float]:
+        inside = statistics.median(t / n for n, t, _ in items if n) * 1e6
+        span = statistics.median(s / n for n, _, s in items if n) * 1e6
+        return {"step_us": span, "inside_iterate_us": inside, "loop_us": span - inside}
+
+    if decode_records and direct_decodes:
+        rep.data["bench"]["decode_per_step"] = {
+            "model process": per_step_us([(r["model_decode_steps"], r["model_decode_in_steps_s"],
+                                           r["model_decode_span_s"]) for r in decode_records]),
+            "direct loop": per_step_us([(d["steps"], d["in_steps_s"], d["span_s"]) for d in direct_decodes])}
     ttfts, direct_ttft, direct_text = [], [], []
     prepare_ms.clear()
     ttft_sum0 = metric("exllama_tray_time_to_first_token_seconds_sum")
@@ -421,6 +442,15 @@ def http_bench(rep: Report) -> None:
         lat_full.append(time.perf_counter() - t0)
         if full["choices"][0]["text"] != s_text:
             mismatches += 1
+    # the same split for those 128-token requests (streamed and whole in turns): does the model process
+    # step slower while the server streams to a client than while it only waits for the end?
+    latency_records = [r for r in http.get(f"{BASE}/admin/requests").json()["data"]
+                       if r.get("completion_tokens") == 128 and r.get("model_decode_steps")][-2 * LATENCY_RUNS:]
+    if len(latency_records) == 2 * LATENCY_RUNS and "decode_per_step" in rep.data["bench"]:
+        for name, part in (("model process, 128 streamed", latency_records[0::2]),
+                           ("model process, 128 not streamed", latency_records[1::2])):
+            rep.data["bench"]["decode_per_step"][name] = per_step_us(
+                [(r["model_decode_steps"], r["model_decode_in_steps_s"], r["model_decode_span_s"]) for r in part])
     direct = rep.data["bench"].get("direct_interleaved", {})
     rep.data["bench"]["stream_vs_nonstream_text_mismatches"] = f"{mismatches}/{LATENCY_RUNS} (same seed)"
     results = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,

@@ -17,8 +17,8 @@ Messages over a ``multiprocessing`` pipe (pickled tuples):
   add_bos)``, ``("census", request_id)``, ``("unload",)``
 - from it: ``("progress", fraction, message)``, ``("loaded", info)``,
   ``("load_failed", cancelled, message)``; then ``("events", events, batch, t_start, t_end)`` after
-  a step (see :class:`Outbox` for the steps of non-streaming jobs), ``("step_failed", job_ids,
-  message, events, batch)``, ``("step_error", message)``, ``("memory", {device: bytes})`` (while
+  a step (see :class:`Outbox` for the steps of non-streaming jobs; events travel as plain tuples,
+  :func:`to_wire`), ``("step_failed", job_ids, message, events, batch)``, ``("step_error", message)``, ``("memory", {device: bytes})`` (while
   working), ``("reply", request_id, answer)``, ``("unloaded",)``
 
 The model process keeps stepping while it has jobs and never waits for this side. On this side
@@ -32,16 +32,19 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
+import os
+import pickle
 import select
+import struct
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
-from app.engine.jobs import BackendJob, StepEvent
+from app.engine.jobs import BackendJob, DecodeTimes, StepEvent
 from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
 
 log = logging.getLogger(__name__)
@@ -417,8 +420,8 @@ class ProcessBackend:
                 return
             except (BrokenPipeError, OSError):
                 self._mark_dead()
-        self._inbox.append(("events", [StepEvent(job.job_id, finished=True, finish_reason="error",
-                                                 error=self._dead)], 0, 0.0, 0.0))
+        self._inbox.append(("events", to_wire([StepEvent(job.job_id, finished=True, finish_reason="error",
+                                                         error=self._dead)]), 0, 0.0, 0.0))
 
     def cancel(self, job_id: int) -> None:
         if job_id in self._active:
@@ -456,12 +459,12 @@ class ProcessBackend:
             _, job_ids, message, events, batch = msg
             self.last_step_batch = batch
             self._active.difference_update(job_ids)
-            self._surviving = self._keep(events)
+            self._surviving = self._keep(from_wire(events))
             raise StepFailed(job_ids, message)
         _, events, batch, t_start, t_end = msg
         self.last_step_batch = batch
         self.last_step_times = (t_start, t_end, time.monotonic())
-        return self._keep(events)
+        return self._keep(from_wire(events))
 
     def take_surviving_events(self) -> list[StepEvent]:
         events, self._surviving = self._surviving, []
@@ -473,6 +476,42 @@ class ProcessBackend:
             if e.finished:
                 self._active.discard(e.job_id)
         return kept
+
+
+def to_wire(events: list[StepEvent], times: dict[int, list] | None = None) -> list[tuple]:
+    """Events as plain tuples: a dataclass costs ten times as much to pickle and unpickle, on the path
+    of every token. A finished job's decode times (kept in ``times``) go with its last event."""
+    out = []
+    for e in events:
+        rec = times.pop(e.job_id, None) if e.finished and times is not None else None
+        out.append((e.job_id, e.text, e.new_tokens, e.finished, e.finish_reason, e.error,
+                    None if rec is None else (rec[1], rec[2], rec[3] - rec[0])))
+    return out
+
+
+def from_wire(items: list[tuple]) -> list[StepEvent]:
+    return [StepEvent(job_id, text, n, finished, reason, error, None if times is None else DecodeTimes(*times))
+            for job_id, text, n, finished, reason, error, times in items]
+
+
+def pipe_writer(conn: Any) -> Callable[[tuple], None]:
+    """``conn.send`` without its per-call overhead (the same framing: a 4-byte big-endian length, then
+    the pickle), for the model process's per-token messages."""
+    fd = conn.fileno()
+    pack = struct.Struct("!i").pack
+    dumps = pickle.dumps
+    protocol = pickle.HIGHEST_PROTOCOL
+
+    def send(msg: tuple) -> None:
+        data = dumps(msg, protocol)
+        if len(data) >= 0x7FFFFFFF:  # conn.send's longer header
+            conn.send(msg)
+            return
+        view = memoryview(pack(len(data)) + data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return send
 
 
 # -- the model process -----------------------------------------------------------------
@@ -544,16 +583,21 @@ class Outbox:
     streaming job needs each token at once; a non-streaming job only needs its end. So a job's first
     event (time to first token), its last, and all of a streaming job's go at once; a non-streaming
     job's others are merged and held for at most ``HOLD_S`` (the server's token counters stay live).
+
+    It also times each job's steps after its first (:class:`~app.engine.jobs.DecodeTimes`, sent with
+    its last event): what the server's request log shows of the model process's side of decoding.
     """
 
     HOLD_S = 0.1
 
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
+    def __init__(self, send: Callable[[tuple], None]) -> None:
+        self._send = send
         self._streaming: dict[int, bool] = {}
         self._started: set[int] = set()
         self._held: dict[int, StepEvent] = {}
         self._held_since: float | None = None
+        #: job id -> [end of its first step, later steps, time in them, end of its last step]
+        self._times: dict[int, list] = {}
 
     def submitted(self, job: BackendJob) -> None:
         self._streaming[job.job_id] = job.stream
@@ -562,16 +606,29 @@ class Outbox:
         self._streaming.pop(job_id, None)
         self._started.discard(job_id)
         self._held.pop(job_id, None)
+        self._times.pop(job_id, None)
+
+    def _time(self, job_id: int, t_start: float, t_end: float) -> None:
+        rec = self._times.get(job_id)
+        if rec is None:
+            self._times[job_id] = [t_end, 0, 0.0, t_end]
+        else:
+            rec[1] += 1
+            rec[2] += t_end - t_start
+            rec[3] = t_end
 
     def step(self, events: list[StepEvent], batch: int, t_start: float, t_end: float) -> None:
         if not self._held and len(events) == 1 and self._streaming.get(events[0].job_id, True):
             # the common case (one streaming job): straight out, nothing to merge
-            if events[0].finished:
-                self._streaming.pop(events[0].job_id, None)
-            self._conn.send(("events", events, batch, t_start, t_end))
+            event = events[0]
+            self._time(event.job_id, t_start, t_end)
+            if event.finished:
+                self._streaming.pop(event.job_id, None)
+            self._send(("events", self.wire(events), batch, t_start, t_end))
             return
         urgent = False
         for event in events:
+            self._time(event.job_id, t_start, t_end)
             if event.finished or self._streaming.get(event.job_id, True) or event.job_id not in self._started:
                 urgent = True
             self._started.add(event.job_id)
@@ -590,13 +647,16 @@ class Outbox:
     def flush(self, batch: int = 0, t_start: float = 0.0, t_end: float = 0.0) -> None:
         if self._held:
             events, self._held, self._held_since = list(self._held.values()), {}, None
-            self._conn.send(("events", events, batch, t_start, t_end))
+            self._send(("events", self.wire(events), batch, t_start, t_end))
+
+    def wire(self, events: list[StepEvent]) -> list[tuple]:
+        return to_wire(events, self._times)
 
 
 def serve(backend: Any, conn: Any) -> None:
     """Step while there is work; between steps take commands; report memory while working."""
     memory_at = time.monotonic()
-    outbox = Outbox(conn)
+    outbox = Outbox(pipe_writer(conn))
     # between two steps the pipe is only glanced at: a poll object is cheaper than conn.poll(0)
     poller = getattr(select, "poll", None)
     if poller is not None:
@@ -627,7 +687,7 @@ def serve(backend: Any, conn: Any) -> None:
         except StepFailed as exc:
             outbox.flush()
             take = getattr(backend, "take_surviving_events", None)
-            conn.send(("step_failed", exc.job_ids, str(exc), take() if take is not None else [],
+            conn.send(("step_failed", exc.job_ids, str(exc), outbox.wire(take() if take is not None else []),
                        getattr(backend, "last_step_batch", 1)))
             for job_id in exc.job_ids:
                 outbox.forget(job_id)
