@@ -338,10 +338,11 @@ def test_outbox_sends_streams_at_once_and_holds_a_non_streaming_jobs_middle(tmp_
     outbox.step([StepEvent(whole.job_id, "f", 1)], 1, 0.202, 0.203)
     outbox.step([StepEvent(whole.job_id, "g", 1, True, "length")], 1, 0.203, 0.204)  # the end: at once
     (msg,) = sent()
-    # the end carries the job's decode times: six steps after its first, 1 ms each, over 0.203 s
+    # the end carries the job's decode times: every step after its first counts, the one that gave it
+    # no event too (seven, 1 ms each), from the end of its first step to the end of its last (0.203 s)
     (end,) = msg[1]
-    assert end.decode_times is not None and end.decode_times.steps == 6
-    assert end.decode_times.in_steps_s == pytest.approx(0.006) and end.decode_times.span_s == pytest.approx(0.203)
+    assert end.decode_times is not None and end.decode_times.steps == 7
+    assert end.decode_times.in_steps_s == pytest.approx(0.007) and end.decode_times.span_s == pytest.approx(0.203)
     assert msg[1] == [StepEvent(whole.job_id, "fg", 2, True, "length", None, end.decode_times)]
     outbox.step([StepEvent(streaming.job_id, "y", 1)], 1, 0.3, 0.301)
     assert [m[1] for m in sent()] == [[StepEvent(streaming.job_id, "y", 1)]]

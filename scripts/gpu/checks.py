@@ -29,7 +29,7 @@ BASE = f"http://127.0.0.1:{PORT}"
 BAN = {"2": -100, "5": -100}  # </s> and <|im_end|> of the generated tokenizer: keep random models talking
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 # runs per figure, taken in turns with the direct loop; this machine's speed drifts a lot between runs
-DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 24, 40, 10
+DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 24, 40, 20
 SWITCH_REQUESTS = 4
 
 
@@ -434,21 +434,28 @@ def http_bench(rep: Report) -> None:
     ttft_prepare = statistics.median(prepare_ms) if prepare_ms else None
     lat_stream, lat_full = [], []
     mismatches = 0
+    kinds: list[str] = []  # the order the server saw them in, for its request log below
     for i in range(LATENCY_RUNS):
-        t0, _, _, _, s_text = stream(128, 300 + i)
-        lat_stream.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        full = http.post(f"{BASE}/v1/completions", json={**body, "max_tokens": 128, "seed": 300 + i}).json()
-        lat_full.append(time.perf_counter() - t0)
-        if full["choices"][0]["text"] != s_text:
+        s_text = full_text = ""
+        for kind in (("stream", "whole") if i % 2 == 0 else ("whole", "stream")):  # who goes first alternates
+            kinds.append(kind)
+            if kind == "stream":
+                t0, _, _, _, s_text = stream(128, 300 + i)
+                lat_stream.append(time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+                full = http.post(f"{BASE}/v1/completions", json={**body, "max_tokens": 128, "seed": 300 + i}).json()
+                lat_full.append(time.perf_counter() - t0)
+                full_text = full["choices"][0]["text"]
+        if full_text != s_text:
             mismatches += 1
     # the same split for those 128-token requests (streamed and whole in turns): does the model process
     # step slower while the server streams to a client than while it only waits for the end?
     latency_records = [r for r in http.get(f"{BASE}/admin/requests").json()["data"]
                        if r.get("completion_tokens") == 128 and r.get("model_decode_steps")][-2 * LATENCY_RUNS:]
     if len(latency_records) == 2 * LATENCY_RUNS and "decode_per_step" in rep.data["bench"]:
-        for name, part in (("model process, 128 streamed", latency_records[0::2]),
-                           ("model process, 128 not streamed", latency_records[1::2])):
+        for name, kind in (("model process, 128 streamed", "stream"), ("model process, 128 not streamed", "whole")):
+            part = [r for r, k in zip(latency_records, kinds) if k == kind]
             rep.data["bench"]["decode_per_step"][name] = per_step_us(
                 [(r["model_decode_steps"], r["model_decode_in_steps_s"], r["model_decode_span_s"]) for r in part])
     direct = rep.data["bench"].get("direct_interleaved", {})
@@ -458,7 +465,8 @@ def http_bench(rep: Report) -> None:
             "server_ttft_mean_s": server_ttft, "prepare_p50_ms": ttft_prepare,
             "decode_tok_s_max": max(rates),
             "stream_latency_128_p50_s": statistics.median(lat_stream),
-            "nonstream_latency_128_p50_s": statistics.median(lat_full)}
+            "nonstream_latency_128_p50_s": statistics.median(lat_full),
+            "nonstream_over_stream_median_of_pairs": statistics.median(f / s for f, s in zip(lat_full, lat_stream))}
     rep.data["bench"]["http"] = results
     if direct:
         ratio = results["decode_tok_s"] / direct["decode_tok_s"]

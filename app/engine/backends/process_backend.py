@@ -608,27 +608,28 @@ class Outbox:
         self._held.pop(job_id, None)
         self._times.pop(job_id, None)
 
-    def _time(self, job_id: int, t_start: float, t_end: float) -> None:
-        rec = self._times.get(job_id)
-        if rec is None:
-            self._times[job_id] = [t_end, 0, 0.0, t_end]
-        else:
+    def _time(self, events: list[StepEvent], t_start: float, t_end: float) -> None:
+        """Every step counts for every job between its first event and its last (a step may give a job
+        no event: the backend can hold back text that may begin a stop string)."""
+        for rec in self._times.values():
             rec[1] += 1
             rec[2] += t_end - t_start
             rec[3] = t_end
+        for event in events:
+            if event.job_id not in self._times:
+                self._times[event.job_id] = [t_end, 0, 0.0, t_end]
 
     def step(self, events: list[StepEvent], batch: int, t_start: float, t_end: float) -> None:
+        self._time(events, t_start, t_end)
         if not self._held and len(events) == 1 and self._streaming.get(events[0].job_id, True):
             # the common case (one streaming job): straight out, nothing to merge
             event = events[0]
-            self._time(event.job_id, t_start, t_end)
             if event.finished:
                 self._streaming.pop(event.job_id, None)
             self._send(("events", self.wire(events), batch, t_start, t_end))
             return
         urgent = False
         for event in events:
-            self._time(event.job_id, t_start, t_end)
             if event.finished or self._streaming.get(event.job_id, True) or event.job_id not in self._started:
                 urgent = True
             self._started.add(event.job_id)
