@@ -488,6 +488,17 @@ def test_fast_steps_are_read_on_a_timer_once_the_first_text_is_out(fixed_step_se
     assert records[-1]["completion_tokens"] == 300 and records[-1]["finish_reason"] == "length"
 
 
+def test_a_non_streaming_request_alone_is_never_polled(fixed_step_server: ServerThread) -> None:
+    stream_tokens(fixed_step_server, "fast", 20)  # the runner knows the steps are fast
+    runner = fixed_step_server.engine.manager.resident("fast:latest").runner
+    polled, woken = runner.polled_reads, runner.woken_reads
+    body = {"model": "fast", "prompt": "Once upon a time", "max_tokens": 300}
+    out = httpx.post(f"{fixed_step_server.base_url}/completions", json=body, timeout=120).json()
+    assert out["choices"][0]["text"] == "a" * 300
+    # its middle comes merged a few times a second and its end wakes the loop: no timer needed
+    assert runner.polled_reads == polled and 2 <= runner.woken_reads - woken < 40
+
+
 def test_slow_steps_wake_the_loop_and_are_never_polled(fixed_step_server: ServerThread) -> None:
     pieces = stream_tokens(fixed_step_server, "slow", 12)
     runner = fixed_step_server.engine.manager.resident("slow:latest").runner

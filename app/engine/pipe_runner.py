@@ -154,12 +154,15 @@ class PipeRunner(RunnerBase):
         self._step_s = took if self._step_s is None else 0.7 * self._step_s + 0.3 * took
 
     def _choose_mode(self) -> None:
-        """Poll while every job has its first text and steps are fast; else wait on the pipe."""
+        """Poll while a job streams, every job has its first text and steps are fast; else wait on the
+        pipe (non-streaming jobs alone get a message every tenth of a second: waking for those is
+        cheaper than polling, and their end is read at once)."""
         if self._stopping:
             return
         tracked = self._tracked.values()
         fast = self._step_s is not None and self._step_s < POLL_FASTER_THAN_S
-        if not (tracked and fast and all(t.first_text is not None for t in tracked)):
+        if not (tracked and fast and all(t.first_text is not None for t in tracked)
+                and any(t.job.stream for t in tracked)):
             self._wait_on_pipe()
             return
         if self._fd is not None:
