@@ -120,6 +120,10 @@ def make_models(rep: Report) -> None:
         "tiny-fp16": ["--hidden", "256", "--heads", "4", "--kv-heads", "2", "--layers", "2", "--intermediate", "512"],
         "small-fp16": ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--layers", "12",
                        "--intermediate", "2816", "--init-std", "0.08"],
+        # wide attention, thin MLP: 1 GiB of weights that load for a second or two (a load to cancel),
+        # and 128 KiB of cache per token (a 1M-token context asks 128 GiB: out of GPU memory at load)
+        "wide-fp16": ["--hidden", "4096", "--heads", "32", "--kv-heads", "32", "--layers", "8",
+                      "--intermediate", "128"],
     }
     for name, extra in specs.items():
         res = sh([*maker, str(WORK / name), "--dtype", "float16", "--device", "cuda", "--vocab", "1024",
@@ -174,9 +178,14 @@ def start_server(rep: Report) -> subprocess.Popen:
     models = WORK / "models.json"
     models.unlink(missing_ok=True)
     app = [sys.executable, "-m", "app", "--models", str(models)]
-    for name, extra in (("tiny-fp16", ["--backend", "exllamav2", "--context-length", "2048"]),
-                        ("small-exl2", ["--context-length", "2048"])):
-        res = sh([*app, "add-model", "--no-ollama", "--model-dir", str(WORK / name), *extra, name], 60)
+    for name, folder, extra in (
+            ("tiny-fp16", "tiny-fp16", ["--backend", "exllamav2", "--context-length", "2048"]),
+            ("small-exl2", "small-exl2", ["--context-length", "2048"]),
+            ("wide-fp16", "wide-fp16", ["--backend", "exllamav2", "--context-length", "2048"]),
+            ("wide-oom", "wide-fp16", ["--backend", "exllamav2", "--context-length", "1048576"])):
+        if not (WORK / folder / "config.json").exists():  # its stage was skipped or failed
+            continue
+        res = sh([*app, "add-model", "--no-ollama", "--model-dir", str(WORK / folder), *extra, name], 60)
         print(res.stdout, res.stderr[-500:], flush=True)
         res.check_returncode()
     log = open(rep.out / "server.log", "w")
@@ -211,6 +220,77 @@ def vram() -> dict[str, float]:
     if smi.returncode == 0:
         out["gpu_used_mib"] = float(smi.stdout.split()[0])
     return out
+
+
+def load_failures(rep: Report) -> None:
+    """Out of GPU memory during a load, and a load cancelled by unloading: a readable error, every byte
+    of GPU memory back, and the server still serving."""
+    import threading
+
+    import httpx
+    import openai
+
+    http = httpx.Client(timeout=300)
+    for name in ("tiny-fp16", "small-exl2", "wide-fp16"):
+        http.post(f"{BASE}/admin/unload", json={"model": name}, timeout=120)
+    before = vram().get("gpu_used_mib")
+    client = openai.OpenAI(base_url=f"{BASE}/v1", api_key="x", max_retries=0, timeout=300)
+    msgs = [{"role": "user", "content": "Say something."}]
+    t0 = time.perf_counter()
+    try:
+        client.chat.completions.create(model="wide-oom", messages=msgs, max_tokens=4)
+        status, message = 200, ""
+    except openai.APIStatusError as exc:
+        status, message = exc.status_code, str(exc)
+    took = time.perf_counter() - t0
+    readable = any(w in message.lower() for w in ("out of gpu memory", "vram", "memory"))
+    rep.check("OOM at load (1M-token context, 128 GiB of cache): an OpenAI error naming the cause",
+              status in (500, 503) and readable, f"HTTP {status} after {took:.1f} s: {message[:400]}")
+    entry = [m for m in http.get(f"{BASE}/health").json().get("models", []) if m.get("model") == "wide-oom:latest"]
+    after = vram().get("gpu_used_mib")
+    rep.data["load_failures"] = {"oom_status": status, "oom_message": message, "oom_seconds": took,
+                                 "health_after_oom": entry, "gpu_used_mib_before": before,
+                                 "gpu_used_mib_after_oom": after}
+    rep.check("OOM at load: GPU memory used after the failed load as before it (within 100 MiB)",
+              before is not None and after is not None and after - before <= 100, f"{before} -> {after} MiB")
+    out = client.chat.completions.create(model="tiny-fp16", messages=msgs, max_tokens=8, logit_bias=BAN)
+    rep.check("OOM at load: the server serves another model afterwards", out.usage.completion_tokens == 8)
+    http.post(f"{BASE}/admin/unload", json={"model": "tiny-fp16"}, timeout=120)
+
+    # a load cancelled by unloading while the weights are loading
+    answer: dict[str, Any] = {}
+
+    def load() -> None:
+        r = http.post(f"{BASE}/admin/load", json={"model": "wide-fp16"}, timeout=300)
+        answer.update(status=r.status_code, body=r.text[:300])
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    seen, deadline = "", time.monotonic() + 60
+    while time.monotonic() < deadline and "status" not in answer:
+        models = httpx.get(f"{BASE}/health", timeout=10).json().get("models", [])
+        seen = next((m.get("message", "") for m in models if m.get("model") == "wide-fp16:latest"), "")
+        if "weights" in seen:
+            break
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    http.post(f"{BASE}/admin/unload", json={"model": "wide-fp16"}, timeout=120)
+    unload_s = time.perf_counter() - t0
+    loader.join(120)
+    cancelled = answer.get("status") == 503 and "cancel" in answer.get("body", "").lower()
+    rep.check("load cancelled by unloading while the weights load: the load answers that it was cancelled",
+              cancelled, f"progress seen '{seen}', unload took {unload_s:.2f} s, load answered {answer}")
+    after_cancel = vram().get("gpu_used_mib")
+    rep.data["load_failures"].update(cancel_progress_seen=seen, cancel_unload_s=unload_s, cancel_answer=answer,
+                                     gpu_used_mib_after_cancel=after_cancel)
+    rep.check("cancelled load: GPU memory used as before it (within 100 MiB)",
+              before is not None and after_cancel is not None and after_cancel - before <= 100,
+              f"{before} -> {after_cancel} MiB")
+    t0 = time.perf_counter()
+    out = client.chat.completions.create(model="wide-fp16", messages=msgs, max_tokens=8, logit_bias=BAN)
+    rep.check("after the cancelled load the same model loads and answers", out.usage.completion_tokens == 8,
+              f"{time.perf_counter() - t0:.1f} s")
+    http.post(f"{BASE}/admin/unload", json={"model": "wide-fp16"}, timeout=120)
 
 
 def e2e(rep: Report, model: str) -> None:
@@ -605,6 +685,8 @@ def write_markdown(rep: Report) -> None:
     lines += [f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']} {c['detail']}" for c in d["checks"]]
     if "multi_gpu" in d:
         lines += ["", "## Multi-GPU", "", "```", json.dumps(d["multi_gpu"], indent=1), "```"]
+    if "load_failures" in d:
+        lines += ["", "## Load failures", "", "```", json.dumps(d["load_failures"], indent=1), "```"]
     lines += ["", "## Benchmark (EXL2 model)", "", "```", json.dumps(d["bench"], indent=1), "```", "",
               "## VRAM (MiB)", "", "```", json.dumps(d["vram"], indent=1), "```", ""]
     (rep.out / "gpu-report.md").write_text("\n".join(lines))
@@ -641,6 +723,7 @@ def main() -> int:
             rep.stage("http-bench", lambda: http_bench(rep), needs_s=100)
             rep.stage("switching", lambda: switching(rep), needs_s=60)
             rep.stage("e2e-fp16", lambda: e2e(rep, "tiny-fp16"), needs_s=30)
+            rep.stage("load-failures", lambda: load_failures(rep), needs_s=60)
             rep.stage("multi-gpu", lambda: multi_gpu(rep), needs_s=60)
         finally:
             proc.terminate()
