@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -47,5 +48,37 @@ async def _restart_scenario(tmp_path: Path) -> None:
         assert json.loads(controller.store.path.read_text())["port"] == new_port
         with pytest.raises(ValueError, match="API key"):
             await controller.apply_server_settings(ServerSettings(port=new_port, on_network=True))
+    finally:
+        await controller.stop()
+
+
+def test_a_load_that_fails_on_a_clients_request_shows_in_the_tray(tmp_path: Path, tiny_model_dir: Path,
+                                                                  memory_keyring) -> None:
+    asyncio.run(_failed_on_demand_scenario(tmp_path, tiny_model_dir))
+
+
+async def _failed_on_demand_scenario(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tests.server_harness import register
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    registry = Registry(tmp_path / "models.json")
+    register(registry, "corrupt", folder)
+    controller = AppController(registry, ServerSettingsStore(tmp_path / "server.json"), port=0)
+    await controller.start()
+    try:
+        url = f"http://127.0.0.1:{controller.listener.port}/v1/chat/completions"
+        body = {"model": "corrupt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        resp = await asyncio.to_thread(httpx.post, url, json=body, timeout=60)
+        assert resp.status_code == 503
+        state = controller.tray_state()
+        assert state.state == "error" and "corrupt" in state.error and "failed to load" in state.error
+        weights.write_bytes(good)  # fixed; the next request loads it and the tray is well again
+        resp = await asyncio.to_thread(httpx.post, url, json=body, timeout=60)
+        assert resp.status_code == 200
+        assert controller.tray_state().state != "error"
     finally:
         await controller.stop()

@@ -43,3 +43,12 @@ def test_the_extension_build_is_announced_only_when_it_will_happen(tmp_path, mon
     built.mkdir(parents=True, exist_ok=True)
     (built / "exllamav2_ext.so").write_bytes(b"")
     assert not extension_needs_build()
+
+
+def test_out_of_memory_at_load_is_told_apart_from_other_load_errors() -> None:
+    from app.engine.backends.exllamav2_backend import is_out_of_memory
+
+    # the words exllamav2's autosplit and CUDA's allocator use (the first measured on an H100)
+    assert is_out_of_memory(ValueError("Insufficient VRAM for model and cache"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(ValueError("Unsupported model architecture: GPTNeoX"))

@@ -289,9 +289,13 @@ def test_model_that_fails_to_load_is_503_and_can_be_retried(tmp_path: Path, tiny
         assert resp.status_code == 503
         err = resp.json()["error"]
         assert err["code"] == "model_load_failed" and "failed to load" in err["message"]
+        # /health keeps the reason (the client that triggered the load may be the only one to see the 503)
+        (failure,) = httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"]
+        assert failure["model"] == "corrupt:latest" and failure["message"] == err["message"]
         weights.write_bytes(good)  # the user fixes the folder and retries
         resp = httpx.post(f"{srv.base_url}/chat/completions", json=body, timeout=60)
         assert resp.status_code == 200
+        assert httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"] == []
     finally:
         srv.stop()
 

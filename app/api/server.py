@@ -88,6 +88,7 @@ async def health(request: web.Request) -> web.Response:
                     for s in states if s.state == "loading"],
         "models": [{"model": s.name, "state": s.state, "backend": s.backend, "batching": s.batching,
                     "active_jobs": s.active_jobs, "message": s.message, "notice": s.notice} for s in states],
+        "load_failures": [{"model": f.name, "message": f.message, "at": f.at} for f in engine.load_failures()],
         "spare_processes": engine.spare_processes(),
     })
 

@@ -21,7 +21,7 @@ import psutil
 from app.engine.backend_select import create_backend, folder_settings
 from app.engine.jobs import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
 from app.engine.metrics import EngineMetrics
-from app.engine.model_manager import ModelLoadError, ModelManager, ModelState, Resident
+from app.engine.model_manager import LoadFailure, ModelLoadError, ModelManager, ModelState, Resident
 from app.engine.prompt import ChatInput, PromptError, message_text
 from app.engine.prompt_select import make_prompt_builder
 from app.engine.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
@@ -266,6 +266,15 @@ class Engine:
                 memory.setdefault(f"cuda:{i}:allocated", int(torch.cuda.memory_allocated(i)))
         memory["rss"] = psutil.Process().memory_info().rss
         return memory
+
+    def load_failures(self) -> list[LoadFailure]:
+        """Each model's last failed load (on demand, from the tray or /admin/load), until it loads."""
+        return self.manager.load_failures()
+
+    @property
+    def last_load_failure(self) -> LoadFailure | None:
+        """The newest failed load, until any model loads."""
+        return self.manager.last_failure
 
     def spare_processes(self) -> list[dict[str, Any]]:
         """Model processes started ahead of a load, with their imports done (see SparePool)."""

@@ -44,6 +44,15 @@ class ModelState:
     notice: str = ""
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """A model's last failed load (a cancelled load is not a failure), kept until it loads."""
+
+    name: str
+    message: str
+    at: float  # time.time()
+
+
 @dataclass
 class Resident:
     name: str
@@ -78,11 +87,18 @@ class ModelManager:
         self._tasks: set[asyncio.Task] = set()
         self._on_change = on_change or (lambda: None)
         self._closed = False
+        self._failures: dict[str, LoadFailure] = {}
+        #: the newest failure, until any model loads (what the tray shows as its error)
+        self.last_failure: LoadFailure | None = None
 
     # -- public -------------------------------------------------------------------
     def states(self) -> list[ModelState]:
         return [ModelState(r.name, r.state, r.progress, r.message, r.backend.name, r.backend.batching,
                            r.active, getattr(r.backend, "notice", "")) for r in self._residents.values()]
+
+    def load_failures(self) -> list[LoadFailure]:
+        """Each model's last failed load, oldest first, for models that have not loaded since."""
+        return sorted(self._failures.values(), key=lambda f: f.at)
 
     def resident(self, name: str) -> Resident | None:
         return self._residents.get(name)
@@ -227,6 +243,8 @@ class ModelManager:
                 log.info("loading %s cancelled", resident.name)
             else:
                 log.warning("model %s failed to load: %s", resident.name, reason)
+                failure = LoadFailure(resident.name, f"model {resident.name} failed to load: {reason}", time.time())
+                self._failures[resident.name] = self.last_failure = failure
             await asyncio.to_thread(resident.backend.unload)
             self._residents.pop(resident.name, None)
             self._fail_waiters(resident.name, f"model {resident.name} failed to load: {reason}")
@@ -242,6 +260,8 @@ class ModelManager:
         resident.runner = runner
         resident.state = "ready" if resident.state == "loading" else resident.state
         resident.progress, resident.message = 1.0, "ready"
+        self._failures.pop(resident.name, None)
+        self.last_failure = None
         log.info("model %s loaded in %.1f s (%s batching)", resident.name, time.monotonic() - started,
                  resident.backend.batching)
         self._changed()

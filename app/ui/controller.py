@@ -116,9 +116,12 @@ class AppController:
         history = self.engine.metrics.history(5)
         last: MetricsSample | None = history[-1] if history else None
         tps = last.generation_tps if last else 0.0
+        # a load that failed on demand (a client's request) shows here as well as one started from the menu
+        failure = self.engine.last_load_failure
+        error = self.last_error or (failure.message if failure is not None else None) or self.listen_error
         if loading:
             state, progress = "loading", loading[0].progress
-        elif self.last_error or self.listen_error:
+        elif error:
             state, progress = "error", None
         elif last is not None and last.running > 0:
             state, progress = "generating", None
@@ -126,7 +129,7 @@ class AppController:
             state, progress = "ready", None
         else:
             state, progress = "idle", None
-        return TrayState(state, progress, loaded, tps, self.url, self.last_error or self.listen_error)
+        return TrayState(state, progress, loaded, tps, self.url, error)
 
 
 def log_folder() -> Path:

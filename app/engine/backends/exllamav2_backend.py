@@ -166,15 +166,14 @@ class ExLlamaV2Backend:
             raise
         except torch.cuda.OutOfMemoryError:
             self.unload()
-            raise BackendLoadError(
-                f"out of GPU memory loading {self.model_dir} with context {self.context_length}, batch "
-                f"{self.max_batch}, cache {self.cache_type}: lower context_length or batch_size, use a Q4/Q8 "
-                "cache, or set gpu_split") from None
+            raise BackendLoadError(self.out_of_memory_message()) from None
         except BackendLoadError:
             self.unload()
             raise
         except Exception as exc:
             self.unload()
+            if is_out_of_memory(exc):  # exllamav2's autosplit says so in its own words
+                raise BackendLoadError(f"{self.out_of_memory_message()} ({exc})") from None
             raise BackendLoadError(f"cannot load {self.model_dir}: {exc}") from None
         self.vocab_size = int(config.vocab_size)
         eos = config.eos_token_id
@@ -182,6 +181,11 @@ class ExLlamaV2Backend:
         if self._tokenizer.eos_token_id is not None:
             self._eos.add(int(self._tokenizer.eos_token_id))
         progress(1.0, "loaded")
+
+    def out_of_memory_message(self) -> str:
+        return (f"out of GPU memory loading {self.model_dir} with context {self.context_length}, batch "
+                f"{self.max_batch}, cache {self.cache_type}: lower context_length or batch_size, use a Q4/Q8 "
+                "cache, or set gpu_split")
 
     def _agreeing_fast_tokenizer(self) -> FolderTokenizer | None:
         """The folder's tokenizer.json through `tokenizers`, if it encodes like exllamav2's tokenizer.
@@ -339,6 +343,13 @@ class ExLlamaV2Backend:
                 events.append(StepEvent(job_id, text, n))
         self.last_step_batch = len(streaming)
         return events
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a load error is the GPU running out of memory (exllamav2's autosplit raises a plain
+    error saying "Insufficient VRAM for model and cache"; CUDA's allocator says "out of memory")."""
+    text = str(exc).lower()
+    return "insufficient vram" in text or "out of memory" in text
 
 
 def check_split(split: list[float]) -> None:
