@@ -243,10 +243,12 @@ def load_failures(rep: Report) -> None:
     except openai.APIStatusError as exc:
         status, message = exc.status_code, str(exc)
     took = time.perf_counter() - t0
-    readable = any(w in message.lower() for w in ("out of gpu memory", "vram", "memory"))
-    rep.check("OOM at load (1M-token context, 128 GiB of cache): an OpenAI error naming the cause",
+    readable = "out of gpu memory" in message.lower() and "context_length" in message  # the cause and the fix
+    rep.check("OOM at load (1M-token context, 128 GiB of cache): an OpenAI error naming the cause and the fix",
               status in (500, 503) and readable, f"HTTP {status} after {took:.1f} s: {message[:400]}")
-    entry = [m for m in http.get(f"{BASE}/health").json().get("models", []) if m.get("model") == "wide-oom:latest"]
+    entry = [f for f in http.get(f"{BASE}/health").json().get("load_failures", []) if f.get("model") == "wide-oom:latest"]
+    rep.check("OOM at load: /health keeps the reason", len(entry) == 1 and entry[0]["message"] in message,
+              json.dumps(entry)[:300])
     after = vram().get("gpu_used_mib")
     rep.data["load_failures"] = {"oom_status": status, "oom_message": message, "oom_seconds": took,
                                  "health_after_oom": entry, "gpu_used_mib_before": before,
