@@ -52,3 +52,16 @@ def test_out_of_memory_at_load_is_told_apart_from_other_load_errors() -> None:
     assert is_out_of_memory(ValueError("Insufficient VRAM for model and cache"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not is_out_of_memory(ValueError("Unsupported model architecture: GPTNeoX"))
+
+
+def test_the_out_of_memory_advice_names_what_sizes_the_cache() -> None:
+    from app.engine.backends.exllamav2_backend import ExLlamaV2Backend
+
+    backend = ExLlamaV2Backend("/models/m", context_length=1_048_576, max_batch=8, cache_type="FP16")
+    backend.paged = False  # without flash-attn: one job's cache, the batch size does not count
+    unpaged = backend.out_of_memory_message()
+    assert "context 1048576 (unpaged" in unpaged and "lower context_length," in unpaged
+    assert "batch" not in unpaged
+    backend.paged = True
+    paged = backend.out_of_memory_message()
+    assert "context 1048576, batch 8" in paged and "lower context_length or batch_size" in paged

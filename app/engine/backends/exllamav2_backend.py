@@ -183,9 +183,12 @@ class ExLlamaV2Backend:
         progress(1.0, "loaded")
 
     def out_of_memory_message(self) -> str:
-        return (f"out of GPU memory loading {self.model_dir} with context {self.context_length}, batch "
-                f"{self.max_batch}, cache {self.cache_type}: lower context_length or batch_size, use a Q4/Q8 "
-                "cache, or set gpu_split")
+        if self.paged:  # the cache holds context x batch tokens
+            size, lower = f"context {self.context_length}, batch {self.max_batch}", "context_length or batch_size"
+        else:  # unpaged: one job's context, whatever the batch size says
+            size, lower = f"context {self.context_length} (unpaged: one job at a time)", "context_length"
+        return (f"out of GPU memory loading {self.model_dir} with {size}, cache {self.cache_type}: lower "
+                f"{lower}, use a Q4/Q8 cache, or set gpu_split")
 
     def _agreeing_fast_tokenizer(self) -> FolderTokenizer | None:
         """The folder's tokenizer.json through `tokenizers`, if it encodes like exllamav2's tokenizer.
