@@ -239,15 +239,15 @@ class ModelManager:
             await asyncio.to_thread(resident.backend.load, progress, resident.cancel)
         except BaseException as exc:  # noqa: BLE001 - every failure must release the slot
             reason = str(exc) if isinstance(exc, (BackendLoadError, MemoryError)) else f"{type(exc).__name__}: {exc}"
+            message = f"model {resident.name} failed to load: {reason}"
             if isinstance(exc, LoadCancelled):
                 log.info("loading %s cancelled", resident.name)
             else:
-                log.warning("model %s failed to load: %s", resident.name, reason)
-                failure = LoadFailure(resident.name, f"model {resident.name} failed to load: {reason}", time.time())
-                self._failures[resident.name] = self.last_failure = failure
+                log.warning("%s", message)
+                self._failures[resident.name] = self.last_failure = LoadFailure(resident.name, message, time.time())
             await asyncio.to_thread(resident.backend.unload)
             self._residents.pop(resident.name, None)
-            self._fail_waiters(resident.name, f"model {resident.name} failed to load: {reason}")
+            self._fail_waiters(resident.name, message)
             self._changed()
             self._pump()
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):

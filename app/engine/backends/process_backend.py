@@ -18,8 +18,8 @@ Messages over a ``multiprocessing`` pipe (pickled tuples):
 - from it: ``("progress", fraction, message)``, ``("loaded", info)``,
   ``("load_failed", cancelled, message)``; then ``("events", events, batch, t_start, t_end)`` after
   a step (see :class:`Outbox` for the steps of non-streaming jobs; events travel as plain tuples,
-  :func:`to_wire`), ``("step_failed", job_ids, message, events, batch)``, ``("step_error", message)``, ``("memory", {device: bytes})`` (while
-  working), ``("reply", request_id, answer)``, ``("unloaded",)``
+  :func:`to_wire`), ``("step_failed", job_ids, message, events, batch)``, ``("step_error", message)``,
+  ``("memory", {device: bytes})`` (while working), ``("reply", request_id, answer)``, ``("unloaded",)``
 
 The model process keeps stepping while it has jobs and never waits for this side. On this side
 whoever needs a message reads the pipe: the event loop through :meth:`ProcessBackend.read_available`
