@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -96,3 +97,14 @@ def register(registry: Registry, name: str, folder: Path, **settings: Any) -> st
     info = inspect_model_folder(folder)
     return registry.add(name, ModelEntry(model_dir=info.path, settings=Settings(**settings), info=info.to_dict()),
                         replace=True)
+
+
+def register_broken(registry: Registry, name: str, good_folder: Path, folder: Path) -> Callable[[], None]:
+    """Register a copy of ``good_folder`` whose weights are cut short (it fails to load); returns what
+    repairs it, as a user fixing the folder would."""
+    shutil.copytree(good_folder, folder)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    register(registry, name, folder)
+    return lambda: weights.write_bytes(good)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 from pathlib import Path
 
@@ -58,15 +57,10 @@ def test_a_load_that_fails_on_a_clients_request_shows_in_the_tray(tmp_path: Path
 
 
 async def _failed_on_demand_scenario(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from tests.server_harness import register
+    from tests.server_harness import register_broken
 
-    folder = tmp_path / "corrupt"
-    shutil.copytree(tiny_model_dir, folder)
-    weights = folder / "model.safetensors"
-    good = weights.read_bytes()
-    weights.write_bytes(good[: len(good) // 3])
     registry = Registry(tmp_path / "models.json")
-    register(registry, "corrupt", folder)
+    repair = register_broken(registry, "corrupt", tiny_model_dir, tmp_path / "corrupt")
     controller = AppController(registry, ServerSettingsStore(tmp_path / "server.json"), port=0)
     await controller.start()
     try:
@@ -76,7 +70,7 @@ async def _failed_on_demand_scenario(tmp_path: Path, tiny_model_dir: Path) -> No
         assert resp.status_code == 503
         state = controller.tray_state()
         assert state.state == "error" and "corrupt" in state.error and "failed to load" in state.error
-        weights.write_bytes(good)  # fixed; the next request loads it and the tray is well again
+        repair()  # fixed; the next request loads it and the tray is well again
         resp = await asyncio.to_thread(httpx.post, url, json=body, timeout=60)
         assert resp.status_code == 200
         assert controller.tray_state().state != "error"

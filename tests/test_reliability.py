@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from app.engine.registry import Registry
-from tests.server_harness import ServerThread, register
+from tests.server_harness import ServerThread, register, register_broken
 
 BAN = {"2": -100, "5": -100}
 
@@ -275,13 +274,8 @@ def test_backend_fault_fails_only_the_affected_job(tmp_path: Path, tiny_model_di
 
 
 def test_model_that_fails_to_load_is_503_and_can_be_retried(tmp_path: Path, tiny_model_dir: Path, caplog) -> None:
-    folder = tmp_path / "corrupt"
-    shutil.copytree(tiny_model_dir, folder)
-    weights = folder / "model.safetensors"
-    good = weights.read_bytes()
-    weights.write_bytes(good[: len(good) // 3])
     registry = Registry(tmp_path / "models.json")
-    register(registry, "corrupt", folder)
+    repair = register_broken(registry, "corrupt", tiny_model_dir, tmp_path / "corrupt")
     srv = ServerThread(registry).start()
     try:
         body = {"model": "corrupt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -292,7 +286,7 @@ def test_model_that_fails_to_load_is_503_and_can_be_retried(tmp_path: Path, tiny
         # /health keeps the reason (the client that triggered the load may be the only one to see the 503)
         (failure,) = httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"]
         assert failure["model"] == "corrupt:latest" and failure["message"] == err["message"]
-        weights.write_bytes(good)  # the user fixes the folder and retries
+        repair()  # the user fixes the folder and retries
         resp = httpx.post(f"{srv.base_url}/chat/completions", json=body, timeout=60)
         assert resp.status_code == 200
         assert httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"] == []
