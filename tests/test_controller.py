@@ -70,6 +70,8 @@ async def _failed_on_demand_scenario(tmp_path: Path, tiny_model_dir: Path) -> No
         assert resp.status_code == 503
         state = controller.tray_state()
         assert state.state == "error" and "corrupt" in state.error and "failed to load" in state.error
+        await controller.load("corrupt")  # from the menu: the same failure, still shown
+        assert controller.tray_state().state == "error"
         repair()  # fixed; the next request loads it and the tray is well again
         resp = await asyncio.to_thread(httpx.post, url, json=body, timeout=60)
         assert resp.status_code == 200

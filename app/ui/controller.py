@@ -102,8 +102,11 @@ class AppController:
         try:
             await self.engine.load(name)
             self.last_error = None
-        except (ModelNotFound, ModelLoadError) as exc:
+        except ModelNotFound as exc:
             self.last_error = str(exc)
+            log.warning("%s", exc)
+        except ModelLoadError as exc:  # the engine keeps it (last_load_failure) until a model loads
+            self.last_error = None
             log.warning("%s", exc)
 
     async def unload(self, name: str) -> None:
@@ -116,7 +119,7 @@ class AppController:
         history = self.engine.metrics.history(5)
         last: MetricsSample | None = history[-1] if history else None
         tps = last.generation_tps if last else 0.0
-        # a load that failed on demand (a client's request) shows here as well as one started from the menu
+        # a failed load shows until a model loads, whoever asked for it (the menu or a client's request)
         failure = self.engine.last_load_failure
         error = self.last_error or (failure.message if failure is not None else None) or self.listen_error
         if loading:
