@@ -250,15 +250,19 @@ def load_failures(rep: Report) -> None:
     readable = "out of gpu memory" in message.lower() and "context_length" in message  # the cause and the fix
     rep.check("OOM at load (1M-token context, 128 GiB of cache): an OpenAI error naming the cause and the fix",
               status in (500, 503) and readable, f"HTTP {status} after {took:.1f} s: {message[:400]}")
-    entry = [f for f in http.get(f"{BASE}/health").json().get("load_failures", []) if f.get("model") == "wide-oom:latest"]
+    entry = [f for f in http.get(f"{BASE}/health").json().get("load_failures", [])
+             if f.get("model") == "wide-oom:latest"]
     rep.check("OOM at load: /health keeps the reason", len(entry) == 1 and entry[0]["message"] in message,
               json.dumps(entry)[:300])
     after = vram().get("gpu_used_mib")
     rep.data["load_failures"] = {"oom_status": status, "oom_message": message, "oom_seconds": took,
                                  "health_after_oom": entry, "gpu_used_mib_before": before,
                                  "gpu_used_mib_after_oom": after}
+    def back_as_before(now: float | None) -> bool:
+        return before is not None and now is not None and now - before <= 100
+
     rep.check("OOM at load: GPU memory used after the failed load as before it (within 100 MiB)",
-              before is not None and after is not None and after - before <= 100, f"{before} -> {after} MiB")
+              back_as_before(after), f"{before} -> {after} MiB")
     out = client.chat.completions.create(model="tiny-fp16", messages=msgs, max_tokens=8, logit_bias=BAN)
     rep.check("OOM at load: the server serves another model afterwards", out.usage.completion_tokens == 8)
     http.post(f"{BASE}/admin/unload", json={"model": "tiny-fp16"}, timeout=120)
@@ -290,8 +294,7 @@ def load_failures(rep: Report) -> None:
     rep.data["load_failures"].update(cancel_progress_seen=seen, cancel_unload_s=unload_s, cancel_answer=answer,
                                      gpu_used_mib_after_cancel=after_cancel)
     rep.check("cancelled load: GPU memory used as before it (within 100 MiB)",
-              before is not None and after_cancel is not None and after_cancel - before <= 100,
-              f"{before} -> {after_cancel} MiB")
+              back_as_before(after_cancel), f"{before} -> {after_cancel} MiB")
     t0 = time.perf_counter()
     out = client.chat.completions.create(model="wide-fp16", messages=msgs, max_tokens=8, logit_bias=BAN)
     rep.check("after the cancelled load the same model loads and answers", out.usage.completion_tokens == 8,
@@ -463,8 +466,14 @@ def http_bench(rep: Report) -> None:
                 rates.append((n - 1) / (stamps[-1] - stamps[0]))
     # the model process's side of those runs, from the server's request log, against the direct loop's:
     # per step, the time inside the generator's iterate() and the time of the loop around it
-    decode_records = [r for r in http.get(f"{BASE}/admin/requests").json()["data"]
-                      if r.get("completion_tokens") == 256 and r.get("model_decode_steps")][-DECODE_RUNS:]
+    def decode_steps(tokens: int, last: int) -> list[tuple[int, float, float]]:
+        """(steps, time inside them, span) of the last ``last`` requests of ``tokens`` tokens."""
+        records = [r for r in http.get(f"{BASE}/admin/requests").json()["data"]
+                   if r.get("completion_tokens") == tokens and r.get("model_decode_steps")]
+        return [(r["model_decode_steps"], r["model_decode_in_steps_s"], r["model_decode_span_s"])
+                for r in records[-last:]]
+
+    decode_records = decode_steps(256, DECODE_RUNS)
 
     def per_step_us(items: list[tuple[int, float, float]]) -> dict[str, float]:
         inside = statistics.median(t / n for n, t, _ in items if n) * 1e6
@@ -473,8 +482,7 @@ def http_bench(rep: Report) -> None:
 
     if decode_records and direct_decodes:
         rep.data["bench"]["decode_per_step"] = {
-            "model process": per_step_us([(r["model_decode_steps"], r["model_decode_in_steps_s"],
-                                           r["model_decode_span_s"]) for r in decode_records]),
+            "model process": per_step_us(decode_records),
             "direct loop": per_step_us([(d["steps"], d["in_steps_s"], d["span_s"]) for d in direct_decodes])}
     ttfts, direct_ttft, direct_text = [], [], []
     prepare_ms.clear()
@@ -537,13 +545,11 @@ def http_bench(rep: Report) -> None:
             mismatches += 1
     # the same split for those 128-token requests (streamed and whole in turns): does the model process
     # step slower while the server streams to a client than while it only waits for the end?
-    latency_records = [r for r in http.get(f"{BASE}/admin/requests").json()["data"]
-                       if r.get("completion_tokens") == 128 and r.get("model_decode_steps")][-2 * LATENCY_RUNS:]
+    latency_records = decode_steps(128, 2 * LATENCY_RUNS)
     if len(latency_records) == 2 * LATENCY_RUNS and "decode_per_step" in rep.data["bench"]:
         for name, kind in (("model process, 128 streamed", "stream"), ("model process, 128 not streamed", "whole")):
-            part = [r for r, k in zip(latency_records, kinds) if k == kind]
             rep.data["bench"]["decode_per_step"][name] = per_step_us(
-                [(r["model_decode_steps"], r["model_decode_in_steps_s"], r["model_decode_span_s"]) for r in part])
+                [r for r, k in zip(latency_records, kinds) if k == kind])
     direct = rep.data["bench"].get("direct_interleaved", {})
     rep.data["bench"]["stream_vs_nonstream_text_mismatches"] = f"{mismatches}/{LATENCY_RUNS} (same seed)"
     results = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": rates,
