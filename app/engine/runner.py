@@ -46,8 +46,6 @@ class _Tracked:
     #: (start, end, read) of the model-process step that gave the first text (process backends)
     step_times: tuple[float, float, float] | None = None
     last_token: float | None = None
-    #: the model process's timing of the job's later steps (process backends, with the last event)
-    decode_times: DecodeTimes | None = None
     tokens: int = 0
     text: list[str] = field(default_factory=list)
 
@@ -125,15 +123,17 @@ class RunnerBase:
             tracked.tokens += event.new_tokens
             self._metrics.record_tokens(event.new_tokens)
         if event.finished:
-            tracked.decode_times = event.decode_times
-            self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error)
+            self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error,
+                         decode=event.decode_times)
         elif event.text:
             if tracked.job.stream:
                 self._post(tracked, TextDelta(event.text))
             else:
                 tracked.text.append(event.text)
 
-    def _finish(self, tracked: _Tracked, reason: str, text: str, error: str | None = None) -> None:
+    def _finish(self, tracked: _Tracked, reason: str, text: str, error: str | None = None,
+                decode: DecodeTimes | None = None) -> None:
+        """End a job; ``decode``: the model process's timing of its later steps (process backends)."""
         self._tracked.pop(tracked.job.job_id, None)
         now = time.monotonic()
         if tracked.job.stream and text:
@@ -147,7 +147,6 @@ class RunnerBase:
         gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
         tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
         picked, first, sent, steps = tracked.picked, tracked.first_text, tracked.sent, tracked.step_times
-        decode = tracked.decode_times
         self._metrics.record_finished(RequestRecord(
             self.model, usage.prompt_tokens, usage.completion_tokens, ttft, tps, reason, time.time(),
             queued_s=None if picked is None else picked - tracked.submitted,
