@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.engine.jobs import BackendJob  # noqa: E402
+from app.engine.events import BackendJob  # noqa: E402
 from tests.fixed_step_backend import FixedStepBackend  # noqa: E402
 
 TARGET = "tests.fixed_step_backend:FixedStepBackend"
@@ -49,16 +49,16 @@ def direct(model_dir: str, step_s: float, tokens: int) -> tuple[float, float]:
 
 
 def _greedy() -> Any:
-    from app.engine.jobs import SamplingParams
+    from app.engine.events import SamplingParams
 
     return SamplingParams(temperature=0.0)
 
 
 def _server_main(model_dir: str, in_process: bool, step_s: float, ports: Any, stop: Any) -> None:
     """The server in a process of its own, as in real use (the client must not share its GIL)."""
-    from app.engine.backends.process_backend import ProcessBackend
-    from app.engine.engine import Engine
-    from app.engine.registry import Registry
+    from app.engine.backends.model_process.client import ProcessBackend
+    from app.engine.facade import Engine
+    from app.engine.catalog.registry import Registry
     from tests.server_harness import ServerThread, register
 
     def factory(entry: Any, settings: Any) -> Any:

@@ -13,8 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
-from app.engine.ollama.gotemplate import GoTemplate
-from app.engine.ollama.prompt import render_ollama
+from app.engine.prompting.gotemplate import GoTemplate
+from app.engine.prompting.ollama import render_ollama
 
 CONF = Path(__file__).resolve().parent.parent.parent / "shared" / "conformance" / "ollama-templates"
 

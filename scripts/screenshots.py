@@ -41,7 +41,7 @@ def main() -> int:
     from keyring.backends.null import Keyring as NullKeyring
     from PySide6.QtWidgets import QApplication
 
-    from app.engine.registry import Registry
+    from app.engine.catalog.registry import Registry
     from app.server_config import ServerSettingsStore
     from app.ui.controller import AppController
     from app.ui.tray import TrayApp

@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Sequence
 
-from app.engine.backends.base import ProgressFn
-from app.engine.jobs import BackendJob, StepEvent
-from app.engine.tokenizer import EncoderSpec, FolderTokenizer
+from app.engine.backends.contract import ProgressFn
+from app.engine.events import BackendJob, StepEvent
+from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer
 
 
 class FixedStepBackend:

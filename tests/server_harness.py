@@ -11,10 +11,10 @@ from typing import Any, Callable
 import httpx
 
 from app.api.server import Listener, ServerConfig
-from app.engine.engine import Engine
-from app.engine.registry import ModelEntry, Registry
-from app.engine.model_folder import inspect_model_folder
-from app.engine.settings import Settings
+from app.engine.facade import Engine
+from app.engine.catalog.registry import ModelEntry, Registry
+from app.engine.catalog.model_folder import inspect_model_folder
+from app.engine.settings.schema import Settings
 
 
 class ServerThread:

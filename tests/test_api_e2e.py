@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from app.engine.registry import Registry
+from app.engine.catalog.registry import Registry
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread, register
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.engine.model_folder import inspect_model_folder
-from app.engine.registry import Registry
+from app.cli.main import main
+from app.engine.catalog.model_folder import inspect_model_folder
+from app.engine.catalog.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine.registry import Registry
-from app.engine.tokenizer import FolderTokenizer
+from app.engine.catalog.registry import Registry
+from app.engine.catalog.tokenizer import FolderTokenizer
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread, register
 

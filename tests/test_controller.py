@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine.registry import Registry
+from app.engine.catalog.registry import Registry
 from app.server_config import ServerSettings, ServerSettingsStore
 from app.ui.controller import AppController
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.engine.backends.exllamav2_backend import split_problem
-from app.engine.settings import Settings, parse_gpu_split
+from app.engine.settings.schema import Settings, parse_gpu_split
 
 
 @pytest.mark.parametrize("split, gpus, message", [

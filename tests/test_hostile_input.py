@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engine.registry import Registry
+from app.engine.catalog.registry import Registry
 from tests.server_harness import ServerThread, register
 
 CASES = 1000

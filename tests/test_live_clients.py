@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.registry import Registry
+from app.engine.catalog.registry import Registry
 from tests.server_harness import ServerThread, register
 
 ROOT = Path(__file__).resolve().parent.parent

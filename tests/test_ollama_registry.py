@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine.ollama.client import OllamaError, OllamaRegistryClient
-from app.engine.ollama.names import InvalidName, parse_name
-from app.engine.registry import Registry
-from app.engine.tokenizer import FolderTokenizer
+from app.engine.catalog.ollama_client import OllamaError, OllamaRegistryClient
+from app.engine.catalog.ollama_names import InvalidName, parse_name
+from app.engine.catalog.registry import Registry
+from app.engine.catalog.tokenizer import FolderTokenizer
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry
 from tests.server_harness import ServerThread
 

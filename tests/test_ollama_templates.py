@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.ollama.gotemplate import GoTemplate, TemplateSyntaxError
-from app.engine.ollama.prompt import OllamaPromptBuilder, render_ollama
-from app.engine.prompt import ChatInput
+from app.engine.prompting.gotemplate import GoTemplate, TemplateSyntaxError
+from app.engine.prompting.ollama import OllamaPromptBuilder, render_ollama
+from app.engine.prompting.builders import ChatInput
 
 CONF = Path(__file__).resolve().parent.parent.parent / "shared" / "conformance" / "ollama-templates"
 

@@ -13,14 +13,14 @@ import httpx
 import openai
 import pytest
 
-from app.engine.backends.base import BackendLoadError, LoadCancelled
-from app.engine.backends.process_backend import ProcessBackend
+from app.engine.backends.contract import BackendLoadError, LoadCancelled
+from app.engine.backends.model_process.client import ProcessBackend
 from app.engine.backends.transformers_backend import TransformersBackend
-from app.engine.engine import Engine
-from app.engine.jobs import BackendJob, SamplingParams, StepEvent
-from app.engine.pipe_runner import PipeRunner
-from app.engine.registry import ModelEntry, Registry
-from app.engine.settings import ResolvedSettings
+from app.engine.facade import Engine
+from app.engine.events import BackendJob, SamplingParams, StepEvent
+from app.engine.serving.pipe_runner import PipeRunner
+from app.engine.catalog.registry import ModelEntry, Registry
+from app.engine.settings.schema import ResolvedSettings
 from tests.openai_schema import validate
 from tests.server_harness import ServerThread, register
 
@@ -308,7 +308,7 @@ def test_a_model_process_killed_during_a_stream_ends_it_with_the_reason(server: 
 def test_outbox_sends_streams_at_once_and_holds_a_non_streaming_jobs_middle(tmp_path: Path) -> None:
     from multiprocessing import Pipe
 
-    from app.engine.backends.process_backend import Outbox, from_wire, pipe_writer
+    from app.engine.backends.model_process.client import Outbox, from_wire, pipe_writer
 
     here, there = Pipe()
     outbox = Outbox(pipe_writer(there))
@@ -419,7 +419,7 @@ def test_a_spare_that_died_is_replaced_by_a_fresh_process(server: ServerThread) 
 
 
 def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies(tmp_path: Path) -> None:
-    from app.engine.backends.process_backend import SparePool
+    from app.engine.backends.model_process.client import SparePool
 
     pool = SparePool()
     pool.refill(TARGET)
@@ -428,7 +428,7 @@ def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies
     assert process_gone(spare["pid"]) and pool.describe() == []
     # a server that dies without closing anything (the tray app leaves without finalization)
     code = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
-            "from app.engine.backends.process_backend import SPARES\n"
+            "from app.engine.backends.model_process.client import SPARES\n"
             f"SPARES.refill({TARGET!r})\n"
             "print(SPARES.describe()[0]['pid'], flush=True)\n"
             "os._exit(0)\n")
@@ -474,7 +474,7 @@ def stream_tokens(server: ServerThread, model: str, n: int) -> list[str]:
 
 
 def test_fast_steps_are_read_on_a_timer_once_the_first_text_is_out(fixed_step_server: ServerThread) -> None:
-    from app.engine.pipe_runner import POLL_FASTER_THAN_S
+    from app.engine.serving.pipe_runner import POLL_FASTER_THAN_S
 
     stream_tokens(fixed_step_server, "fast", 20)  # the runner learns how fast the model steps
     runner = fixed_step_server.engine.manager.resident("fast:latest").runner
@@ -519,7 +519,7 @@ def test_a_request_arriving_while_polling_is_answered_and_idle_the_loop_waits_on
 
 
 def test_a_spare_ends_a_while_after_the_last_model_of_its_backend_is_unloaded() -> None:
-    from app.engine.backends.process_backend import SparePool
+    from app.engine.backends.model_process.client import SparePool
 
     pool = SparePool(idle_s=0.5)
     try:
@@ -538,8 +538,8 @@ def test_a_spare_ends_a_while_after_the_last_model_of_its_backend_is_unloaded() 
 
 def test_where_the_loop_cannot_watch_the_pipe_the_runner_thread_reads_it(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Windows' proactor loop has no add_reader: the model process is then driven by the runner thread."""
-    from app.engine import model_manager
-    from app.engine.runner import Runner
+    from app.engine.serving import manager as model_manager
+    from app.engine.serving.runner import Runner
 
     registry = Registry(tmp_path / "models.json")
     register(registry, "tiny", tiny_model_dir, context_length=256, batch_size=4)

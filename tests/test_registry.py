@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.registry import ModelEntry, OllamaMetadata, Registry, RegistryError, normalize_name
-from app.engine.settings import Settings
+from app.engine.catalog.registry import ModelEntry, OllamaMetadata, Registry, RegistryError, normalize_name
+from app.engine.settings.schema import Settings
 
 
 def entry(folder: str = "/models/x", **settings) -> ModelEntry:

@@ -12,7 +12,7 @@ import aiohttp
 import httpx
 import pytest
 
-from app.engine.registry import Registry
+from app.engine.catalog.registry import Registry
 from tests.server_harness import ServerThread, register, register_broken
 
 BAN = {"2": -100, "5": -100}

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.settings import (
+from app.engine.settings.schema import (
     DEFAULTS, LAYER_ORDER, Settings, SettingsLayers, parse_gpu_split, settings_from_mapping,
     settings_from_ollama,
 )

@@ -18,15 +18,15 @@ import openai
 import pytest
 
 from app.api.server import Listener, ServerConfig
-from app.engine.engine import Engine
-from app.engine.registry import Registry, RegistryError
+from app.engine.facade import Engine
+from app.engine.catalog.registry import Registry, RegistryError
 from tests.server_harness import ServerThread, register
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = """
 import sys
-from app.engine.registry import ModelEntry, Registry
-from app.engine.settings import Settings
+from app.engine.catalog.registry import ModelEntry, Registry
+from app.engine.settings.schema import Settings
 reg = Registry(sys.argv[1])
 i = 0
 print("ready", flush=True)
@@ -39,7 +39,7 @@ while True:
 
 def test_sigkill_while_writing_never_corrupts(tmp_path: Path) -> None:
     path = tmp_path / "models.json"
-    Registry(path).add("seed", __import__("app.engine.registry", fromlist=["ModelEntry"]).ModelEntry(model_dir="/s"))
+    Registry(path).add("seed", __import__("app.engine.catalog.registry", fromlist=["ModelEntry"]).ModelEntry(model_dir="/s"))
     rng = random.Random(3)
     for _ in range(25):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE,

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("PySide6")
 
 
-from app.engine.registry import Registry  # noqa: E402
+from app.engine.catalog.registry import Registry  # noqa: E402
 from app.server_config import ServerSettingsStore, get_api_key  # noqa: E402
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry  # noqa: E402
 
@@ -217,11 +217,11 @@ async def _lag_scenario(tray, tiny_model_dir: Path) -> None:
 
 def test_model_process_is_read_by_the_qt_event_loop(qloop, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The tray runs on qasync: a model process's pipe is watched by Qt's event dispatcher."""
-    from app.engine.backends.process_backend import ProcessBackend
-    from app.engine.engine import CompletionRequest, Engine
-    from app.engine.jobs import TextDelta
-    from app.engine.pipe_runner import PipeRunner
-    from app.engine.settings import Settings
+    from app.engine.backends.model_process.client import ProcessBackend
+    from app.engine.facade import CompletionRequest, Engine
+    from app.engine.events import TextDelta
+    from app.engine.serving.pipe_runner import PipeRunner
+    from app.engine.settings.schema import Settings
     from tests.server_harness import register
 
     target = "app.engine.backends.transformers_backend:TransformersBackend"

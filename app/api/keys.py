@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.engine.engine import Engine
+from app.engine.facade import Engine
 
 ENGINE = web.AppKey("engine", Engine)
 API_KEY = web.AppKey("api_key", str)

@@ -9,9 +9,9 @@ import signal
 import sys
 
 from app.api.server import Listener, ServerConfig
-from app.engine.engine import Engine, ModelLoadError, ModelNotFound
-from app.engine.registry import Registry
-from app.engine.settings import Settings
+from app.engine.facade import Engine, ModelLoadError, ModelNotFound
+from app.engine.catalog.registry import Registry
+from app.engine.settings.schema import Settings
 
 log = logging.getLogger(__name__)
 

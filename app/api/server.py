@@ -12,8 +12,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from app.api.errors import ApiError, Handler, error_middleware
 from app.api.keys import API_KEY, ENGINE
-from app.api.openai_routes import routes
-from app.engine.engine import Engine
+from app.api.openai.routes import routes
+from app.engine.facade import Engine
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024

@@ -14,11 +14,11 @@ from PySide6.QtWidgets import (
     QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget,
 )
 
-from app.engine.model_folder import ModelFolderError, ModelInfo, inspect_model_folder
-from app.engine.ollama.client import OllamaError, OllamaRegistryClient
-from app.engine.ollama.names import InvalidName, parse_name
-from app.engine.registry import ModelEntry, OllamaMetadata, Registry, RegistryError, normalize_name
-from app.engine.settings import Settings
+from app.engine.catalog.model_folder import ModelFolderError, ModelInfo, inspect_model_folder
+from app.engine.catalog.ollama_client import OllamaError, OllamaRegistryClient
+from app.engine.catalog.ollama_names import InvalidName, parse_name
+from app.engine.catalog.registry import ModelEntry, OllamaMetadata, Registry, RegistryError, normalize_name
+from app.engine.settings.schema import Settings
 from app.resources import ollama_suggestions
 
 log = logging.getLogger(__name__)

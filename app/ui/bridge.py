@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QObject, Signal
 
-from app.engine.engine import Engine
+from app.engine.facade import Engine
 
 
 class EngineBridge(QObject):

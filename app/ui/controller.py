@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.api.server import Listener, ServerConfig
-from app.engine.engine import Engine, ModelLoadError, ModelNotFound
-from app.engine.metrics import MetricsSample
-from app.engine.registry import Registry
+from app.engine.facade import Engine, ModelLoadError, ModelNotFound
+from app.engine.observability.metrics import MetricsSample
+from app.engine.catalog.registry import Registry
 from app.server_config import ServerSettings, ServerSettingsStore, get_api_key
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from app.engine.registry import Registry, RegistryError
+from app.engine.catalog.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 STARTED = time.perf_counter()

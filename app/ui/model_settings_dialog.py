@@ -16,11 +16,11 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from app.engine.engine import Engine
-from app.engine.prompt import ChatInput, PromptError
-from app.engine.prompt_select import make_prompt_builder
-from app.engine.registry import RegistryError, normalize_name
-from app.engine.settings import LOAD_TIME_FIELDS, Settings, SettingsLayers, format_validation_error
+from app.engine.facade import Engine
+from app.engine.prompting.builders import ChatInput, PromptError
+from app.engine.prompting.select import make_prompt_builder
+from app.engine.catalog.registry import RegistryError, normalize_name
+from app.engine.settings.schema import LOAD_TIME_FIELDS, Settings, SettingsLayers, format_validation_error
 
 log = logging.getLogger(__name__)
 GROUPS = {

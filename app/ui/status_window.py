@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (
     QComboBox, QGridLayout, QHBoxLayout, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from app.engine.engine import Engine
+from app.engine.facade import Engine
 
 RANGES = {"1 min": 60, "5 min": 300, "30 min": 1800}
 PALETTE = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2"]

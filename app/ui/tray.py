@@ -9,7 +9,7 @@ from PySide6.QtCore import QObject, QUrl
 from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QMenu, QMessageBox, QSystemTrayIcon
 
-from app.engine.registry import RegistryError, display_name
+from app.engine.catalog.registry import RegistryError, display_name
 from app.ui.add_model_dialog import AddModelDialog
 from app.ui.bridge import EngineBridge
 from app.ui.controller import AppController, log_folder

@@ -50,8 +50,8 @@ def main() -> int:
     from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
     from app.engine.backends.exllamav2_backend import ExLlamaV2Backend
-    from app.engine.jobs import BackendJob, SamplingParams
-    from app.engine.tokenizer import FolderTokenizer
+    from app.engine.events import BackendJob, SamplingParams
+    from app.engine.catalog.tokenizer import FolderTokenizer
 
     result: dict = {}
     backend = ExLlamaV2Backend(args.model_dir, context_length=2048, max_batch=1)
@@ -141,10 +141,10 @@ def main() -> int:
     result["profile_backend_first_token"] = top(prof)
 
     # 3. the engine's preparation of a request (registry, settings, tokens, lease), no HTTP
-    from app.engine.engine import CompletionRequest, Engine
-    from app.engine.model_folder import inspect_model_folder
-    from app.engine.registry import ModelEntry, Registry
-    from app.engine.settings import Settings
+    from app.engine.facade import CompletionRequest, Engine
+    from app.engine.catalog.model_folder import inspect_model_folder
+    from app.engine.catalog.registry import ModelEntry, Registry
+    from app.engine.settings.schema import Settings
 
     async def prepare() -> None:
         registry = Registry(Path(tempfile.mkdtemp()) / "models.json")

@@ -1,1 +1,1 @@
-"""Backends: one small contract (see :mod:`app.engine.backends.base`), imported lazily."""
+"""Backends: one small contract (see :mod:`app.engine.backends.contract`), imported lazily."""

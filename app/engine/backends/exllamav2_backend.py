@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn
-from app.engine.jobs import BackendJob, SamplingParams, StepEvent
-from app.engine.settings import parse_gpu_split
-from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
+from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.events import BackendJob, SamplingParams, StepEvent
+from app.engine.settings.schema import parse_gpu_split
+from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from app.engine.jobs import SamplingParams
+from app.engine.events import SamplingParams
 
 if TYPE_CHECKING:
     import torch

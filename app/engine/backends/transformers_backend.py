@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
+from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
 from app.engine.backends.sampling import make_generator, sample
-from app.engine.jobs import BackendJob, StepEvent
-from app.engine.text_stream import TextStream
-from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
+from app.engine.events import BackendJob, StepEvent
+from app.engine.backends.text_stream import TextStream
+from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.engine.settings import Settings, format_validation_error
+from app.engine.settings.schema import Settings, format_validation_error
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`PromptBuilder` is the interface; :class:`JinjaPromptBuilder` renders the model folder's
 ``chat_template`` (or a custom Jinja template) in jinja2's sandbox, the way transformers does.
-The Ollama Go-template builder lives in :mod:`app.engine.ollama.prompt`.
+The Ollama Go-template builder lives in :mod:`app.engine.prompting.ollama`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.engine.settings import Settings
+from app.engine.settings.schema import Settings
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import logging
 import re
 from pathlib import Path
 
-from app.engine.prompt import JinjaPromptBuilder, PlainPromptBuilder, PromptBuilder, PromptError
-from app.engine.registry import ModelEntry
-from app.engine.settings import ResolvedSettings
-from app.engine.tokenizer import read_json, read_special_tokens
+from app.engine.prompting.builders import JinjaPromptBuilder, PlainPromptBuilder, PromptBuilder, PromptError
+from app.engine.catalog.registry import ModelEntry
+from app.engine.settings.schema import ResolvedSettings
+from app.engine.catalog.tokenizer import read_json, read_special_tokens
 
 log = logging.getLogger(__name__)
 _GO_ACTION = re.compile(r"\{\{-?\s*(\.|\$|range\b|if\b|with\b|template\b|/\*)")
@@ -47,7 +47,7 @@ def make_prompt_builder(entry: ModelEntry, settings: ResolvedSettings) -> Prompt
     system = settings.system_prompt or None
     special = read_special_tokens(Path(entry.model_dir))
     if source == "ollama":
-        from app.engine.ollama.prompt import OllamaPromptBuilder
+        from app.engine.prompting.ollama import OllamaPromptBuilder
 
         assert entry.ollama is not None and entry.ollama.template
         return OllamaPromptBuilder(entry.ollama.template, system_prompt=system,
@@ -55,7 +55,7 @@ def make_prompt_builder(entry: ModelEntry, settings: ResolvedSettings) -> Prompt
     if source == "custom":
         text = settings.custom_template or ""
         if looks_like_go_template(text):
-            from app.engine.ollama.prompt import OllamaPromptBuilder
+            from app.engine.prompting.ollama import OllamaPromptBuilder
 
             return OllamaPromptBuilder(text, system_prompt=system)
         return JinjaPromptBuilder(text, bos_token=special.bos_token, eos_token=special.eos_token,
@@ -77,7 +77,7 @@ FIM_TOKEN_SETS = (
 def fill_in_middle_prompt(entry: ModelEntry, settings: ResolvedSettings, prompt: str, suffix: str) -> str | None:
     """The fill-in-the-middle prompt for ``prompt``/``suffix``, or None when the model has no FIM form."""
     if entry.ollama is not None and entry.ollama.template and ".Suffix" in entry.ollama.template:
-        from app.engine.ollama.prompt import render_fim
+        from app.engine.prompting.ollama import render_fim
 
         return render_fim(entry.ollama.template, prompt, suffix)
     vocab = _added_tokens(Path(entry.model_dir))

@@ -4,7 +4,7 @@ The model process steps on its own; all this side does is write jobs to its pipe
 Doing both on the event loop (the pipe is one more descriptor the loop waits on) leaves no thread in
 between: a request's job reaches the model process as soon as the loop has prepared it, and a step's
 events wake the loop directly, which writes them to the clients. With the thread-based
-:class:`~app.engine.runner.Runner` each of those crossings was two wake-ups (loop -> runner thread ->
+:class:`~app.engine.serving.runner.Runner` each of those crossings was two wake-ups (loop -> runner thread ->
 model process, and back), each a few hundred microseconds on a busy or virtualised machine, on the
 path of every first token.
 
@@ -23,9 +23,9 @@ import logging
 import threading
 from typing import Any
 
-from app.engine.jobs import BackendJob, JobEvent
-from app.engine.metrics import EngineMetrics
-from app.engine.runner import RunnerBase, _distribute, _Tracked
+from app.engine.events import BackendJob, JobEvent
+from app.engine.observability.metrics import EngineMetrics
+from app.engine.serving.runner import RunnerBase, _distribute, _Tracked
 
 log = logging.getLogger(__name__)
 #: poll instead of waiting when the model's steps come faster than this
@@ -49,7 +49,7 @@ def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Any) -> bool:
 
 
 class PipeRunner(RunnerBase):
-    """Same contract as :class:`~app.engine.runner.Runner`; call everything but :meth:`stop` on the event loop."""
+    """Same contract as :class:`~app.engine.serving.runner.Runner`; call everything but :meth:`stop` on the event loop."""
 
     steps_elsewhere = True
 

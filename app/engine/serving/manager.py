@@ -16,10 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from app.engine.backends.base import Backend, BackendLoadError, LoadCancelled
-from app.engine.metrics import EngineMetrics
-from app.engine.pipe_runner import PipeRunner, loop_can_read
-from app.engine.runner import Runner, RunnerBase
+from app.engine.backends.contract import Backend, BackendLoadError, LoadCancelled
+from app.engine.observability.metrics import EngineMetrics
+from app.engine.serving.pipe_runner import PipeRunner, loop_can_read
+from app.engine.serving.runner import Runner, RunnerBase
 
 log = logging.getLogger(__name__)
 

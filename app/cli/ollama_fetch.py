@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from app.engine.ollama.client import OllamaRegistryClient
-from app.engine.registry import OllamaMetadata
+from app.engine.catalog.ollama_client import OllamaRegistryClient
+from app.engine.catalog.registry import OllamaMetadata
 
 
 def fetch_for_cli(name: str, registry_url: str | None = None) -> OllamaMetadata:

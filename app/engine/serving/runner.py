@@ -1,7 +1,7 @@
 """The worker thread that drives one loaded backend and hands events to asyncio.
 
 :class:`RunnerBase` is what every runner does with a backend's events (tracking, delivery, metrics);
-:class:`Runner` is the thread described here; :class:`~app.engine.pipe_runner.PipeRunner` drives a
+:class:`Runner` is the thread described here; :class:`~app.engine.serving.pipe_runner.PipeRunner` drives a
 backend in a model process from the event loop itself.
 
 The backend's step loop never runs on the event loop. Jobs and cancels reach the thread through a
@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from app.engine.backends.base import Backend, StepFailed
-from app.engine.jobs import BackendJob, DecodeTimes, JobEvent, JobFinished, StepEvent, TextDelta, Usage
-from app.engine.metrics import EngineMetrics, RequestRecord
+from app.engine.backends.contract import Backend, StepFailed
+from app.engine.events import BackendJob, DecodeTimes, JobEvent, JobFinished, StepEvent, TextDelta, Usage
+from app.engine.observability.metrics import EngineMetrics, RequestRecord
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL = 0.0005

@@ -23,7 +23,7 @@ Messages over a ``multiprocessing`` pipe (pickled tuples):
 
 The model process keeps stepping while it has jobs and never waits for this side. On this side
 whoever needs a message reads the pipe: the event loop through :meth:`ProcessBackend.read_available`
-(see :mod:`app.engine.pipe_runner`), or where a loop cannot watch it the runner thread in
+(see :mod:`app.engine.serving.pipe_runner`), or where a loop cannot watch it the runner thread in
 :meth:`ProcessBackend.step` and a caller of :meth:`ProcessBackend.encode`; no relay thread between.
 """
 
@@ -43,9 +43,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from app.engine.backends.base import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
-from app.engine.jobs import BackendJob, DecodeTimes, StepEvent
-from app.engine.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
+from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
+from app.engine.events import BackendJob, DecodeTimes, StepEvent
+from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
 
 log = logging.getLogger(__name__)
 MEMORY_EVERY_S = 1.0
@@ -378,7 +378,7 @@ class ProcessBackend:
         return self._call("encode", text, add_bos)
 
     def cuda_tensor_census(self) -> dict[str, Any]:
-        """The model process's live CUDA tensors (see app.engine.diagnostics)."""
+        """The model process's live CUDA tensors (see app.engine.observability.diagnostics)."""
         return self._call("census")
 
     def _call(self, kind: str, *args: Any) -> Any:
@@ -584,7 +584,7 @@ class Outbox:
     event (time to first token), its last, and all of a streaming job's go at once; a non-streaming
     job's others are merged and held for at most ``HOLD_S`` (the server's token counters stay live).
 
-    It also times each job's steps after its first (:class:`~app.engine.jobs.DecodeTimes`, sent with
+    It also times each job's steps after its first (:class:`~app.engine.events.DecodeTimes`, sent with
     its last event): what the server's request log shows of the model process's side of decoding.
     """
 
@@ -721,7 +721,7 @@ def handle(backend: Any, conn: Any, msg: tuple, outbox: Outbox) -> bool:
             if kind == "encode":
                 answer: Any = backend.encode(msg[2], add_bos=msg[3])
             else:
-                from app.engine.diagnostics import cuda_tensor_census
+                from app.engine.observability.diagnostics import cuda_tensor_census
 
                 answer = cuda_tensor_census()
         except Exception as exc:  # noqa: BLE001 - the caller gets the reason

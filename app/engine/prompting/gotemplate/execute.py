@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from app.engine.ollama.gotemplate.parser import (
+from app.engine.prompting.gotemplate.parser import (
     Action, Branch, Break, Chain, Command, Continue, Dot, Field, Ident, ListNode, Literal, Pipe, Text, Variable,
 )
 

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.engine.backend_select import folder_settings
-from app.engine.prompt import ChatInput, JinjaPromptBuilder, PromptBuilder, PromptError
-from app.engine.prompt_select import looks_like_go_template, make_prompt_builder
-from app.engine.registry import Registry
-from app.engine.settings import SettingsLayers, settings_from_ollama, Settings
+from app.engine.backends.factory import folder_settings
+from app.engine.prompting.builders import ChatInput, JinjaPromptBuilder, PromptBuilder, PromptError
+from app.engine.prompting.select import looks_like_go_template, make_prompt_builder
+from app.engine.catalog.registry import Registry
+from app.engine.settings.schema import SettingsLayers, settings_from_ollama, Settings
 
 
 def load_messages(path: Path) -> ChatInput:
@@ -48,7 +48,7 @@ def render_prompt_for_cli(registry: Registry, model: str | None, template_file: 
         except OSError as exc:
             raise PromptError(f"cannot read {template_file}: {exc.strerror or exc}") from None
         if looks_like_go_template(text):
-            from app.engine.ollama.prompt import OllamaPromptBuilder
+            from app.engine.prompting.ollama import OllamaPromptBuilder
 
             builder = OllamaPromptBuilder(text)
         else:

@@ -15,13 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from app.api.errors import ApiError
 from app.api.keys import ENGINE
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, UnsupportedValue
-from app.engine.engine import (
+from app.api.openai.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedValue
+from app.engine.facade import (
     ChatRequest, CompletionRequest as EngineCompletion, Engine, InvalidRequest, JobHandle, ModelLoadError,
     ModelNotFound,
 )
-from app.engine.jobs import JobFinished, TextDelta
-from app.engine.settings import format_validation_error
+from app.engine.events import JobFinished, TextDelta
+from app.engine.settings.schema import format_validation_error
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -275,7 +275,7 @@ async def admin_requests(request: web.Request) -> web.Response:
 async def admin_cuda_tensors(request: web.Request) -> web.Response:
     """Diagnostics: the largest live CUDA tensors and what holds them (for VRAM leak reports), in the
     server's process and in each model process."""
-    from app.engine.diagnostics import cuda_tensor_census
+    from app.engine.observability.diagnostics import cuda_tensor_census
 
     engine = request.app[ENGINE]
     out = {"server": await asyncio.to_thread(cuda_tensor_census)}

@@ -18,14 +18,14 @@ from typing import Any, AsyncIterator, Callable
 
 import psutil
 
-from app.engine.backend_select import create_backend, folder_settings
-from app.engine.jobs import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
-from app.engine.metrics import EngineMetrics
-from app.engine.model_manager import LoadFailure, ModelLoadError, ModelManager, ModelState, Resident
-from app.engine.prompt import ChatInput, PromptError, message_text
-from app.engine.prompt_select import make_prompt_builder
-from app.engine.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
-from app.engine.settings import ResolvedSettings, Settings, SettingsLayers, settings_from_ollama
+from app.engine.backends.factory import create_backend, folder_settings
+from app.engine.events import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
+from app.engine.observability.metrics import EngineMetrics
+from app.engine.serving.manager import LoadFailure, ModelLoadError, ModelManager, ModelState, Resident
+from app.engine.prompting.builders import ChatInput, PromptError, message_text
+from app.engine.prompting.select import make_prompt_builder
+from app.engine.catalog.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
+from app.engine.settings.schema import ResolvedSettings, Settings, SettingsLayers, settings_from_ollama
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
@@ -278,7 +278,7 @@ class Engine:
 
     def spare_processes(self) -> list[dict[str, Any]]:
         """Model processes started ahead of a load, with their imports done (see SparePool)."""
-        from app.engine.backends.process_backend import SPARES
+        from app.engine.backends.model_process.client import SPARES
 
         return SPARES.describe()
 
@@ -288,7 +288,7 @@ class Engine:
             await asyncio.gather(self._sampler, return_exceptions=True)
             self._sampler = None
         await self.manager.close()
-        from app.engine.backends.process_backend import SPARES
+        from app.engine.backends.model_process.client import SPARES
 
         await asyncio.to_thread(SPARES.close)
 
@@ -314,7 +314,7 @@ class Engine:
         resolved = self.resolve(key, request.settings)
         prompt = request.prompt
         if request.suffix and isinstance(prompt, str):
-            from app.engine.prompt_select import fill_in_middle_prompt
+            from app.engine.prompting.select import fill_in_middle_prompt
 
             fim = fill_in_middle_prompt(entry, resolved, request.prompt, request.suffix)
             if fim is None:

@@ -9,11 +9,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.engine.backends.base import Backend, BackendLoadError
-from app.engine.model_folder import ModelFolderError, inspect_model_folder
-from app.engine.registry import ModelEntry
-from app.engine.settings import ResolvedSettings, Settings
-from app.engine.tokenizer import read_json
+from app.engine.backends.contract import Backend, BackendLoadError
+from app.engine.catalog.model_folder import ModelFolderError, inspect_model_folder
+from app.engine.catalog.registry import ModelEntry
+from app.engine.settings.schema import ResolvedSettings, Settings
+from app.engine.catalog.tokenizer import read_json
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def create_backend(entry: ModelEntry, settings: ResolvedSettings) -> Backend:
     kwargs: dict[str, Any] = {"context_length": int(settings.context_length), "max_batch": int(settings.batch_size)}
     if choice == "exllamav2":
         # in a process of its own: its step loop must not share the GIL with the server (see process_backend)
-        from app.engine.backends.process_backend import ProcessBackend
+        from app.engine.backends.model_process.client import ProcessBackend
 
         return ProcessBackend("app.engine.backends.exllamav2_backend:ExLlamaV2Backend", "exllamav2",
                               entry.model_dir, cache_type=settings.cache_type, gpu_split=settings.gpu_split,

@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterator
 
-from app.engine.ollama.gotemplate.execute import (
+from app.engine.prompting.gotemplate.execute import (
     MISSING, Executor, GoMap, GoStruct, TemplateExecError, go_json, go_string,
 )
-from app.engine.ollama.gotemplate.lexer import TemplateSyntaxError
-from app.engine.ollama.gotemplate.parser import (
+from app.engine.prompting.gotemplate.lexer import TemplateSyntaxError
+from app.engine.prompting.gotemplate.parser import (
     Action, Branch, Chain, Command, Field, ListNode, Pipe, Variable, parse,
 )
 

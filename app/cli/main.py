@@ -12,14 +12,14 @@ from typing import Any, Sequence, get_args
 from pydantic import ValidationError
 
 from app import __version__
-from app.engine.ollama.client import OllamaError
-from app.engine.prompt import PromptError
-from app.engine.model_folder import ModelFolderError, format_size, inspect_model_folder
-from app.engine.registry import ModelEntry, Registry, RegistryError, display_name
-from app.engine.settings import Settings, format_validation_error
+from app.engine.catalog.ollama_client import OllamaError
+from app.engine.prompting.builders import PromptError
+from app.engine.catalog.model_folder import ModelFolderError, format_size, inspect_model_folder
+from app.engine.catalog.registry import ModelEntry, Registry, RegistryError, display_name
+from app.engine.settings.schema import Settings, format_validation_error
 from app.paths import default_models_path
 
-log = logging.getLogger("app.cli")
+log = logging.getLogger("app.cli.main")
 
 #: Extra spellings accepted for some settings (the original server's option names).
 ALIASES: dict[str, list[str]] = {
@@ -130,7 +130,7 @@ def cmd_add_model(args: argparse.Namespace, registry: Registry) -> int:
     settings = settings_from_args(args)
     ollama = None
     if not args.no_ollama:
-        from app.engine.ollama.cli_fetch import fetch_for_cli
+        from app.cli.ollama_fetch import fetch_for_cli
 
         ollama = fetch_for_cli(args.ollama or args.name, args.registry_url)
     entry = ModelEntry(model_dir=info.path, settings=settings, ollama=ollama, info=info.to_dict())
@@ -166,7 +166,7 @@ def cmd_models(registry: Registry) -> int:
 
 
 def cmd_prompt(args: argparse.Namespace, registry: Registry) -> int:
-    from app.engine.prompt_cli import render_prompt_for_cli
+    from app.cli.prompt import render_prompt_for_cli
 
     sys.stdout.write(render_prompt_for_cli(registry, args.model, args.template_file, args.messages_file))
     sys.stdout.flush()

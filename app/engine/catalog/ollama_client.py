@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import aiohttp
 
-from app.engine.ollama.names import InvalidName, OllamaName, parse_name
-from app.engine.registry import OllamaMetadata, now_iso
+from app.engine.catalog.ollama_names import InvalidName, OllamaName, parse_name
+from app.engine.catalog.registry import OllamaMetadata, now_iso
 
 log = logging.getLogger(__name__)
 

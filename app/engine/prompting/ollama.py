@@ -14,10 +14,10 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from app.engine.ollama.gotemplate import (
+from app.engine.prompting.gotemplate import (
     GoMap, GoStruct, GoTemplate, TemplateExecError, TemplateSyntaxError, go_json,
 )
-from app.engine.prompt import ChatInput, PromptError, message_text
+from app.engine.prompting.builders import ChatInput, PromptError, message_text
 
 
 @lru_cache(maxsize=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine.ollama.gotemplate.lexer import Lexer, Token
+from app.engine.prompting.gotemplate.lexer import Lexer, Token
 
 
 # -- nodes -------------------------------------------------------------------------------

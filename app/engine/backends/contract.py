@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Protocol, Sequence
 
-from app.engine.jobs import BackendJob, StepEvent
+from app.engine.events import BackendJob, StepEvent
 
 ProgressFn = Callable[[float, str], None]
 
