@@ -229,6 +229,11 @@ class Engine:
         """Call ``callback`` (on the event loop) when a model starts/finishes loading or unloading."""
         self._listeners.append(callback)
 
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` (a no-op when it was not added)."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
     def _notify(self) -> None:
         for callback in list(self._listeners):
             callback()
@@ -248,6 +253,11 @@ class Engine:
     def add_sample_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after each metrics sample (once a second)."""
         self._sample_listeners.append(callback)
+
+    def remove_sample_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` after each sample (a no-op when it was not added)."""
+        if callback in self._sample_listeners:
+            self._sample_listeners.remove(callback)
 
     def memory_snapshot(self) -> dict[str, int]:
         """GPU memory reserved per device (or the backend's own figure) and the process RSS."""
