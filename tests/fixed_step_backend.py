@@ -11,12 +11,12 @@ import threading
 import time
 from typing import Sequence
 
-from app.engine.backends.contract import ProgressFn
+from app.engine.backends.contract import BackendBase, ProgressFn
 from app.engine.events import BackendJob, StepEvent
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer
 
 
-class FixedStepBackend:
+class FixedStepBackend(BackendBase):
     """One token of text per job per step; every step takes ``step_s`` of busy CPU time."""
 
     name = "fixed-step"

@@ -288,7 +288,7 @@ class Engine:
 
     def spare_processes(self) -> list[dict[str, Any]]:
         """Model processes started ahead of a load, with their imports done (see SparePool)."""
-        from app.engine.backends.model_process.client import SPARES
+        from app.engine.backends.model_process.spares import SPARES
 
         return SPARES.describe()
 
@@ -298,7 +298,7 @@ class Engine:
             await asyncio.gather(self._sampler, return_exceptions=True)
             self._sampler = None
         await self.manager.close()
-        from app.engine.backends.model_process.client import SPARES
+        from app.engine.backends.model_process.spares import SPARES
 
         await asyncio.to_thread(SPARES.close)
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.events import BackendJob, SamplingParams, StepEvent
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
@@ -64,7 +64,7 @@ def announce_extension_build(progress: ProgressFn) -> bool:
     return True
 
 
-class ExLlamaV2Backend:
+class ExLlamaV2Backend(BackendBase):
     name = "exllamav2"
 
     def __init__(self, model_dir: str, *, context_length: int, max_batch: int, cache_type: str = "FP16",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn, StepFailed
+from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn, StepFailed
 from app.engine.backends.sampling import make_generator, sample
 from app.engine.events import BackendJob, StepEvent
 from app.engine.backends.text_stream import TextStream
@@ -73,7 +73,7 @@ class _Job:
     counts: Counter = field(default_factory=Counter)
 
 
-class TransformersBackend:
+class TransformersBackend(BackendBase):
     name = "transformers"
     batching = "continuous"
 

@@ -94,7 +94,7 @@ class ModelManager:
     # -- public -------------------------------------------------------------------
     def states(self) -> list[ModelState]:
         return [ModelState(r.name, r.state, r.progress, r.message, r.backend.name, r.backend.batching,
-                           r.active, getattr(r.backend, "notice", "")) for r in self._residents.values()]
+                           r.active, r.backend.notice) for r in self._residents.values()]
 
     def load_failures(self) -> list[LoadFailure]:
         """Each model's last failed load, oldest first, for models that have not loaded since."""

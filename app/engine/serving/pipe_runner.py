@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
 
+from app.engine.backends.contract import Backend, PipeBacked
+from app.engine.backends.model_process.protocol import Events, StepMessage
 from app.engine.events import BackendJob, JobEvent
 from app.engine.observability.metrics import EngineMetrics
 from app.engine.serving.runner import RunnerBase, _distribute, _Tracked
@@ -35,9 +36,9 @@ POLL_FASTER_THAN_S = 0.010
 POLL_MIN_S, POLL_MAX_S = 0.001, 0.002
 
 
-def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Any) -> bool:
+def loop_can_read(loop: asyncio.AbstractEventLoop, backend: Backend) -> bool:
     """Whether ``backend`` offers its pipe and ``loop`` can watch a descriptor (not every loop can)."""
-    if not callable(getattr(backend, "read_available", None)):
+    if not isinstance(backend, PipeBacked):
         return False
     try:
         fd = backend.fileno()
@@ -53,8 +54,10 @@ class PipeRunner(RunnerBase):
 
     steps_elsewhere = True
 
-    def __init__(self, model: str, backend: Any, metrics: EngineMetrics, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(model, backend, metrics, loop)
+    def __init__(self, model: str, backend: PipeBacked, metrics: EngineMetrics,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(model, backend, metrics, loop)  # type: ignore[arg-type]
+        self.pipe = backend
         self._fd: int | None = None  # set while the loop waits on the pipe
         self._timer: asyncio.TimerHandle | None = None  # set while it polls the pipe instead
         self._step_s: float | None = None  # how long the model process's recent steps took
@@ -63,7 +66,7 @@ class PipeRunner(RunnerBase):
         self.woken_reads = 0
 
     def start(self) -> None:
-        self.backend.loop_reads = True
+        self.pipe.loop_reads = True
         self._wait_on_pipe()
 
     def submit(self, job: BackendJob) -> asyncio.Queue[JobEvent]:
@@ -76,7 +79,7 @@ class PipeRunner(RunnerBase):
         self._metrics.running.inc()
         self._metrics.record_prompt(len(job.prompt_ids))
         self.backend.submit(job)  # a write to the pipe; the model process reads it between two steps
-        if self.backend.has_pending():  # the process is gone: the job's error is already here
+        if self.pipe.has_pending():  # the process is gone: the job's error is already here
             self._loop.call_soon(self._read)
         self._choose_mode()  # a job waits for its first text: wake on the pipe
         return queue
@@ -102,7 +105,7 @@ class PipeRunner(RunnerBase):
             self._stopping = True
             self._stop_reading()
             self._end_all("the model was unloaded while generating")
-            self.backend.loop_reads = False
+            self.pipe.loop_reads = False
             done.set()
 
         if self._loop.is_closed():
@@ -134,11 +137,11 @@ class PipeRunner(RunnerBase):
         self._read()
 
     def _read(self) -> None:
-        backend = self.backend
-        for msg in backend.read_available():
-            self._apply_step(lambda m=msg: backend.take_step(m))
+        pipe = self.pipe
+        for msg in pipe.read_available():
+            self._apply_step(lambda m=msg: pipe.take_step(m))
             self._note_step(msg)
-        dead = backend.dead
+        dead = pipe.dead
         if dead is not None:
             self._stop_reading()
             self._end_all(dead)
@@ -146,11 +149,11 @@ class PipeRunner(RunnerBase):
         if dead is None and not self._stopping:
             self._choose_mode()
 
-    def _note_step(self, msg: tuple) -> None:
+    def _note_step(self, msg: StepMessage) -> None:
         """Follow how long the model process's steps take (its own clock: idle time does not count)."""
-        if msg[0] != "events" or msg[4] <= msg[3]:
+        if not isinstance(msg, Events) or msg.t_end <= msg.t_start:
             return
-        took = msg[4] - msg[3]
+        took = msg.t_end - msg.t_start
         self._step_s = took if self._step_s is None else 0.7 * self._step_s + 0.3 * took
 
     def _choose_mode(self) -> None:
@@ -177,7 +180,7 @@ class PipeRunner(RunnerBase):
             self._timer.cancel()
             self._timer = None
         if self._fd is None:
-            self._fd = self.backend.fileno()
+            self._fd = self.pipe.fileno()
             self._loop.add_reader(self._fd, self._woken)
 
     def _stop_reading(self) -> None:
@@ -193,7 +196,7 @@ class PipeRunner(RunnerBase):
         self._flush()
 
     def _first_text(self, tracked: _Tracked) -> None:
-        tracked.step_times = getattr(self.backend, "last_step_times", None)
+        tracked.step_times = self.pipe.last_step_times
 
     def _flush(self) -> None:
         """On the loop already: the events go straight into the jobs' queues."""

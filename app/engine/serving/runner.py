@@ -86,14 +86,13 @@ class RunnerBase:
             for job_id in exc.job_ids:
                 if job_id in self._tracked:
                     self._finish(self._tracked[job_id], "error", "", error=f"generation failed: {exc}")
-            take = getattr(backend, "take_surviving_events", None)
-            events = take() if take is not None else []
+            events = backend.take_surviving_events()
         except Exception as exc:  # a backend fault fails the jobs it affected, not the engine
             log.exception("backend step failed for model %s", self.model)
             self._fail_all(f"generation failed: {exc}")
             return False
         self.steps += 1
-        self._metrics.record_step(getattr(backend, "last_step_batch", 1))
+        self._metrics.record_step(backend.last_step_batch)
         for event in events:
             tracked = self._tracked.get(event.job_id)
             if tracked is not None:
@@ -241,7 +240,7 @@ class Runner(RunnerBase):
         while True:
             with self._cond:
                 while not (self._inbox or self._cancels or self._stopping or self._cancel_all
-                           or backend.has_work()):
+                           or self._tracked or backend.has_work()):
                     self._cond.wait()
                 new, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
@@ -261,7 +260,7 @@ class Runner(RunnerBase):
                 self._flush()
                 return
             self._flush()
-            if not backend.has_work():
+            if not (self._tracked or backend.has_work()):
                 continue
             if self._apply_step(backend.step):
                 self._flush_and_hand_off()
