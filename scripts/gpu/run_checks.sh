@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, JIT-build (or restore) exllamav2's extension,
-# make random-weight models, quantize one to EXL2, serve them, run the end-to-end checks through the
-# openai SDK and the benchmark. Report: $OUT/gpu-report.md and $OUT/gpu-report.json.
+# make random-weight models, serve them, run the end-to-end and load-failure checks through the openai
+# SDK, quantize one model to EXL2 and run its checks and the benchmark. Report: $OUT/gpu-report.md and
+# $OUT/gpu-report.json; a freshly built extension ($OUT/exllamav2_ext.so.xz) and the quantizer's
+# measurement ($OUT/measurement.json) to put in .gpu/ for the next runs.
 #
 # Carry: .whl (wheels, see docs/gpu-results.md) and .gpu (a previously built extension, measurement).
+# Usage: bash scripts/gpu/run_checks.sh [--budget-s 540] [--skip STAGE ...] [--only-build] [--profile]
 set -uo pipefail
+export RUN_STARTED=${RUN_STARTED:-$(date +%s.%N)}  # --budget-s counts from here
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
+export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
@@ -15,4 +20,5 @@ export PYTHONPATH=/tmp/site:$PWD
 if ls .gpu/exllamav2_ext.so.xz* >/dev/null 2>&1; then
   cat .gpu/exllamav2_ext.so.xz* | xz -dc > /tmp/site/exllamav2_ext.so && echo "restored prebuilt exllamav2_ext.so"
 fi
+echo "wheels installed in $(python3 -c "import time; print(round(time.time() - $RUN_STARTED, 1))") s"
 python3 scripts/gpu/checks.py --out "$OUT" "$@" 2>&1 | tee "$OUT/checks.log"
