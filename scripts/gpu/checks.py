@@ -153,34 +153,36 @@ import json, sys, time
 t0 = time.perf_counter()
 import exllamav2  # JIT-builds the extension when it is not importable
 from exllamav2 import ext
-print(json.dumps({"path": ext.exllamav2_ext.__file__, "import_s": round(time.perf_counter() - t0, 1)}))
+info = {"path": ext.exllamav2_ext.__file__, "import_s": round(time.perf_counter() - t0, 1)}
+open(sys.argv[1], "w").write(json.dumps(info))
 """
+EXT_LOG, EXT_INFO = Path("/tmp/gpu-extension-build.log"), Path("/tmp/gpu-extension.json")
 
 
-def start_extension(rep: Report) -> tuple[subprocess.Popen, Path] | None:
+def start_extension(rep: Report) -> subprocess.Popen | None:
     """Import exllamav2 in a process of its own: on a fresh machine that JIT-builds the extension
     (nvcc on every core for minutes) while this process makes the models, which need no extension.
     The build lands in torch's extension cache, where every later process that imports exllamav2
     finds it."""
     if "extension" in rep.skip:
         return None
-    log = Path("/tmp/gpu-extension-build.log")
-    proc = subprocess.Popen([sys.executable, "-c", EXT_PROBE], stdout=subprocess.PIPE, stderr=log.open("w"),
-                            text=True, cwd=ROOT)
-    return proc, log
+    EXT_INFO.unlink(missing_ok=True)
+    with EXT_LOG.open("w") as log:  # a file, not a pipe that nobody reads while the models are made
+        proc = subprocess.Popen([sys.executable, "-c", EXT_PROBE, str(EXT_INFO)], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    return proc
 
 
-def extension(rep: Report, started: tuple[subprocess.Popen, Path] | None, since: float) -> None:
+def extension(rep: Report, proc: subprocess.Popen | None, since: float) -> None:
     restored = Path("/tmp/site/exllamav2_ext.so").exists()
-    if started is None:
-        started = start_extension(rep)
-        assert started is not None
-    proc, log = started
-    out, _ = proc.communicate(timeout=min(max(rep.left() - 20, 60), 3600))
-    print(log.read_text()[-1500:], flush=True)
+    if proc is None:
+        proc = start_extension(rep)
+        assert proc is not None
+    proc.wait(timeout=min(max(rep.left() - 20, 60), 3600))
+    print(EXT_LOG.read_text(errors="replace")[-1500:], flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"importing exllamav2 failed (exit {proc.returncode}); see the log above")
-    info = json.loads(out.strip().splitlines()[-1])
+    info = json.loads(EXT_INFO.read_text())
     rep.data["extension"] = {"restored": restored, **info,
                              "waited_s_after_models": round(time.perf_counter() - since, 1)}
     if not restored:  # keep it for the next runs (.gpu/): packed while the checks run, waited for at the end
@@ -225,11 +227,12 @@ def make_models(rep: Report) -> None:
         cmd = [*maker, str(WORK / name), "--dtype", "float16", "--device", "cuda", "--vocab", "1024",
                "--context", "2048", *extra]
         print("   $ " + " ".join(cmd[:3]) + " ...", flush=True)
-        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(f"/tmp/gpu-make-{name}.log", "w") as log:  # files: nobody reads a pipe meanwhile
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     failed = []
     for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        print(f"   {name}: {out[-600:].strip()}", flush=True)
+        proc.wait(timeout=300)
+        print(f"   {name}: {Path(f'/tmp/gpu-make-{name}.log').read_text(errors='replace')[-600:].strip()}", flush=True)
         if proc.returncode != 0:
             failed.append(name)
     if failed:
