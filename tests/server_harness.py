@@ -29,6 +29,7 @@ class ServerThread:
         self._max_loaded = max_loaded
         self._engine_factory = engine_factory
         self._thread = threading.Thread(target=self._run, daemon=True, name="test-server")
+        self._stopped = False
         self.engine: Engine
         self.listener: Listener
 
@@ -82,6 +83,11 @@ class ServerThread:
         raise KeyError(name)
 
     def stop(self) -> None:
+        """Stop the listener and the engine; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+
         async def shutdown() -> None:
             await self.listener.stop()
             await self.engine.close()

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from app.engine.catalog.registry import Registry
+from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
+from tests.helpers.tiny import KEEP_TALKING
+from tests.helpers.tiny import MESSAGES as MSGS
+from tests.helpers.waiting import wait_until
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread, register
 
-MSGS = [{"role": "user", "content": "Say something."}]
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    registry = Registry(tmp_path_factory.mktemp("api") / "models.json")
-    register(registry, "tiny", tiny_model_dir, context_length=512)
-    srv = ServerThread(registry).start()
-    yield srv
-    srv.stop()
+def server(serve_module: Servers) -> ServerThread:
+    return serve_module(models={"tiny": {"context_length": 512}})
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +92,15 @@ def test_include_usage(client: openai.OpenAI) -> None:
 
 def test_max_tokens_gives_finish_reason_length(client: openai.OpenAI) -> None:
     # a large negative bias on every end-of-sequence id keeps the random model going
-    out = chat(client, model="tiny", messages=MSGS, max_tokens=5, seed=3, logit_bias={"5": -100, "2": -100})
+    out = chat(client, model="tiny", messages=MSGS, max_tokens=5, seed=3, logit_bias=KEEP_TALKING)
     assert out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 5
-    out2 = chat(client, model="tiny", messages=MSGS, max_completion_tokens=3, seed=3,
-                logit_bias={"5": -100, "2": -100})
+    out2 = chat(client, model="tiny", messages=MSGS, max_completion_tokens=3, seed=3, logit_bias=KEEP_TALKING)
     assert out2.usage.completion_tokens == 3
 
 
 def test_stop_string_is_cut_and_not_returned(client: openai.OpenAI) -> None:
-    kw = dict(model="tiny", messages=MSGS, max_tokens=40, seed=11, temperature=1.0,
-              logit_bias={"5": -100, "2": -100})
+    kw = dict(model="tiny", messages=MSGS, max_tokens=40, seed=11, temperature=1.0, logit_bias=KEEP_TALKING)
     text = chat(client, **kw).choices[0].message.content
     assert len(text) > 12
     stop = text[8:11]
@@ -142,7 +136,7 @@ def test_completions_stream_and_non_stream(server: ServerThread, client: openai.
 def test_batching_is_real_with_8_concurrent_streams(server: ServerThread) -> None:
     before = server.metric("exllama_tray_engine_batched_steps_total")
     bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"request {i}"}], "max_tokens": 40,
-               "seed": i, "logit_bias": {"5": -100, "2": -100}} for i in range(8)]
+               "seed": i, "logit_bias": KEEP_TALKING} for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda b: stream_chat(server, b), bodies))
     for chunks, text in results:
@@ -157,16 +151,13 @@ def test_batching_is_real_with_8_concurrent_streams(server: ServerThread) -> Non
 
 def test_disconnect_mid_stream_cancels_the_job(server: ServerThread, client: openai.OpenAI) -> None:
     body = {"model": "tiny", "messages": MSGS, "max_tokens": 400, "stream": True, "seed": 9,
-            "logit_bias": {"5": -100, "2": -100}}
+            "logit_bias": KEEP_TALKING}
     cancelled_before = _reason_count(server, "cancelled")
     with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=60) as resp:
         it = resp.iter_lines()
         got = [next(it) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and server.metric("exllama_tray_requests_running") != 0:
-        time.sleep(0.05)
-    assert server.metric("exllama_tray_requests_running") == 0
+    assert wait_until(lambda: server.metric("exllama_tray_requests_running") == 0)
     assert _reason_count(server, "cancelled") == cancelled_before + 1
     assert server.engine.manager.resident("tiny:latest").active == 0
     out = chat(client, model="tiny", messages=MSGS, max_tokens=4)
@@ -226,7 +217,7 @@ def test_bad_inputs_get_openai_errors(server: ServerThread, client: openai.OpenA
     assert too_long["error"]["code"] == "context_length_exceeded"
     # more tokens than the context has left is clamped (real clients do this all the time)
     clamped = httpx.post(url, json={"model": "tiny", "messages": MSGS, "max_tokens": 100000, "seed": 1,
-                                    "logit_bias": {"2": -100, "5": -100}}, timeout=120)
+                                    "logit_bias": KEEP_TALKING}, timeout=120)
     assert clamped.status_code == 200
     usage = clamped.json()["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] <= 512
@@ -251,7 +242,7 @@ def test_health_and_metrics(server: ServerThread) -> None:
 
 
 def test_recent_requests_show_where_the_first_token_time_went(server: ServerThread, client: openai.OpenAI) -> None:
-    body = {"model": "tiny", "messages": MSGS, "max_tokens": 6, "temperature": 0, "logit_bias": {"2": -100}}
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 6, "temperature": 0, "logit_bias": KEEP_TALKING}
     _, streamed = stream_chat(server, body)
     chat(client, **body)
     records = httpx.get(f"{server.root}/admin/requests").json()["data"]

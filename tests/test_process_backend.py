@@ -16,16 +16,18 @@ import pytest
 from app.engine.backends.contract import BackendLoadError, LoadCancelled
 from app.engine.backends.model_process.client import ProcessBackend
 from app.engine.backends.transformers_backend import TransformersBackend
-from app.engine.facade import Engine
 from app.engine.events import BackendJob, SamplingParams, StepEvent
 from app.engine.serving.pipe_runner import PipeRunner
 from app.engine.catalog.registry import ModelEntry, Registry
 from app.engine.settings.schema import ResolvedSettings
+from tests.helpers.servers import Servers, serve, serve_module  # noqa: F401 - fixtures
+from tests.helpers.tiny import KEEP_TALKING, KEEP_TALKING_IDS
+from tests.helpers.waiting import wait_until
 from tests.openai_schema import validate
 from tests.server_harness import ServerThread, register
 
 TARGET = "app.engine.backends.transformers_backend:TransformersBackend"
-GREEDY = SamplingParams(temperature=0.0, logit_bias={2: -100.0})
+GREEDY = SamplingParams(temperature=0.0, logit_bias=KEEP_TALKING_IDS)
 
 
 def in_process(model_dir: Path) -> TransformersBackend:
@@ -160,13 +162,8 @@ def process_factory(entry: ModelEntry, settings: ResolvedSettings) -> ProcessBac
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    registry = Registry(tmp_path_factory.mktemp("proc") / "models.json")
-    register(registry, "tiny", tiny_model_dir, context_length=256, batch_size=4)
-    srv = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=process_factory,
-                                                                         **kw)).start()
-    yield srv
-    srv.stop()
+def server(serve_module: Servers) -> ServerThread:
+    return serve_module(models={"tiny": {"context_length": 256, "batch_size": 4}}, backend_factory=process_factory)
 
 
 def model_pid(server: ServerThread) -> int | None:
@@ -177,7 +174,7 @@ def model_pid(server: ServerThread) -> int | None:
 def test_server_streams_from_the_model_process(server: ServerThread) -> None:
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
-            "temperature": 0, "logit_bias": {"2": -100}}
+            "temperature": 0, "logit_bias": KEEP_TALKING}
     raw = client.chat.completions.with_raw_response.create(**body)
     whole = json.loads(raw.text)
     validate("CreateChatCompletionResponse", whole)
@@ -194,9 +191,7 @@ def test_a_killed_model_process_is_loaded_again_on_the_next_request(server: Serv
     client.chat.completions.create(**body)
     first = model_pid(server)
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while server.engine.manager.resident("tiny:latest").backend.dead is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: server.engine.manager.resident("tiny:latest").backend.dead is not None, 30)
     out = client.chat.completions.create(**body)
     assert out.choices[0].finish_reason in ("stop", "length")
     assert model_pid(server) not in (None, first)
@@ -219,7 +214,7 @@ def resident_backend(server: ServerThread) -> ProcessBackend:
 def open_stream(server: ServerThread, max_tokens: int = 400):
     """A raw SSE stream that has delivered its first text chunk (context manager)."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}],
-            "max_tokens": max_tokens, "stream": True, "temperature": 0, "logit_bias": {"2": -100}}
+            "max_tokens": max_tokens, "stream": True, "temperature": 0, "logit_bias": KEEP_TALKING}
     return httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120)
 
 
@@ -230,7 +225,7 @@ def test_the_event_loop_reads_the_model_process_directly(server: ServerThread) -
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True, temperature=0,
-        logit_bias={"2": -100}) if c.choices)
+        logit_bias=KEEP_TALKING) if c.choices)
     assert text
     records = httpx.get(f"{server.root}/admin/requests", timeout=10).json()["data"]
     last = records[-1]
@@ -246,7 +241,7 @@ def test_encoding_asked_of_the_model_process_is_answered_while_the_loop_reads(se
     httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0,
-            "logit_bias": {"2": -100}}
+            "logit_bias": KEEP_TALKING}
     here = client.completions.create(**body)  # encoded in this process (tokenizer.json)
     backend = resident_backend(server)
     local, backend._encoder, backend.encode_blocks = backend._encoder, None, True  # noqa: SLF001
@@ -270,12 +265,8 @@ def test_client_disconnect_cancels_the_job_in_the_model_process(server: ServerTh
         for line in resp.iter_lines():
             if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
                 break
-    deadline = time.monotonic() + 20
     runner = server.engine.manager.resident("tiny:latest").runner
-    while time.monotonic() < deadline and (server.metric("exllama_tray_requests_running") != 0
-                                           or runner.job_count() != 0):
-        time.sleep(0.05)
-    assert server.metric("exllama_tray_requests_running") == 0 and runner.job_count() == 0
+    assert wait_until(lambda: server.metric("exllama_tray_requests_running") == 0 and runner.job_count() == 0, 20)
     assert cancelled_total() == cancelled + 1
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
@@ -364,7 +355,7 @@ def test_a_non_streaming_request_wakes_the_server_a_few_times_not_per_token(serv
     runner = server.engine.manager.resident("tiny:latest").runner
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
-            "temperature": 0, "logit_bias": {"2": -100}}
+            "temperature": 0, "logit_bias": KEEP_TALKING}
     before = runner.steps
     whole = client.chat.completions.create(**body)
     messages_whole = runner.steps - before
@@ -387,15 +378,6 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def wait_for(check, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_started(server: ServerThread) -> None:
     httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
 
@@ -403,14 +385,14 @@ def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_start
         spares = httpx.get(f"{server.root}/health", timeout=10).json()["spare_processes"]
         return next((s["pid"] for s in spares if s["alive"]), None)
 
-    assert wait_for(lambda: spare_pid() is not None)
+    assert wait_until(lambda: spare_pid() is not None, 60)
     spare, serving = spare_pid(), model_pid(server)
     assert spare != serving
     httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
-    assert wait_for(lambda: process_gone(serving))
+    assert wait_until(lambda: process_gone(serving), 60)
     httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
     assert model_pid(server) == spare  # the model went to the process that was ready
-    assert wait_for(lambda: spare_pid() not in (None, spare))
+    assert wait_until(lambda: spare_pid() not in (None, spare), 60)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert out.choices[0].finish_reason in ("stop", "length")
@@ -418,7 +400,7 @@ def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_start
 
 def test_a_spare_that_died_is_replaced_by_a_fresh_process(server: ServerThread) -> None:
     httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
-    assert wait_for(lambda: any(s["alive"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]))
+    assert wait_until(lambda: any(s["alive"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]), 60)
     (spare,) = [s["pid"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]]
     os.kill(spare, signal.SIGKILL)
     httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
@@ -449,11 +431,12 @@ def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
                          capture_output=True, text=True, timeout=60)
     orphan = int(out.stdout.strip())
-    assert wait_for(lambda: process_gone(orphan), 90), "the orphaned spare process kept running"
+    assert wait_until(lambda: process_gone(orphan), 90), "the orphaned spare process kept running"
 
 
 @pytest.fixture(scope="module")
-def fixed_step_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+def fixed_step_server(serve_module: Servers, tmp_path_factory: pytest.TempPathFactory,
+                      tiny_model_dir: Path) -> ServerThread:
     """Model processes whose steps take 2 ms ("fast", a small model on a GPU) and 30 ms ("slow")."""
     import shutil
 
@@ -468,10 +451,7 @@ def fixed_step_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: 
         return ProcessBackend("tests.fixed_step_backend:FixedStepBackend", "fixed-step", entry.model_dir,
                               keep_spare=False, context_length=4096, max_batch=1, step_s=step_s)
 
-    srv = ServerThread(registry, max_loaded=2, engine_factory=lambda reg, **kw: Engine(
-        reg, backend_factory=factory, **kw)).start()
-    yield srv
-    srv.stop()
+    return serve_module(registry=registry, models={}, max_loaded=2, backend_factory=factory)
 
 
 def stream_tokens(server: ServerThread, model: str, n: int) -> list[str]:
@@ -542,32 +522,27 @@ def test_a_spare_ends_a_while_after_the_last_model_of_its_backend_is_unloaded() 
         time.sleep(1.0)
         assert [s["pid"] for s in pool.describe()] == [first["pid"]] and not process_gone(first["pid"])
         pool.unloaded(TARGET)  # nothing of this backend loaded any more
-        assert wait_for(lambda: pool.describe() == [], 10) and wait_for(lambda: process_gone(first["pid"]), 10)
+        assert wait_until(lambda: pool.describe() == [], 10) and wait_until(lambda: process_gone(first["pid"]), 10)
     finally:
         pool.close()
 
 
-def test_where_the_loop_cannot_watch_the_pipe_the_runner_thread_reads_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_where_the_loop_cannot_watch_the_pipe_the_runner_thread_reads_it(serve: Servers,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Windows' proactor loop has no add_reader: the model process is then driven by the runner thread."""
     from app.engine.serving import manager as model_manager
     from app.engine.serving.runner import Runner
 
-    registry = Registry(tmp_path / "models.json")
-    register(registry, "tiny", tiny_model_dir, context_length=256, batch_size=4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model_manager, "loop_can_read", lambda loop, backend: False)
-        srv = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(
-            reg, backend_factory=lambda e, s: ProcessBackend(TARGET, "transformers", e.model_dir, keep_spare=False,
-                                                             context_length=256, max_batch=4), **kw)).start()
-        try:
-            client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120)
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
-                    "temperature": 0, "logit_bias": {"2": -100}}
-            whole = client.chat.completions.create(**body).choices[0].message.content
-            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                **body, stream=True) if c.choices)
-            runner = srv.engine.manager.resident("tiny:latest").runner
-            assert type(runner) is Runner and not runner.backend.loop_reads
-            assert streamed == whole != ""
-        finally:
-            srv.stop()
+    monkeypatch.setattr(model_manager, "loop_can_read", lambda loop, backend: False)
+    srv = serve(models={"tiny": {"context_length": 256, "batch_size": 4}},
+                backend_factory=lambda e, s: ProcessBackend(TARGET, "transformers", e.model_dir, keep_spare=False,
+                                                            context_length=256, max_batch=4))
+    client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
+            "temperature": 0, "logit_bias": KEEP_TALKING}
+    whole = client.chat.completions.create(**body).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **body, stream=True) if c.choices)
+    runner = srv.engine.manager.resident("tiny:latest").runner
+    assert type(runner) is Runner and not runner.backend.loop_reads
+    assert streamed == whole != ""

@@ -13,18 +13,15 @@ import httpx
 import pytest
 
 from app.engine.catalog.registry import Registry
-from tests.server_harness import ServerThread, register, register_broken
-
-BAN = {"2": -100, "5": -100}
+from tests.helpers.servers import Servers, serve, serve_module  # noqa: F401 - fixtures
+from tests.helpers.tiny import KEEP_TALKING as BAN
+from tests.helpers.waiting import wait_until
+from tests.server_harness import ServerThread, register_broken
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    registry = Registry(tmp_path_factory.mktemp("rel") / "models.json")
-    register(registry, "tiny", tiny_model_dir, context_length=512, batch_size=16)
-    srv = ServerThread(registry).start()
-    yield srv
-    srv.stop()
+def server(serve_module: Servers) -> ServerThread:
+    return serve_module(models={"tiny": {"context_length": 512, "batch_size": 16}})
 
 
 def engine_idle(server: ServerThread) -> dict[str, int]:
@@ -41,12 +38,8 @@ def engine_idle(server: ServerThread) -> dict[str, int]:
 
 
 def wait_idle(server: ServerThread, timeout: float = 10) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    counts = engine_idle(server)
-    while any(counts.values()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        counts = engine_idle(server)
-    return counts
+    wait_until(lambda: not any(engine_idle(server).values()), timeout, interval=0.02)
+    return engine_idle(server)
 
 
 def server_tasks(server: ServerThread) -> int:
@@ -181,10 +174,7 @@ def test_disconnects_at_random_points_leak_nothing(server: ServerThread) -> None
     left_after = time.monotonic() - t0
     assert counts == dict.fromkeys(counts, 0), counts
     assert _cancelled(server) > cancelled_before
-    deadline = time.monotonic() + 5
-    while server_tasks(server) > tasks_before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server_tasks(server) <= tasks_before
+    assert wait_until(lambda: server_tasks(server) <= tasks_before, 5)
     ok = httpx.post(f"{base}/chat/completions", json={"model": "tiny", "max_tokens": 3,
                                                       "messages": [{"role": "user", "content": "still there?"}]},
                     timeout=60)
@@ -210,10 +200,7 @@ def test_cancel_leaves_within_one_step(server: ServerThread) -> None:
 
     asyncio.run(go())
     runner = server.engine.manager.resident("tiny:latest").runner
-    deadline = time.monotonic() + 5
-    while runner.job_count() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert runner.job_count() == 0
+    assert wait_until(lambda: runner.job_count() == 0, 5, interval=0.001)
     # the job produced at most a couple of steps after the client left (the disconnect has to be
     # noticed by the event loop first; then the cancel is applied before the next step)
     assert runner.steps - steps_before["n"] <= 12
@@ -226,7 +213,7 @@ def _cancelled(server: ServerThread) -> float:
         return 0.0
 
 
-def test_backend_fault_fails_only_the_affected_job(tmp_path: Path, tiny_model_dir: Path, caplog) -> None:
+def test_backend_fault_fails_only_the_affected_job(serve: Servers, tmp_path: Path, caplog) -> None:
     caplog.allowed_errors = True
     folder = tmp_path / "small-vocab"
     import subprocess
@@ -235,69 +222,61 @@ def test_backend_fault_fails_only_the_affected_job(tmp_path: Path, tiny_model_di
     subprocess.check_call([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" /
                                                 "make_tiny_model.py"), str(folder), "--model-vocab", "300"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    registry = Registry(tmp_path / "models.json")
-    register(registry, "fragile", folder, context_length=512)
-    srv = ServerThread(registry).start()
-    try:
-        # token ids >= 300 do not exist in this model's embedding: a real fault inside the forward pass
-        async def main() -> tuple[list, dict]:
-            async with aiohttp.ClientSession() as session:
-                async def good(i: int) -> dict:
-                    async with session.post(f"{srv.base_url}/completions", json={
-                            "model": "fragile", "prompt": [1, 4, 6 + i], "max_tokens": 30, "stream": True,
-                            "logit_bias": BAN}) as resp:
-                        raw = (await resp.read()).decode()
-                    return {"status": resp.status, "raw": raw}
+    srv = serve(model_dir=folder, models={"fragile": {"context_length": 512}})
 
-                async def bad() -> dict:
-                    await asyncio.sleep(0.05)
-                    async with session.post(f"{srv.base_url}/completions", json={
-                            "model": "fragile", "prompt": "zebra quantum xylophone", "max_tokens": 5,
-                            "stream": True}) as resp:
-                        return {"status": resp.status, "raw": (await resp.read()).decode()}
+    # token ids >= 300 do not exist in this model's embedding: a real fault inside the forward pass
+    async def main() -> tuple[list, dict]:
+        async with aiohttp.ClientSession() as session:
+            async def good(i: int) -> dict:
+                async with session.post(f"{srv.base_url}/completions", json={
+                        "model": "fragile", "prompt": [1, 4, 6 + i], "max_tokens": 30, "stream": True,
+                        "logit_bias": BAN}) as resp:
+                    raw = (await resp.read()).decode()
+                return {"status": resp.status, "raw": raw}
 
-                goods = asyncio.gather(*(good(i) for i in range(3)))
-                return await goods, await bad()
+            async def bad() -> dict:
+                await asyncio.sleep(0.05)
+                async with session.post(f"{srv.base_url}/completions", json={
+                        "model": "fragile", "prompt": "zebra quantum xylophone", "max_tokens": 5,
+                        "stream": True}) as resp:
+                    return {"status": resp.status, "raw": (await resp.read()).decode()}
 
-        goods, bad = asyncio.run(main())
-        assert bad["status"] == 200 and '"error"' in bad["raw"] and "generation failed" in bad["raw"]
-        assert bad["raw"].rstrip().endswith("data: [DONE]")
-        for g in goods:
-            assert g["status"] == 200 and '"error"' not in g["raw"], g["raw"][-300:]
-            assert '"finish_reason":"length"' in g["raw"]
-        # and the engine keeps serving
-        again = httpx.post(f"{srv.base_url}/completions", json={"model": "fragile", "prompt": [1, 4],
-                                                                "max_tokens": 2, "logit_bias": BAN}, timeout=60)
-        assert again.status_code == 200
-    finally:
-        srv.stop()
+            goods = asyncio.gather(*(good(i) for i in range(3)))
+            return await goods, await bad()
+
+    goods, bad = asyncio.run(main())
+    assert bad["status"] == 200 and '"error"' in bad["raw"] and "generation failed" in bad["raw"]
+    assert bad["raw"].rstrip().endswith("data: [DONE]")
+    for g in goods:
+        assert g["status"] == 200 and '"error"' not in g["raw"], g["raw"][-300:]
+        assert '"finish_reason":"length"' in g["raw"]
+    # and the engine keeps serving
+    again = httpx.post(f"{srv.base_url}/completions", json={"model": "fragile", "prompt": [1, 4],
+                                                            "max_tokens": 2, "logit_bias": BAN}, timeout=60)
+    assert again.status_code == 200
 
 
-def test_model_that_fails_to_load_is_503_and_can_be_retried(tmp_path: Path, tiny_model_dir: Path, caplog) -> None:
+def test_model_that_fails_to_load_is_503_and_can_be_retried(serve: Servers, tmp_path: Path, tiny_model_dir: Path,
+                                                             caplog) -> None:
     registry = Registry(tmp_path / "models.json")
     repair = register_broken(registry, "corrupt", tiny_model_dir, tmp_path / "corrupt")
-    srv = ServerThread(registry).start()
-    try:
-        body = {"model": "corrupt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        resp = httpx.post(f"{srv.base_url}/chat/completions", json=body, timeout=60)
-        assert resp.status_code == 503
-        err = resp.json()["error"]
-        assert err["code"] == "model_load_failed" and "failed to load" in err["message"]
-        # /health keeps the reason (the client that triggered the load may be the only one to see the 503)
-        (failure,) = httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"]
-        assert failure["model"] == "corrupt:latest" and failure["message"] == err["message"]
-        repair()  # the user fixes the folder and retries
-        resp = httpx.post(f"{srv.base_url}/chat/completions", json=body, timeout=60)
-        assert resp.status_code == 200
-        assert httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"] == []
-    finally:
-        srv.stop()
+    srv = serve(registry=registry, models={})
+    body = {"model": "corrupt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    resp = httpx.post(f"{srv.base_url}/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 503
+    err = resp.json()["error"]
+    assert err["code"] == "model_load_failed" and "failed to load" in err["message"]
+    # /health keeps the reason (the client that triggered the load may be the only one to see the 503)
+    (failure,) = httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"]
+    assert failure["model"] == "corrupt:latest" and failure["message"] == err["message"]
+    repair()  # the user fixes the folder and retries
+    resp = httpx.post(f"{srv.base_url}/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200
+    assert httpx.get(f"{srv.root}/health", timeout=10).json()["load_failures"] == []
 
 
-def test_quitting_ends_running_streams_with_an_error(tmp_path: Path, tiny_model_dir: Path) -> None:
-    registry = Registry(tmp_path / "models.json")
-    register(registry, "tiny", tiny_model_dir)
-    srv = ServerThread(registry).start()
+def test_quitting_ends_running_streams_with_an_error(serve: Servers) -> None:
+    srv = serve(models={"tiny": {}})
     result: dict = {}
 
     async def stream() -> None:
@@ -315,25 +294,16 @@ def test_quitting_ends_running_streams_with_an_error(tmp_path: Path, tiny_model_
     asyncio.run(asyncio.wait_for(stream(), 60))
     raw = result["raw"]
     assert "the server is shutting down" in raw and raw.rstrip().endswith("data: [DONE]")
-    srv.stop()
 
 
-def test_idle_unload(tmp_path: Path, tiny_model_dir: Path) -> None:
-    registry = Registry(tmp_path / "models.json")
-    register(registry, "sleepy", tiny_model_dir, idle_unload_minutes=0.01)  # 0.6 s
-    srv = ServerThread(registry).start()
-    try:
-        resp = httpx.post(f"{srv.base_url}/completions", json={"model": "sleepy", "prompt": "hi", "max_tokens": 2},
-                          timeout=60)
-        assert resp.status_code == 200
-        assert "sleepy:latest" in httpx.get(f"{srv.root}/health").json()["loaded"]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and srv.engine.manager.states():
-            time.sleep(0.1)
-        assert srv.engine.manager.states() == []
-        # and it loads again on demand
-        resp = httpx.post(f"{srv.base_url}/completions", json={"model": "sleepy", "prompt": "hi", "max_tokens": 2},
-                          timeout=60)
-        assert resp.status_code == 200
-    finally:
-        srv.stop()
+def test_idle_unload(serve: Servers) -> None:
+    srv = serve(models={"sleepy": {"idle_unload_minutes": 0.01}})  # 0.6 s
+    resp = httpx.post(f"{srv.base_url}/completions", json={"model": "sleepy", "prompt": "hi", "max_tokens": 2},
+                      timeout=60)
+    assert resp.status_code == 200
+    assert "sleepy:latest" in httpx.get(f"{srv.root}/health").json()["loaded"]
+    assert wait_until(lambda: srv.engine.manager.states() == [], 10, interval=0.1)
+    # and it loads again on demand
+    resp = httpx.post(f"{srv.base_url}/completions", json={"model": "sleepy", "prompt": "hi", "max_tokens": 2},
+                      timeout=60)
+    assert resp.status_code == 200
