@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.engine.facade import Engine  # noqa: E402
-from app.engine.requests import ChatRequest, CompletionRequest  # noqa: E402
+from app.engine.requests import ChatRequest, CompletionRequest, Message  # noqa: E402
 from app.engine.catalog.registry import OllamaMetadata, Registry  # noqa: E402
 from tests.fixed_step_backend import FixedStepBackend  # noqa: E402
 from tests.server_harness import ServerThread, register  # noqa: E402
@@ -36,6 +36,7 @@ from tests.server_harness import ServerThread, register  # noqa: E402
 GO_TEMPLATE = ("{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}<|assistant|>\n")
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Say something about foxes and dogs, briefly."}]
+CHAT = [Message(m["role"], m["content"]) for m in MESSAGES]
 
 
 def factory(entry: Any, settings: Any) -> Any:
@@ -58,8 +59,8 @@ def make_registry(tmp: Path) -> Registry:
 
 async def prepare_times(engine: Engine, n: int) -> dict[str, float]:
     cases = {
-        "chat, jinja template": lambda: engine.submit_chat(ChatRequest("jinja", MESSAGES, stream=True)),
-        "chat, ollama template": lambda: engine.submit_chat(ChatRequest("ollama", MESSAGES, stream=True)),
+        "chat, jinja template": lambda: engine.submit_chat(ChatRequest("jinja", CHAT, stream=True)),
+        "chat, ollama template": lambda: engine.submit_chat(ChatRequest("ollama", CHAT, stream=True)),
         "FIM completion, no .Suffix": lambda: engine.submit_completion(
             CompletionRequest("jinja", "def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))\n", stream=True)),
     }

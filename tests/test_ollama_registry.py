@@ -16,7 +16,7 @@ from app.engine.catalog.ollama_names import InvalidName, parse_name
 from app.engine.catalog.registry import Registry
 from app.engine.catalog.tokenizer import FolderTokenizer
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry
-from tests.server_harness import ServerThread
+from tests.helpers.servers import Servers, serve  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"stop": ["<|im_end|>", "<|im_start|>"], "temperature": 0.3, "top_k": 7, "num_ctx": 1024}
@@ -105,7 +105,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_add_model_from_ollama_then_prompt_and_serve(fake: FakeRegistry, tiny_model_dir: Path,
+def test_add_model_from_ollama_then_prompt_and_serve(serve: Servers, fake: FakeRegistry, tiny_model_dir: Path,
                                                      tmp_path: Path) -> None:
     models = tmp_path / "models.json"
     res = cli("--models", str(models), "add-model", "--model-dir", str(tiny_model_dir),
@@ -124,20 +124,15 @@ def test_add_model_from_ollama_then_prompt_and_serve(fake: FakeRegistry, tiny_mo
                 "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
     assert res.stdout == expected
 
-    registry = Registry(models)
-    server = ServerThread(registry).start()
-    try:
-        engine = server.engine
-        resolved = engine.resolve("mychat:v1")
-        assert (resolved.temperature, resolved.source("temperature")) == (0.3, "ollama")
-        assert (resolved.context_length, resolved.source("context_length")) == (1024, "ollama")
-        assert resolved.stop == ["<|im_end|>", "<|im_start|>"]
-        body = {"model": "mychat:v1", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
-        out = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120).json()
-        n_tokens = len(FolderTokenizer(tiny_model_dir).encode(expected))
-        assert out["usage"]["prompt_tokens"] == n_tokens
-    finally:
-        server.stop()
+    server = serve(registry=Registry(models), models={})  # what the CLI saved, nothing more
+    resolved = server.engine.resolve("mychat:v1")
+    assert (resolved.values["temperature"], resolved.source("temperature")) == (0.3, "ollama")
+    assert (resolved.values["context_length"], resolved.source("context_length")) == (1024, "ollama")
+    assert resolved.values["stop"] == ["<|im_end|>", "<|im_start|>"]
+    body = {"model": "mychat:v1", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+    out = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120).json()
+    n_tokens = len(FolderTokenizer(tiny_model_dir).encode(expected))
+    assert out["usage"]["prompt_tokens"] == n_tokens
 
 
 def test_add_model_offline_is_a_readable_error(tiny_model_dir: Path, tmp_path: Path) -> None:

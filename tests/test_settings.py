@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.settings.schema import (
-    DEFAULTS, LAYER_ORDER, Settings, SettingsLayers, parse_gpu_split, settings_from_mapping,
-    settings_from_ollama,
-)
+from app.engine.settings.schema import DEFAULTS, LAYER_ORDER, Settings, parse_gpu_split, settings_from_mapping
+from app.engine.settings.layers import SettingsLayers, settings_from_ollama
 
 
 def test_every_layer_wins_over_the_ones_below_and_reports_itself() -> None:
@@ -17,12 +15,12 @@ def test_every_layer_wins_over_the_ones_below_and_reports_itself() -> None:
         request=Settings(min_p=0.05),
     )
     r = layers.resolve()
-    assert (r.context_length, r.source("context_length")) == (2048, "folder")
-    assert (r.temperature, r.source("temperature")) == (0.5, "ollama")
-    assert (r.top_k, r.source("top_k")) == (30, "model")
-    assert (r.top_p, r.source("top_p")) == (0.8, "server")
-    assert (r.min_p, r.source("min_p")) == (0.05, "request")
-    assert (r.batch_size, r.source("batch_size")) == (DEFAULTS.batch_size, "default")
+    assert (r.values["context_length"], r.source("context_length")) == (2048, "folder")
+    assert (r.values["temperature"], r.source("temperature")) == (0.5, "ollama")
+    assert (r.values["top_k"], r.source("top_k")) == (30, "model")
+    assert (r.values["top_p"], r.source("top_p")) == (0.8, "server")
+    assert (r.values["min_p"], r.source("min_p")) == (0.05, "request")
+    assert (r.values["batch_size"], r.source("batch_size")) == (DEFAULTS.batch_size, "default")
     # every field is resolved
     assert set(r.values) == set(Settings.model_fields)
     assert LAYER_ORDER[0] == "default" and LAYER_ORDER[-1] == "request"
@@ -30,7 +28,7 @@ def test_every_layer_wins_over_the_ones_below_and_reports_itself() -> None:
 
 def test_unset_fields_fall_through() -> None:
     r = SettingsLayers(model=Settings(stop=["</s>"])).resolve()
-    assert r.stop == ["</s>"] and r.source("stop") == "model"
+    assert r.values["stop"] == ["</s>"] and r.source("stop") == "model"
     assert r.source("temperature") == "default"
 
 

@@ -7,6 +7,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from app.engine.errors import EngineError, ModelLoadError, ModelNotFound
+
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -32,6 +34,15 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def from_engine(exc: EngineError) -> ApiError:
+    """An engine error as the API answers it: its HTTP status by kind, its OpenAI code from its type."""
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, ModelLoadError):
+        return ApiError(503, str(exc), param=exc.param, code=exc.code, error_type="server_error")
+    return ApiError(400, str(exc), param=exc.param, code=exc.code)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -42,6 +53,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return web.json_response(exc.body(), status=exc.status)
+    except EngineError as exc:  # raised before any output: answered in the API's shape
+        error = from_engine(exc)
+        return web.json_response(error.body(), status=error.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -12,7 +12,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from app.api.errors import ApiError, Handler, error_middleware
 from app.api.keys import API_KEY, ENGINE
-from app.api.openai.routes import routes
+from app.api import admin
+from app.api.openai import chat, completions, models
 from app.engine.facade import Engine
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
         app[API_KEY] = config.api_key
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_routes(routes)
-    # continue.dev calls /completions and /chat/completions when apiBase lacks /v1
-    for route in list(routes):
-        if isinstance(route, web.RouteDef) and route.path.startswith("/v1/"):
-            app.router.add_route(route.method, route.path[3:], route.handler)
+    for table in (models.routes, chat.routes, completions.routes, admin.routes):
+        app.router.add_routes(table)
+        # continue.dev calls /completions and /chat/completions when apiBase lacks /v1
+        for route in table:
+            if isinstance(route, web.RouteDef) and route.path.startswith("/v1/"):
+                app.router.add_route(route.method, route.path[3:], route.handler)
     return app
 
 

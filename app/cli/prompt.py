@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.engine.backends.factory import folder_settings
+from app.engine.catalog.registry import Registry
 from app.engine.prompting.builders import ChatInput, JinjaPromptBuilder, PromptBuilder, PromptError
 from app.engine.prompting.select import looks_like_go_template, make_prompt_builder
-from app.engine.catalog.registry import Registry
-from app.engine.settings.schema import SettingsLayers, settings_from_ollama, Settings
+from app.engine.settings.layers import layers_for
 
 
 def load_messages(path: Path) -> ChatInput:
@@ -37,10 +36,7 @@ def render_prompt_for_cli(registry: Registry, model: str | None, template_file: 
         key, entry = registry.find(model) or (None, None)
         if entry is None:
             raise PromptError(f"model {model!r} is not registered in {registry.path}")
-        ollama = settings_from_ollama(entry.ollama.params, entry.ollama.system) if entry.ollama else Settings()
-        resolved = SettingsLayers(folder=folder_settings(entry.model_dir), ollama=ollama,
-                                  model=entry.settings).resolve()
-        builder = make_prompt_builder(entry, resolved)
+        builder = make_prompt_builder(entry, layers_for(entry).resolve().effective)
     else:
         assert template_file is not None
         try:

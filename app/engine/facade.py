@@ -1,10 +1,12 @@
 """The one async facade the API and the UI use to reach the engine.
 
-``submit_chat`` / ``submit_completion`` resolve the model's settings, make sure the model is loaded
-(on demand), build and tokenize the prompt off the event loop, check it against the context, and
-return a :class:`JobHandle`: an async iterator of :class:`TextDelta` events ending with one
-:class:`JobFinished`. Every error that can be known before generation starts is raised from the
-``submit_*`` call, so the API can answer it before a stream opens.
+``submit_chat`` / ``submit_completion`` take the model's prepared settings and prompt builder
+(:mod:`app.engine.prepared`), make sure the model is loaded (on demand), build and tokenize the
+prompt (off the event loop when it is large), check it against the context, and return a
+:class:`~app.engine.serving.jobs.JobHandle`: an async iterator of :class:`TextDelta` events ending with
+one :class:`JobFinished`. Every error that can be known before generation starts is raised from the
+``submit_*`` call (an :class:`~app.engine.errors.EngineError` carrying its OpenAI code), so the API can
+answer it before a stream opens.
 """
 
 from __future__ import annotations
@@ -13,160 +15,43 @@ import asyncio
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, Callable
 
 import psutil
 
-from app.engine.backends.factory import create_backend, folder_settings
-from app.engine.events import BackendJob, JobEvent, JobFinished, SamplingParams, TextDelta
-from app.engine.observability.metrics import EngineMetrics
-from app.engine.serving.manager import LoadFailure, ModelLoadError, ModelManager, ModelState, Resident
-from app.engine.prompting.builders import ChatInput, PromptError, message_text
-from app.engine.prompting.select import make_prompt_builder
+from app.engine.backends.contract import Backend, TensorCensus, process_gone
+from app.engine.backends.factory import create_backend
 from app.engine.catalog.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
-from app.engine.settings.schema import ResolvedSettings, Settings, SettingsLayers, settings_from_ollama
+from app.engine.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, ModelNotFound
+from app.engine.events import BackendJob, JobFinished, SamplingParams, TextDelta
+from app.engine.observability.metrics import EngineMetrics, RequestRecord
+from app.engine.prepared import PreparedModel, PreparedModels
+from app.engine.prompting.builders import ChatInput, PromptError
+from app.engine.requests import ChatRequest, CompletionRequest, Message, ModelInfoView
+from app.engine.serving.jobs import JobHandle
+from app.engine.serving.manager import LoadFailure, ModelManager, ModelState, Resident
+from app.engine.settings.layers import EffectiveSettings, ResolvedSettings, SettingsLayers
+from app.engine.settings.schema import Settings
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
 #: prompts shorter than this (characters) are rendered and tokenized on the event loop itself
 INLINE_CHARS = 4096
+BackendFactory = Callable[[ModelEntry, EffectiveSettings], Backend]
 
-__all__ = ["Engine", "EngineError", "InvalidRequest", "ModelNotFound", "ModelLoadError", "JobHandle",
-           "ChatRequest", "CompletionRequest", "ModelInfoView"]
-
-
-class EngineError(Exception):
-    """Base of the errors the engine raises to its callers."""
-
-
-class ModelNotFound(EngineError):
-    pass
-
-
-class InvalidRequest(EngineError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class ChatRequest:
-    model: str
-    messages: list[dict[str, Any]]
-    settings: Settings = field(default_factory=Settings)
-    tools: list[dict[str, Any]] | None = None
-    stream: bool = False
-    logit_bias: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass
-class CompletionRequest:
-    model: str
-    prompt: str | list[int]
-    settings: Settings = field(default_factory=Settings)
-    suffix: str | None = None
-    stream: bool = False
-    logit_bias: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModelInfoView:
-    """A registered model as the API and the UI list it."""
-
-    name: str
-    model_dir: str
-    created: int
-    context_length: int | None
-    format: str | None
-    state: str  # "unloaded", "loading", "ready", "unloading"
-
-
-class JobHandle:
-    """The events of one job. Iterate it once; leaving the iteration early cancels the job."""
-
-    def __init__(self, engine: "Engine", resident: Resident, job: BackendJob, model: str) -> None:
-        self._engine = engine
-        self._resident = resident
-        self.job = job
-        self._queue: asyncio.Queue[JobEvent] | None = None
-        self.model = model
-        self.prompt_tokens = len(job.prompt_ids)
-        self.finished: JobFinished | None = None
-        self._released = False
-        #: seconds from the request reaching the engine to the job entering the runner
-        self.prepare_s = 0.0
-
-    def start_early(self) -> None:
-        """Hand the job over now if nothing here competes with the event loop for it (a model process
-        steps on its own), so that the first step overlaps the response headers."""
-        runner = self._resident.runner
-        if runner is not None and runner.steps_elsewhere:
-            self.start()
-
-    def start(self) -> None:
-        """Hand the job to the runner. Done on first iteration, so that the event loop has finished
-        its own work for the request (headers written) before the GPU thread starts competing with
-        it for the GIL."""
-        if self._queue is not None:
-            return
-        runner = self._resident.runner
-        if runner is None:
-            raise ModelLoadError(f"model {self.model} is not loaded any more")
-        self._queue = runner.submit(self.job)
-
-    async def events(self) -> AsyncIterator[JobEvent]:
-        try:
-            self.start()
-            assert self._queue is not None
-            first_text = True
-            while True:
-                event = await self._queue.get()
-                if isinstance(event, JobFinished):
-                    self.finished = event
-                    self._release()
-                    yield event
-                    return
-                yield event
-                if first_text and isinstance(event, TextDelta):
-                    # the consumer asked for more: it has sent the first text; the GPU thread goes on
-                    first_text = False
-                    runner = self._resident.runner
-                    if runner is not None:
-                        runner.first_text_sent(self.job.job_id)
-        finally:
-            self.cancel()
-
-    def __aiter__(self) -> AsyncIterator[JobEvent]:
-        return self.events()
-
-    async def result(self) -> JobFinished:
-        """Wait for the end (for non-streaming jobs, the final event carries the whole text)."""
-        async for event in self.events():
-            if isinstance(event, JobFinished):
-                return event
-        raise EngineError("job ended without a result")  # pragma: no cover - events() always finishes
-
-    def cancel(self) -> None:
-        """Cancel the job if it is still running (idempotent)."""
-        if self.finished is None and not self._released:
-            runner = self._resident.runner
-            if runner is not None and self._queue is not None:
-                runner.cancel(self.job.job_id)
-            self._release()
-
-    def _release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._engine.manager.release(self._resident)
+__all__ = ["Engine", "EngineError", "InvalidRequest", "ContextLengthExceeded", "ModelNotFound", "ModelLoadError",
+           "JobHandle", "ChatRequest", "CompletionRequest", "Message", "ModelInfoView", "TextDelta", "JobFinished"]
 
 
 class Engine:
     def __init__(self, registry: Registry, *, server_settings: Settings | None = None, max_loaded: int = 1,
-                 backend_factory: Callable[[ModelEntry, ResolvedSettings], Any] = create_backend) -> None:
+                 backend_factory: BackendFactory = create_backend) -> None:
         self.registry = registry
+        #: the server-wide settings layer; replace it (do not change it in place) to apply new ones
         self.server_settings = server_settings or Settings()
         self.metrics = EngineMetrics()
+        self.prepared = PreparedModels(registry, lambda: self.server_settings)
         self._backend_factory = backend_factory
         self._listeners: list[Callable[[], None]] = []
         self._sample_listeners: list[Callable[[], None]] = []
@@ -175,29 +60,17 @@ class Engine:
                                     on_change=self._notify)
 
     # -- models -------------------------------------------------------------------
-    def _entry(self, name: str) -> tuple[str, ModelEntry]:
-        try:
-            found = self.registry.find(name)
-        except RegistryError as exc:
-            raise ModelNotFound(str(exc)) from None
-        if found is None:
-            raise ModelNotFound(f"The model '{name}' does not exist")
-        return found
-
     def layers(self, name: str, request: Settings | None = None) -> SettingsLayers:
-        _, entry = self._entry(name)
-        ollama = (settings_from_ollama(entry.ollama.params, entry.ollama.system)
-                  if entry.ollama is not None else Settings())
-        return SettingsLayers(folder=folder_settings(entry.model_dir), ollama=ollama, model=entry.settings,
-                              server=self.server_settings, request=request or Settings())
+        layers = self.prepared.get(name).layers
+        return layers if request is None else layers.with_request(request)
 
     def resolve(self, name: str, request: Settings | None = None) -> ResolvedSettings:
-        return self.layers(name, request).resolve()
+        return self.prepared.get(name).resolve(request)
 
-    def _make_backend(self, key: str) -> tuple[Any, float]:
-        _, entry = self._entry(key)
-        resolved = self.resolve(key)
-        return self._backend_factory(entry, resolved), float(resolved.idle_unload_minutes or 0)
+    def _make_backend(self, key: str) -> tuple[Backend, float]:
+        prepared = self.prepared.get(key)
+        settings = prepared.base.effective
+        return self._backend_factory(prepared.entry, settings), settings.idle_unload_minutes
 
     def list_models(self) -> list[ModelInfoView]:
         try:
@@ -208,23 +81,21 @@ class Engine:
         states = {s.name: s.state for s in self.manager.states()}
         views = []
         for key, entry in sorted(entries.items()):
-            created = _timestamp(entry.created_at)
             ctx = entry.settings.context_length or entry.info.get("context_length")
-            views.append(ModelInfoView(display_name(key), entry.model_dir, created, ctx, entry.info.get("format"),
-                                       states.get(key, "unloaded")))
+            views.append(ModelInfoView(display_name(key), entry.model_dir, _timestamp(entry.created_at), ctx,
+                                       entry.info.get("format"), states.get(key, "unloaded")))
         return views
 
     def model_states(self) -> list[ModelState]:
         return self.manager.states()
 
     async def load(self, name: str) -> None:
-        key, _ = self._entry(name)
-        await self.manager.load(key)
+        await self.manager.load(self.prepared.get(name).key)
 
     async def unload(self, name: str) -> bool:
-        key = normalize_name(name)
-        return await self.manager.unload(key)
+        return await self.manager.unload(normalize_name(name))
 
+    # -- listeners ------------------------------------------------------------------
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the event loop) when a model starts/finishes loading or unloading."""
         self._listeners.append(callback)
@@ -238,6 +109,16 @@ class Engine:
         for callback in list(self._listeners):
             callback()
 
+    def add_sample_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each metrics sample (once a second)."""
+        self._sample_listeners.append(callback)
+
+    def remove_sample_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` after each sample (a no-op when it was not added)."""
+        if callback in self._sample_listeners:
+            self._sample_listeners.remove(callback)
+
+    # -- lifecycle and observation ------------------------------------------------------
     async def start(self) -> None:
         """Start the once-a-second metrics sampler (plots and /metrics read its history)."""
         if self._sampler is None:
@@ -249,15 +130,6 @@ class Engine:
             self.metrics.sample(self.memory_snapshot())
             for callback in list(self._sample_listeners):
                 callback()
-
-    def add_sample_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` after each metrics sample (once a second)."""
-        self._sample_listeners.append(callback)
-
-    def remove_sample_listener(self, callback: Callable[[], None]) -> None:
-        """Stop calling ``callback`` after each sample (a no-op when it was not added)."""
-        if callback in self._sample_listeners:
-            self._sample_listeners.remove(callback)
 
     def memory_snapshot(self) -> dict[str, int]:
         """GPU memory reserved per device (or the backend's own figure) and the process RSS."""
@@ -292,6 +164,25 @@ class Engine:
 
         return SPARES.describe()
 
+    def recent_requests(self) -> list[RequestRecord]:
+        """The most recent finished requests, newest last, with where their time went."""
+        return self.metrics.recent_requests()
+
+    async def cuda_tensor_census(self) -> dict[str, Any]:
+        """The largest live CUDA tensors of this process and of each loaded model's process."""
+        from app.engine.observability.diagnostics import cuda_tensor_census
+
+        out: dict[str, Any] = {"server": await asyncio.to_thread(cuda_tensor_census)}
+        for state in self.manager.states():
+            resident = self.manager.resident(state.name)
+            if resident is None or state.state != "ready" or not isinstance(resident.backend, TensorCensus):
+                continue
+            try:
+                out[state.name] = await asyncio.to_thread(resident.backend.cuda_tensor_census)
+            except Exception as exc:  # a model process that just ended: say so, do not fail the report
+                out[state.name] = {"error": str(exc)}
+        return out
+
     async def close(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
@@ -305,93 +196,109 @@ class Engine:
     # -- generation -------------------------------------------------------------------
     async def submit_chat(self, request: ChatRequest) -> JobHandle:
         started = time.perf_counter()
-        key, entry = self._entry(request.model)
-        resolved = self.resolve(key, request.settings)
+        prepared = self.prepared.get(request.model)
+        settings = prepared.resolve(request.settings).effective
+        builder = prepared.builder(settings)
+        chat = ChatInput([m.as_template_dict() for m in request.messages], request.tools)
+        size = sum(len(m.content) for m in request.messages) + (INLINE_CHARS if request.tools else 0)
         try:
-            builder = make_prompt_builder(entry, resolved)
-            chat = ChatInput(request.messages, request.tools)
-            size = sum(len(message_text(m.get("content"))) for m in request.messages if isinstance(m, dict))
-            prompt = await _off_loop_if_large(size + (INLINE_CHARS if request.tools else 0), builder.build, chat)
+            prompt = await _off_loop_if_large(size, builder.build, chat)
         except PromptError as exc:
             raise InvalidRequest(str(exc), "messages") from None
-        stops = [*resolved.stop, *(s for s in builder.stop_strings if s not in resolved.stop)]
-        return await self._submit(key, resolved, request.settings, prompt, stops, request.stream,
+        stops = [*settings.stop, *(s for s in builder.stop_strings if s not in settings.stop)]
+        return await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
                                   request.logit_bias, add_bos=False, started=started)
 
     async def submit_completion(self, request: CompletionRequest) -> JobHandle:
         started = time.perf_counter()
-        key, entry = self._entry(request.model)
-        resolved = self.resolve(key, request.settings)
+        prepared = self.prepared.get(request.model)
+        settings = prepared.resolve(request.settings).effective
         prompt = request.prompt
         if request.suffix and isinstance(prompt, str):
-            from app.engine.prompting.select import fill_in_middle_prompt
-
-            fim = fill_in_middle_prompt(entry, resolved, request.prompt, request.suffix)
+            fim = prepared.fill_in_middle()
             if fim is None:
-                log.info("model %s has no fill-in-the-middle form: suffix ignored", key)
+                log.info("model %s has no fill-in-the-middle form: suffix ignored", prepared.key)
             else:
-                prompt = fim
-        return await self._submit(key, resolved, request.settings, prompt, list(resolved.stop), request.stream,
+                try:
+                    prompt = fim(prompt, request.suffix)
+                except PromptError as exc:
+                    raise InvalidRequest(str(exc), "suffix") from None
+        return await self._submit(prepared, settings, request.settings, prompt, list(settings.stop), request.stream,
                                   request.logit_bias, add_bos=True, started=started)
 
-    async def _submit(self, key: str, resolved: ResolvedSettings, request_layer: Settings, prompt: str | list[int],
-                      stops: list[str], stream: bool, logit_bias: dict[int, float], *, add_bos: bool,
-                      started: float) -> JobHandle:
+    async def _acquire(self, key: str) -> Resident:
         resident = await self.manager.acquire(key)
-        dead = getattr(resident.backend, "dead", None)
-        if dead:  # its model process crashed or was killed: load it again
+        gone = process_gone(resident.backend)
+        if gone:  # its model process crashed or was killed: load it again
             self.manager.release(resident)
-            log.warning("model %s: %s; loading it again", key, dead)
+            log.warning("model %s: %s; loading it again", key, gone)
             await self.manager.unload(key)
             resident = await self.manager.acquire(key)
+        return resident
+
+    async def _submit(self, prepared: PreparedModel, settings: EffectiveSettings, request_layer: Settings,
+                      prompt: str | list[int], stops: list[str], stream: bool, logit_bias: dict[int, float], *,
+                      add_bos: bool, started: float) -> JobHandle:
+        resident = await self._acquire(prepared.key)
         try:
             backend = resident.backend
-            if isinstance(prompt, list):
-                ids = list(prompt)
-            else:
-                # a backend in another process may have to be asked (encode_blocks): never on the loop
-                size = INLINE_CHARS if getattr(backend, "encode_blocks", False) else len(prompt)
-                ids = await _off_loop_if_large(size, backend.encode, prompt, add_bos=add_bos)
-            if not ids:
-                raise InvalidRequest("the prompt is empty", "prompt")
-            ctx = backend.context_length
-            if len(ids) >= ctx:
-                raise InvalidRequest(
-                    f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens",
-                    "messages")
-            room = ctx - len(ids)
-            # Clients routinely ask for more tokens than a local model's context has left (Continue
-            # sends 4096 to a 2k model): the request is clamped to the room left, and generation ends
-            # with finish_reason "length" when the context is full. Only a prompt that does not fit
-            # at all is refused.
-            wanted = request_layer.max_tokens if request_layer.max_tokens is not None else resolved.max_tokens
-            max_new = min(int(wanted or room), room)
-            vocab = getattr(backend, "vocab_size", None)
-            bad = [t for t in logit_bias if t < 0 or (vocab is not None and t >= vocab)]
-            if bad:
-                raise InvalidRequest(f"logit_bias has token ids outside the vocabulary: {bad[:5]}", "logit_bias")
-            if isinstance(prompt, list):
-                bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
-                if bad:
-                    raise InvalidRequest(f"the prompt has token ids outside the vocabulary: {bad[:5]}", "prompt")
-            sampling = SamplingParams(
-                temperature=float(resolved.temperature), top_k=int(resolved.top_k), top_p=float(resolved.top_p),
-                min_p=float(resolved.min_p), typical=float(resolved.typical),
-                repetition_penalty=float(resolved.repetition_penalty),
-                presence_penalty=float(resolved.presence_penalty),
-                frequency_penalty=float(resolved.frequency_penalty), logit_bias=dict(logit_bias),
-                seed=resolved.seed,
-            )
-            job = BackendJob(prompt_ids=ids, max_new_tokens=max_new, sampling=sampling, stop_strings=stops,
-                             stop_token_ids=backend.eos_token_ids(), stream=stream)
+            ids = await _prompt_ids(backend, prompt, add_bos)
+            max_new = _max_new_tokens(backend, ids, settings, request_layer)
+            _check_token_ids(backend, ids if isinstance(prompt, list) else [], logit_bias)
+            job = BackendJob(prompt_ids=ids, max_new_tokens=max_new, sampling=sampling_params(settings, logit_bias),
+                             stop_strings=stops, stop_token_ids=backend.eos_token_ids(), stream=stream)
             if resident.runner is None:
-                raise ModelLoadError(f"model {key} is unloading; retry")
+                raise ModelLoadError(f"model {prepared.key} is unloading; retry")
         except BaseException:
             self.manager.release(resident)
             raise
-        handle = JobHandle(self, resident, job, display_name(key))
+        handle = JobHandle(self.manager, resident, job, display_name(prepared.key))
         handle.prepare_s = time.perf_counter() - started
         return handle
+
+
+def sampling_params(settings: EffectiveSettings, logit_bias: dict[int, float]) -> SamplingParams:
+    return SamplingParams(
+        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, min_p=settings.min_p,
+        typical=settings.typical, repetition_penalty=settings.repetition_penalty,
+        presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
+        logit_bias=dict(logit_bias), seed=settings.seed)
+
+
+async def _prompt_ids(backend: Backend, prompt: str | list[int], add_bos: bool) -> list[int]:
+    if isinstance(prompt, list):
+        ids = list(prompt)
+    else:
+        # a backend in another process may have to be asked (encode_blocks): never on the loop
+        size = INLINE_CHARS if backend.encode_blocks else len(prompt)
+        ids = await _off_loop_if_large(size, backend.encode, prompt, add_bos=add_bos)
+    if not ids:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    return ids
+
+
+def _max_new_tokens(backend: Backend, ids: list[int], settings: EffectiveSettings, request: Settings) -> int:
+    ctx = backend.context_length
+    if len(ids) >= ctx:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens",
+            "messages")
+    room = ctx - len(ids)
+    # Clients routinely ask for more tokens than a local model's context has left (Continue sends 4096
+    # to a 2k model): the request is clamped to the room left, and generation ends with finish_reason
+    # "length" when the context is full. Only a prompt that does not fit at all is refused.
+    wanted = request.max_tokens if request.max_tokens is not None else settings.max_tokens
+    return min(wanted or room, room)
+
+
+def _check_token_ids(backend: Backend, prompt_ids: list[int], logit_bias: dict[int, float]) -> None:
+    vocab = backend.vocab_size
+    bad = [t for t in logit_bias if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise InvalidRequest(f"logit_bias has token ids outside the vocabulary: {bad[:5]}", "logit_bias")
+    bad = [t for t in prompt_ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise InvalidRequest(f"the prompt has token ids outside the vocabulary: {bad[:5]}", "prompt")
 
 
 async def _off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -403,12 +310,7 @@ async def _off_loop_if_large(size: int, fn: Callable[..., Any], *args: Any, **kw
 
 
 def _timestamp(iso: str) -> int:
-    from datetime import datetime
-
     try:
         return int(datetime.fromisoformat(iso).timestamp())
     except (ValueError, TypeError):
         return 0
-
-
-__all__ += ["TextDelta", "JobFinished"]

@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from app.engine.observability.metrics import EngineMetrics
-from app.engine.serving.manager import ModelLoadError, ModelManager, Resident
+from app.engine.errors import ModelLoadError
+from app.engine.serving.manager import ModelManager, Resident
 from tests.helpers.fake_backend import FakeFleet
 from tests.helpers.waiting import async_wait_until
 
@@ -187,8 +188,6 @@ async def test_a_factory_that_refuses_fails_the_waiters_at_once(fleet: FakeFleet
     await mgr.close()
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason="manager: when the factory refuses the model at the head of the queue, "
-                                       "_start_load returns without pumping and the waiters behind it hang")
 async def test_a_factory_refusal_at_the_head_of_a_queue_lets_the_next_waiter_through(fleet: FakeFleet) -> None:
     fleet.factory_errors[B] = "exllamav2 is not installed"
     mgr = manager(fleet)

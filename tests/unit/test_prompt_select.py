@@ -14,7 +14,8 @@ from app.engine.prompting.ollama import OllamaPromptBuilder
 from app.engine.prompting.select import (
     FIM_TOKEN_SETS, fill_in_middle_prompt, looks_like_go_template, make_prompt_builder, template_source,
 )
-from app.engine.settings.schema import ResolvedSettings, Settings, SettingsLayers
+from app.engine.settings.schema import Settings
+from app.engine.settings.layers import EffectiveSettings, SettingsLayers
 
 JINJA = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
 GO = "{{ range .Messages }}[{{ .Role }}]{{ .Content }}{{ end }}[assistant]"
@@ -48,8 +49,8 @@ def entry(model_dir: Path, ollama_template: str | None = None, **ollama) -> Mode
     return ModelEntry(model_dir=str(model_dir), ollama=meta)
 
 
-def settings(**values) -> ResolvedSettings:
-    return SettingsLayers(model=Settings(**values)).resolve()
+def settings(**values) -> EffectiveSettings:
+    return SettingsLayers(model=Settings(**values)).resolve().effective
 
 
 # -- template_source ---------------------------------------------------------------------------------
@@ -155,30 +156,30 @@ def test_the_saved_ollama_messages_come_before_the_chat(tmp_path: Path) -> None:
 def test_each_known_fim_token_set(tmp_path: Path, tokens: tuple[str, str, str]) -> None:
     model = folder(tmp_path, added_tokens=["<s>", *tokens])
     pre, suf, mid = tokens
-    assert fill_in_middle_prompt(entry(model), settings(), "def f(", "):") == f"{pre}def f({suf}):{mid}"
+    assert fill_in_middle_prompt(entry(model), "def f(", "):") == f"{pre}def f({suf}):{mid}"
 
 
 def test_two_of_three_fim_tokens_are_no_fim_form(tmp_path: Path) -> None:
     model = folder(tmp_path, added_tokens=["<fim_prefix>", "<fim_suffix>", "<|fim_middle|>"])
-    assert fill_in_middle_prompt(entry(model), settings(), "a", "b") is None
+    assert fill_in_middle_prompt(entry(model), "a", "b") is None
 
 
 def test_an_ollama_template_with_a_suffix_is_used_for_fim(tmp_path: Path) -> None:
     model = folder(tmp_path, added_tokens=list(FIM_TOKEN_SETS[0]))  # the template wins over the tokens
-    assert fill_in_middle_prompt(entry(model, GO_FIM), settings(), "def f(", "):") == "<PRE>def f(<SUF>):<MID>"
+    assert fill_in_middle_prompt(entry(model, GO_FIM), "def f(", "):") == "<PRE>def f(<SUF>):<MID>"
 
 
 def test_an_ollama_template_without_a_suffix_falls_back_to_the_tokens(tmp_path: Path) -> None:
     model = folder(tmp_path, added_tokens=list(FIM_TOKEN_SETS[1]))
-    assert fill_in_middle_prompt(entry(model, GO), settings(), "a", "b") == "<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>"
+    assert fill_in_middle_prompt(entry(model, GO), "a", "b") == "<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>"
 
 
 def test_no_tokenizer_json_or_an_unreadable_one_is_no_fim_form(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    assert fill_in_middle_prompt(entry(folder(tmp_path / "none")), settings(), "a", "b") is None
+    assert fill_in_middle_prompt(entry(folder(tmp_path / "none")), "a", "b") is None
     caplog.set_level(logging.WARNING)
     broken = folder(tmp_path / "broken", tokenizer_json="{not json")
-    assert fill_in_middle_prompt(entry(broken), settings(), "a", "b") is None
+    assert fill_in_middle_prompt(entry(broken), "a", "b") is None
     assert "cannot read" in caplog.text
     odd = folder(tmp_path / "odd", tokenizer_json=json.dumps({"added_tokens": ["<fim_prefix>", 3, None]}))
-    assert fill_in_middle_prompt(entry(odd), settings(), "a", "b") is None
+    assert fill_in_middle_prompt(entry(odd), "a", "b") is None

@@ -7,10 +7,8 @@ import logging
 import pytest
 from pydantic import ValidationError
 
-from app.engine.settings.schema import (
-    DEFAULTS, LAYER_ORDER, LOAD_TIME_FIELDS, OLLAMA_PARAM_MAP, SETTING_NAMES, Settings, SettingsLayers, resolve,
-    settings_from_mapping, settings_from_ollama,
-)
+from app.engine.settings.schema import DEFAULTS, LAYER_ORDER, LOAD_TIME_FIELDS, OLLAMA_PARAM_MAP, SETTING_NAMES, Settings, settings_from_mapping
+from app.engine.settings.layers import SettingsLayers, resolve, settings_from_ollama
 
 UPPER_LAYERS = LAYER_ORDER[1:]  # every layer but the defaults
 
@@ -24,54 +22,54 @@ def test_the_highest_layer_that_sets_a_field_wins(top: str) -> None:
     below = UPPER_LAYERS[: UPPER_LAYERS.index(top) + 1]
     layers = {name: Settings(top_k=i + 1) for i, name in enumerate(below)}
     r = SettingsLayers(**layers).resolve()
-    assert (r.top_k, r.source("top_k")) == (len(below), top)
+    assert (r.values["top_k"], r.source("top_k")) == (len(below), top)
 
 
 @pytest.mark.parametrize("layer", UPPER_LAYERS)
 def test_a_layer_above_that_leaves_a_field_unset_does_not_hide_it(layer: str) -> None:
     everything_above = {name: Settings(temperature=0.1) for name in UPPER_LAYERS if name != layer}
     r = SettingsLayers(**{**everything_above, layer: Settings(top_p=0.5)}).resolve()
-    assert (r.top_p, r.source("top_p")) == (0.5, layer)
+    assert (r.values["top_p"], r.source("top_p")) == (0.5, layer)
     assert r.source("min_p") == "default"
 
 
 def test_a_value_equal_to_the_default_still_names_its_layer() -> None:
     r = SettingsLayers(model=Settings(temperature=DEFAULTS.temperature)).resolve()
-    assert r.temperature == DEFAULTS.temperature and r.source("temperature") == "model"
+    assert r.values["temperature"] == DEFAULTS.temperature and r.source("temperature") == "model"
 
 
 def test_an_empty_stop_list_above_clears_the_stops_below() -> None:
     r = SettingsLayers(ollama=Settings(stop=["<|im_end|>"]), model=Settings(stop=[])).resolve()
-    assert (r.stop, r.source("stop")) == ([], "model")
+    assert (r.values["stop"], r.source("stop")) == ([], "model")
 
 
 def test_a_request_beats_the_server_flag() -> None:
     r = SettingsLayers(server=Settings(max_tokens=100), request=Settings(max_tokens=5)).resolve()
-    assert (r.max_tokens, r.source("max_tokens")) == (5, "request")
+    assert (r.values["max_tokens"], r.source("max_tokens")) == (5, "request")
 
 
 def test_every_field_is_resolved_and_only_the_seed_has_no_default() -> None:
     r = SettingsLayers().resolve()
     assert set(r.values) == set(SETTING_NAMES) and set(r.sources.values()) == {"default"}
     assert set(SETTING_NAMES) - set(DEFAULTS.set_fields()) == {"seed"}
-    assert r.seed is None  # a random seed per request unless a layer sets one
+    assert r.values["seed"] is None  # a random seed per request unless a layer sets one
 
 
 def test_resolve_skips_missing_layers() -> None:
     r = resolve({"default": DEFAULTS, "request": Settings(top_k=3)})
-    assert (r.top_k, r.source("top_k")) == (3, "request")
-    assert (r.top_p, r.source("top_p")) == (DEFAULTS.top_p, "default")
+    assert (r.values["top_k"], r.source("top_k")) == (3, "request")
+    assert (r.values["top_p"], r.source("top_p")) == (DEFAULTS.top_p, "default")
     # without a default layer nothing fills the unset fields
     bare = resolve({"model": Settings(top_k=3)})
-    assert bare.top_p is None and bare.source("top_p") == "default"
+    assert bare.values["top_p"] is None and bare.source("top_p") == "default"
 
 
 def test_resolved_values_are_copies_not_the_layers_lists() -> None:
     model = Settings(stop=["a"])
     r = SettingsLayers(model=model).resolve()
-    r.stop.append("b")
+    r.values["stop"].append("b")
     assert model.stop == ["a"]
-    SettingsLayers().resolve().stop.append("x")
+    SettingsLayers().resolve().values["stop"].append("x")
     assert DEFAULTS.stop == []
 
 
@@ -154,5 +152,5 @@ def test_the_ollama_layer_sits_between_folder_and_model() -> None:
                             ollama=settings_from_ollama({"temperature": 0.3, "top_k": 2}),
                             model=Settings(top_k=3))
     r = layers.resolve()
-    assert (r.temperature, r.source("temperature")) == (0.3, "ollama")
-    assert (r.top_k, r.source("top_k")) == (3, "model")
+    assert (r.values["temperature"], r.source("temperature")) == (0.3, "ollama")
+    assert (r.values["top_k"], r.source("top_k")) == (3, "model")

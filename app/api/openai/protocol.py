@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.engine.requests import Message, ToolCall as EngineToolCall
 from app.engine.settings.schema import Settings
 
 log = logging.getLogger(__name__)
@@ -54,24 +55,15 @@ class ChatMessage(WireModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def to_engine(self) -> dict[str, Any]:
+    def to_engine(self) -> Message:
         role = "system" if self.role == "developer" else self.role
         if isinstance(self.content, list):
-            content: Any = "".join(p.text or "" for p in self.content if p.type == "text")
+            content = "".join(p.text or "" for p in self.content if p.type == "text")
         else:
             content = self.content if self.content is not None else ""
-        out: dict[str, Any] = {"role": role, "content": content}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = [
-                {"id": c.id, "type": c.type or "function",
-                 "function": {"name": c.function.name, "arguments": _parse_arguments(c.function.arguments)}}
-                for c in self.tool_calls
-            ]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
+        calls = tuple(EngineToolCall(c.id, c.function.name, _parse_arguments(c.function.arguments), c.type or "function")
+                      for c in self.tool_calls or ())
+        return Message(role, content, self.name, calls, self.tool_call_id)
 
 
 def _parse_arguments(arguments: str | None) -> Any:

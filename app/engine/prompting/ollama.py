@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from app.engine.prompting.gotemplate import (
     GoMap, GoStruct, GoTemplate, TemplateExecError, TemplateSyntaxError, go_json,
@@ -144,12 +144,23 @@ def _render_legacy(template: GoTemplate, msgs: list[GoStruct]) -> str:
     return "".join(parts)
 
 
+def fim_renderer(source: str) -> Callable[[str, str], str]:
+    """Ollama's fill-in-the-middle form of a template (compiled once): ``(prompt, suffix) -> text``,
+    the template rendered with ``.Prompt`` and ``.Suffix``."""
+    template = compile_template(source)
+
+    def render(prompt: str, suffix: str) -> str:
+        try:
+            return template.render({"Prompt": prompt, "Suffix": suffix, "Response": ""})
+        except TemplateExecError as exc:
+            raise PromptError(f"Ollama template failed: {exc}") from None
+
+    return render
+
+
 def render_fim(source: str, prompt: str, suffix: str) -> str:
     """Ollama's fill-in-the-middle form: the template with ``.Prompt`` and ``.Suffix``."""
-    try:
-        return compile_template(source).render({"Prompt": prompt, "Suffix": suffix, "Response": ""})
-    except TemplateExecError as exc:
-        raise PromptError(f"Ollama template failed: {exc}") from None
+    return fim_renderer(source)(prompt, suffix)
 
 
 class OllamaPromptBuilder:

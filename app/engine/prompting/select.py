@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from app.engine.prompting.builders import JinjaPromptBuilder, PlainPromptBuilder, PromptBuilder, PromptError
 from app.engine.catalog.registry import ModelEntry
-from app.engine.settings.schema import ResolvedSettings
-from app.engine.catalog.tokenizer import read_json, read_special_tokens
+from app.engine.settings.layers import EffectiveSettings
+from app.engine.catalog.tokenizer import SpecialTokens, read_json, read_special_tokens
 
 log = logging.getLogger(__name__)
 _GO_ACTION = re.compile(r"\{\{-?\s*(\.|\$|range\b|if\b|with\b|template\b|/\*)")
@@ -20,11 +22,14 @@ def looks_like_go_template(text: str) -> bool:
     return "{%" not in text and bool(_GO_ACTION.search(text))
 
 
-def template_source(entry: ModelEntry, settings: ResolvedSettings) -> str:
-    """Which template a model uses: "ollama", "jinja", "custom" or "plain"."""
-    choice = settings.template or "auto"
+def template_source(entry: ModelEntry, settings: EffectiveSettings, special: SpecialTokens | None = None) -> str:
+    """Which template a model uses: "ollama", "jinja", "custom" or "plain". ``special``: the folder's
+    tokenizer_config.json, when the caller has read it already."""
+    choice = settings.template
     has_ollama = entry.ollama is not None and bool(entry.ollama.template)
-    has_jinja = read_special_tokens(Path(entry.model_dir)).chat_template is not None
+    if special is None:
+        special = read_special_tokens(Path(entry.model_dir))
+    has_jinja = special.chat_template is not None
     if choice == "custom":
         if not settings.custom_template:
             raise PromptError("template is set to 'custom' but no custom template was given")
@@ -42,10 +47,12 @@ def template_source(entry: ModelEntry, settings: ResolvedSettings) -> str:
     return "jinja" if has_jinja else "plain"
 
 
-def make_prompt_builder(entry: ModelEntry, settings: ResolvedSettings) -> PromptBuilder:
-    source = template_source(entry, settings)
+def make_prompt_builder(entry: ModelEntry, settings: EffectiveSettings,
+                        special: SpecialTokens | None = None) -> PromptBuilder:
+    if special is None:
+        special = read_special_tokens(Path(entry.model_dir))
+    source = template_source(entry, settings, special)
     system = settings.system_prompt or None
-    special = read_special_tokens(Path(entry.model_dir))
     if source == "ollama":
         from app.engine.prompting.ollama import OllamaPromptBuilder
 
@@ -74,17 +81,34 @@ FIM_TOKEN_SETS = (
 )
 
 
-def fill_in_middle_prompt(entry: ModelEntry, settings: ResolvedSettings, prompt: str, suffix: str) -> str | None:
-    """The fill-in-the-middle prompt for ``prompt``/``suffix``, or None when the model has no FIM form."""
-    if entry.ollama is not None and entry.ollama.template and ".Suffix" in entry.ollama.template:
-        from app.engine.prompting.ollama import render_fim
+class FillInMiddle(Protocol):
+    """A model's fill-in-the-middle form: ``prompt`` and ``suffix`` -> the prompt the model sees."""
 
-        return render_fim(entry.ollama.template, prompt, suffix)
+    def __call__(self, prompt: str, suffix: str) -> str: ...
+
+
+def fill_in_middle_form(entry: ModelEntry) -> FillInMiddle | None:
+    """How the model fills in the middle (its Ollama template's ``.Suffix`` form, or the folder's FIM
+    tokens), or None when it cannot. Reads tokenizer.json: build it once per model, not per request."""
+    if entry.ollama is not None and entry.ollama.template and ".Suffix" in entry.ollama.template:
+        from app.engine.prompting.ollama import fim_renderer
+
+        return fim_renderer(entry.ollama.template)
     vocab = _added_tokens(Path(entry.model_dir))
     for pre, suf, mid in FIM_TOKEN_SETS:
         if {pre, suf, mid} <= vocab:
-            return f"{pre}{prompt}{suf}{suffix}{mid}"
+            return partial(_fim_tokens, pre, suf, mid)
     return None
+
+
+def fill_in_middle_prompt(entry: ModelEntry, prompt: str, suffix: str) -> str | None:
+    """The fill-in-the-middle prompt for ``prompt``/``suffix``, or None when the model has no FIM form."""
+    form = fill_in_middle_form(entry)
+    return None if form is None else form(prompt, suffix)
+
+
+def _fim_tokens(pre: str, suf: str, mid: str, prompt: str, suffix: str) -> str:
+    return f"{pre}{prompt}{suf}{suffix}{mid}"
 
 
 def _added_tokens(folder: Path) -> set[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from app.engine.backends.contract import Backend, BackendLoadError, LoadCancelled
+from app.engine.errors import EngineError, ModelLoadError
 from app.engine.observability.metrics import EngineMetrics
 from app.engine.serving.pipe_runner import PipeRunner, loop_can_read
 from app.engine.serving.runner import Runner, RunnerBase
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 ResidentState = Literal["loading", "ready", "unloading"]
 BackendFactory = Callable[[str], tuple[Backend, float]]
 """model name -> (a backend ready to ``load``, idle-unload minutes)."""
-
-
-class ModelLoadError(Exception):
-    """A model failed to load; the message has the reason. A later request may retry."""
 
 
 @dataclass(frozen=True)
@@ -198,8 +195,9 @@ class ModelManager:
             if resident is not None:
                 return  # loading or unloading: wait for it
             if len(self._residents) < self.max_loaded:
-                self._start_load(waiter.name)
-                return
+                if self._start_load(waiter.name):
+                    return
+                continue  # refused at once: its waiters have their error, serve the next
             idle = [r for r in self._residents.values() if r.state == "ready" and r.active == 0]
             if idle:
                 victim = min(idle, key=lambda r: r.last_used)
@@ -213,16 +211,18 @@ class ModelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _start_load(self, name: str) -> None:
+    def _start_load(self, name: str) -> bool:
+        """Start loading ``name``; False when its backend was refused at once (its waiters are failed)."""
         try:
             backend, idle_minutes = self._factory(name)
-        except (BackendLoadError, ModelLoadError, ValueError) as exc:
+        except (BackendLoadError, EngineError, ValueError) as exc:
             self._fail_waiters(name, str(exc))
-            return
+            return False
         resident = Resident(name=name, backend=backend, idle_minutes=idle_minutes)
         self._residents[name] = resident
         self._changed()
         self._spawn(self._load(resident))
+        return True
 
     async def _load(self, resident: Resident) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,70 @@
+"""What every OpenAI route shares: SSE framing, the streaming response, usage and finish reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from app.api.errors import ApiError
+from app.engine.facade import JobFinished, JobHandle
+
+log = logging.getLogger(__name__)
+
+
+def timing_headers(handle: JobHandle) -> dict[str, str]:
+    return {"X-Prepare-Ms": f"{handle.prepare_s * 1e3:.2f}"}
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage_body(finished: JobFinished) -> dict[str, int]:
+    u = finished.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+def finish_reason(finished: JobFinished) -> str:
+    return "length" if finished.finish_reason == "length" else "stop"
+
+
+async def whole_result(handle: JobHandle) -> JobFinished:
+    """Wait for a non-streaming job; a failed one becomes a 500 with the reason."""
+    try:
+        finished = await handle.result()
+    finally:
+        handle.cancel()
+    if finished.finish_reason in ("error", "cancelled"):
+        raise ApiError(500, finished.error or "generation failed", code="generation_failed")
+    return finished
+
+
+def in_band_error(finished: JobFinished) -> dict[str, Any]:
+    message = finished.error or f"generation ended: {finished.finish_reason}"
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}}
+
+
+async def stream_response(request: web.Request, handle: JobHandle,
+                          chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no", **timing_headers(handle)})
+    try:
+        handle.start_early()
+        await response.prepare(request)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:  # the client left: cancel its job, nobody is there to answer
+        log.info("client left during a stream: job %d cancelled", handle.job.job_id)
+    except asyncio.CancelledError:  # the handler was cancelled because the client disconnected
+        log.info("client left during a stream: job %d cancelled", handle.job.job_id)
+        raise
+    finally:
+        handle.cancel()
+    return response
