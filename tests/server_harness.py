@@ -12,8 +12,8 @@ import httpx
 
 from app.api.server import Listener, ServerConfig
 from app.engine.facade import Engine
-from app.engine.catalog.registry import ModelEntry, Registry
-from app.engine.catalog.model_folder import inspect_model_folder
+from app.engine.catalog.registry import Registry
+from app.engine.catalog.add_model import add_model
 from app.engine.settings.schema import Settings
 
 
@@ -100,9 +100,7 @@ class ServerThread:
 
 
 def register(registry: Registry, name: str, folder: Path, **settings: Any) -> str:
-    info = inspect_model_folder(folder)
-    return registry.add(name, ModelEntry(model_dir=info.path, settings=Settings(**settings), info=info.to_dict()),
-                        replace=True)
+    return add_model(registry, name, folder, settings=Settings(**settings), replace=True).key
 
 
 def register_broken(registry: Registry, name: str, good_folder: Path, folder: Path) -> Callable[[], None]:

@@ -15,19 +15,12 @@ from app import __version__
 from app.engine.catalog.ollama_client import OllamaError
 from app.engine.prompting.builders import PromptError
 from app.engine.catalog.model_folder import ModelFolderError, format_size, inspect_model_folder
-from app.engine.catalog.registry import ModelEntry, Registry, RegistryError, display_name
-from app.engine.settings.schema import Settings, format_validation_error
+from app.engine.catalog.add_model import add_model
+from app.engine.catalog.registry import Registry, RegistryError, display_name
+from app.engine.settings.schema import SCHEMA, Settings, format_validation_error
 from app.paths import default_models_path
 
 log = logging.getLogger("app.cli.main")
-
-#: Extra spellings accepted for some settings (the original server's option names).
-ALIASES: dict[str, list[str]] = {
-    "context_length": ["--max-seq-len", "--num-ctx"],
-    "batch_size": ["--max-batch-size"],
-    "system_prompt": ["--system"],
-}
-
 
 class CliError(Exception):
     """A readable error for the user; printed without a traceback."""
@@ -37,8 +30,9 @@ def add_setting_options(parser: argparse.ArgumentParser) -> None:
     """One option per setting of the settings model (declared there, not repeated here)."""
     group = parser.add_argument_group("setting overrides")
     for name, info in Settings.model_fields.items():
-        flags = ["--" + name.replace("_", "-"), *ALIASES.get(name, [])]
-        help_text = info.description or name.replace("_", " ")
+        declared = SCHEMA[name]  # extra spellings: the original server's option names and Ollama's
+        flags = ["--" + name.replace("_", "-"), *declared.cli]
+        help_text = declared.description
         choices = _literal_choices(info.annotation)
         if name == "stop":
             group.add_argument(*flags, dest=f"set_{name}", action="append", metavar="TEXT",
@@ -124,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_add_model(args: argparse.Namespace, registry: Registry) -> int:
     try:
-        info = inspect_model_folder(args.model_dir)
+        info = inspect_model_folder(args.model_dir)  # before the fetch: a wrong folder fails at once
     except ModelFolderError as exc:
         raise CliError(str(exc)) from None
     settings = settings_from_args(args)
@@ -133,8 +127,8 @@ def cmd_add_model(args: argparse.Namespace, registry: Registry) -> int:
         from app.cli.ollama_fetch import fetch_for_cli
 
         ollama = fetch_for_cli(args.ollama or args.name, args.registry_url)
-    entry = ModelEntry(model_dir=info.path, settings=settings, ollama=ollama, info=info.to_dict())
-    key = registry.add(args.name, entry, replace=args.replace)
+    key = add_model(registry, args.name, info.path, settings=settings, ollama=ollama, info=info,
+                    replace=args.replace).key
     print(f"added {display_name(key)}: {info.path}")
     print(f"  {info.summary()}")
     if ollama is not None:

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
     QPlainTextEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget,
@@ -17,7 +17,8 @@ from PySide6.QtWidgets import (
 from app.engine.catalog.model_folder import ModelFolderError, ModelInfo, inspect_model_folder
 from app.engine.catalog.ollama_client import OllamaError, OllamaRegistryClient
 from app.engine.catalog.ollama_names import InvalidName, parse_name
-from app.engine.catalog.registry import ModelEntry, OllamaMetadata, Registry, RegistryError, normalize_name
+from app.engine.catalog.add_model import add_model
+from app.engine.catalog.registry import OllamaMetadata, Registry, RegistryError, normalize_name
 from app.engine.settings.schema import Settings
 from app.resources import ollama_suggestions
 
@@ -31,6 +32,7 @@ class AddModelDialog(QDialog):
 
     def __init__(self, registry: Registry, *, registry_url: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.setWindowTitle("Add model")
         self.setMinimumWidth(620)
         self.registry = registry
@@ -38,6 +40,7 @@ class AddModelDialog(QDialog):
         self.info: ModelInfo | None = None
         self.metadata: OllamaMetadata | None = None
         self._fetch_task: asyncio.Task | None = None
+        self._closed = False
 
         self.folder = QLineEdit()
         self.folder.setPlaceholderText("Folder with config.json and *.safetensors (EXL2, GPTQ or FP16)")
@@ -100,6 +103,14 @@ class AddModelDialog(QDialog):
         self.ollama.currentTextChanged.connect(self._ollama_changed)
         self.validate_folder()
 
+    def done(self, result: int) -> None:
+        """Closing (Save, Cancel, Esc, the window's close button) stops a fetch in progress: the
+        dialog is deleted once closed, and the fetch must not write to its widgets afterwards."""
+        self._closed = True
+        if self._fetch_task is not None and not self._fetch_task.done():
+            self._fetch_task.cancel()
+        super().done(result)
+
     # -- folder -----------------------------------------------------------------------
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose the model folder", self.folder.text())
@@ -154,22 +165,30 @@ class AddModelDialog(QDialog):
 
     async def _fetch(self, name: str) -> None:
         def progress(what: str, done: int, total: int) -> None:
+            if self._closed:
+                return
             self.progress.setMaximum(max(total, 1))
             self.progress.setValue(done)
             self.fetch_status.setText(what)
 
+        error = ""
         try:
-            self.metadata = await self.client.fetch(name, progress)
+            metadata = await self.client.fetch(name, progress)
         except OllamaError as exc:
-            self.metadata = None
-            self.fetch_status.setStyleSheet(ERROR_STYLE)
-            self.fetch_status.setText(str(exc))
-        else:
-            self.fetch_status.setText(f"Fetched {self.metadata.name}")
-            self.preview.setPlainText(describe_metadata(self.metadata))
+            metadata, error = None, str(exc)
         finally:
-            self.fetch_button.setEnabled(True)
-            self.progress.setVisible(False)
+            if not self._closed:
+                self.fetch_button.setEnabled(True)
+                self.progress.setVisible(False)
+        if self._closed:  # closed while fetching: its widgets are gone
+            return
+        self.metadata = metadata
+        if metadata is None:
+            self.fetch_status.setStyleSheet(ERROR_STYLE)
+            self.fetch_status.setText(error)
+        else:
+            self.fetch_status.setText(f"Fetched {metadata.name}")
+            self.preview.setPlainText(describe_metadata(metadata))
 
     # -- save ------------------------------------------------------------------------
     def chosen_name(self) -> str:
@@ -198,8 +217,8 @@ class AddModelDialog(QDialog):
             return False
         name = self.chosen_name()
         try:
-            key = self.registry.add(name, ModelEntry(model_dir=self.info.path, settings=settings,
-                                                     ollama=self.metadata, info=self.info.to_dict()))
+            key = add_model(self.registry, name, self.info.path, settings=settings, ollama=self.metadata,
+                            info=self.info).key
         except RegistryError as exc:
             self.error.setText(str(exc))
             return False
