@@ -198,6 +198,7 @@ def wait_packing(rep: Report) -> None:
         rep.packing.wait(300)
         rep.data.setdefault("extension", {})["packed"] = rep.packing.returncode == 0
         rep.packing = None
+        rep.save()
 
 
 def make_models(rep: Report) -> None:
@@ -316,14 +317,18 @@ def start_server(rep: Report) -> subprocess.Popen:
     proc = subprocess.Popen([*app, "serve", "--port", str(PORT)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     import httpx
 
-    for _ in range(100):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{BASE}/health", timeout=1).status_code == 200:
                 rep.data["vram_no_model_process"] = vram()  # nothing of ours on the GPU yet
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
-    raise RuntimeError("server did not start")
+    proc.kill()
+    log.close()
+    tail = (rep.out / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
+    raise RuntimeError(f"server did not start (exit {proc.poll()}): {' | '.join(tail)[-400:]}")
 
 
 def metric(name: str) -> float:
