@@ -9,9 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterator
 
-from app.engine.prompting.gotemplate.execute import (
-    MISSING, Executor, GoMap, GoStruct, TemplateExecError, go_json, go_string,
-)
+from app.engine.prompting.gotemplate.executor import Executor
+from app.engine.prompting.gotemplate.values import MISSING, GoMap, GoStruct, TemplateExecError, go_json, go_string
 from app.engine.prompting.gotemplate.lexer import TemplateSyntaxError
 from app.engine.prompting.gotemplate.parser import (
     Action, Branch, Chain, Command, Field, ListNode, Pipe, Variable, parse,
