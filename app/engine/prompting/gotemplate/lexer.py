@@ -122,48 +122,56 @@ class Lexer:
             elif c == "=":
                 self.tokens.append(Token("assign", "=", i))
                 i += 1
-            elif c == '"':
-                i = self._quoted(i)
-            elif c == "`":
-                end = src.find("`", i + 1)
-                if end == -1:
-                    raise self.error("unterminated raw quoted string", i)
-                self.tokens.append(Token("string", src[i + 1:end], i))
-                i = end + 1
-            elif c == "'":
-                end = i + 1
-                while end < n and src[end] != "'":
-                    end += 2 if src[end] == "\\" else 1
-                if end >= n:
-                    raise self.error("unterminated character constant", i)
-                self.tokens.append(Token("char", _unquote(src[i + 1:end], self, i), i))
-                i = end + 1
-            elif c == "$":
-                end = i + 1
-                while end < n and (src[end].isalnum() or src[end] == "_"):
-                    end += 1
-                self.tokens.append(Token("var", src[i:end], i))
-                i = self._field_chain(end)
-            elif c == ".":
-                if i + 1 < n and (src[i + 1].isalpha() or src[i + 1] == "_"):
-                    i = self._field_chain(i, first=True)
-                elif i + 1 < n and src[i + 1].isdigit():
-                    i = self._number(i)
-                else:
-                    self.tokens.append(Token("dot", ".", i))
-                    i += 1
-            elif c.isdigit() or (c in "+-" and i + 1 < n and (src[i + 1].isdigit() or src[i + 1] == ".")):
-                i = self._number(i)
-            elif c.isalpha() or c == "_":
-                end = i
-                while end < n and (src[end].isalnum() or src[end] == "_"):
-                    end += 1
-                word = src[i:end]
-                kind = "bool" if word in ("true", "false") else "nil" if word == "nil" else "ident"
-                self.tokens.append(Token(kind, word, i))
-                i = self._field_chain(end)
             else:
-                raise self.error(f"unexpected {c!r} in action", i)
+                i = self._operand(i)
+
+    def _operand(self, i: int) -> int:
+        """One operand of an action at ``i`` (a string, number, variable, field chain or word)."""
+        src, n = self.src, len(self.src)
+        c = src[i]
+        if c == '"':
+            i = self._quoted(i)
+        elif c == "`":
+            end = src.find("`", i + 1)
+            if end == -1:
+                raise self.error("unterminated raw quoted string", i)
+            self.tokens.append(Token("string", src[i + 1:end], i))
+            i = end + 1
+        elif c == "'":
+            end = i + 1
+            while end < n and src[end] != "'":
+                end += 2 if src[end] == "\\" else 1
+            if end >= n:
+                raise self.error("unterminated character constant", i)
+            self.tokens.append(Token("char", _unquote(src[i + 1:end], self, i), i))
+            i = end + 1
+        elif c == "$":
+            end = i + 1
+            while end < n and (src[end].isalnum() or src[end] == "_"):
+                end += 1
+            self.tokens.append(Token("var", src[i:end], i))
+            i = self._field_chain(end)
+        elif c == ".":
+            if i + 1 < n and (src[i + 1].isalpha() or src[i + 1] == "_"):
+                i = self._field_chain(i, first=True)
+            elif i + 1 < n and src[i + 1].isdigit():
+                i = self._number(i)
+            else:
+                self.tokens.append(Token("dot", ".", i))
+                i += 1
+        elif c.isdigit() or (c in "+-" and i + 1 < n and (src[i + 1].isdigit() or src[i + 1] == ".")):
+            i = self._number(i)
+        elif c.isalpha() or c == "_":
+            end = i
+            while end < n and (src[end].isalnum() or src[end] == "_"):
+                end += 1
+            word = src[i:end]
+            kind = "bool" if word in ("true", "false") else "nil" if word == "nil" else "ident"
+            self.tokens.append(Token(kind, word, i))
+            i = self._field_chain(end)
+        else:
+            raise self.error(f"unexpected {c!r} in action", i)
+        return i
 
     def _field_chain(self, i: int, first: bool = False) -> int:
         """Fields like ``.A.B`` directly after a value (or on their own when ``first``)."""
