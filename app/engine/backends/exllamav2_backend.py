@@ -104,20 +104,7 @@ class ExLlamaV2Backend(BackendBase):
         from exllamav2.generator import ExLlamaV2DynamicGenerator  # noqa: F401
 
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise BackendLoadError("the exllamav2 backend needs torch with CUDA; install the 'exllamav2' extra") from None
-        if not torch.cuda.is_available():
-            raise BackendLoadError("the exllamav2 backend needs an NVIDIA GPU with CUDA; torch sees none")
-        announce_extension_build(progress)  # when not warmed up first (the backend used in this process)
-        try:
-            from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
-            import exllamav2 as exl
-        except ImportError as exc:
-            raise BackendLoadError(f"exllamav2 is not installed or failed to build its CUDA extension: {exc}") from None
-        except Exception as exc:  # the JIT build raises RuntimeError/subprocess errors
-            raise BackendLoadError(f"building exllamav2's CUDA extension failed: {exc} (see README: CUDA build)") from None
+        torch, exl = self._import_library(progress)
         if cancel.is_set():
             raise LoadCancelled("load cancelled")
         self.paged = flash_attn_ok()
@@ -127,40 +114,10 @@ class ExLlamaV2Backend(BackendBase):
                            "(requests queue); install flash-attn for continuous batching")
             log.warning(self.notice)
         progress(0.02, "reading model config")
-        try:
-            config = ExLlamaV2Config(self.model_dir)
-            config.max_seq_len = self.context_length
-            if self.rope_scale != 1.0:
-                config.scale_pos_emb = self.rope_scale
-            if self.rope_alpha != 1.0:
-                config.scale_alpha_value = self.rope_alpha
-            config.max_input_len = min(MAX_CHUNK, self.context_length)
-            config.max_attention_size = config.max_input_len ** 2
-            model = ExLlamaV2(config)
-        except Exception as exc:
-            raise BackendLoadError(f"cannot read the model in {self.model_dir}: {exc}") from None
-        cache_cls = getattr(exl, CACHE_CLASSES.get(self.cache_type, "ExLlamaV2Cache"))
-        cache_len = self.context_length * (self.max_batch if self.paged else 1)
+        config, model = self._read_model(exl)
         self._model = model
-
-        def callback(done: int, total: int) -> None:
-            if cancel.is_set():
-                raise LoadCancelled("load cancelled")
-            progress(0.05 + 0.9 * done / max(total, 1), f"loading weights ({done}/{total} modules)")
-
         try:
-            if self.gpu_split == "auto":
-                self._cache = cache_cls(model, max_seq_len=cache_len, lazy=True)
-                model.load_autosplit(self._cache, callback=callback)
-            else:
-                split = parse_gpu_split(self.gpu_split)
-                check_split(split)
-                model.load(gpu_split=split, callback=callback)
-                self._cache = cache_cls(model, max_seq_len=cache_len)
-            progress(0.96, "loading tokenizer")
-            self._tokenizer = ExLlamaV2Tokenizer(config)
-            self._fast_tokenizer = self._agreeing_fast_tokenizer()
-            self._make_generator()
+            self._load_weights(exl, config, model, progress, cancel)
         except LoadCancelled:
             self.unload()
             raise
@@ -181,6 +138,60 @@ class ExLlamaV2Backend(BackendBase):
         if self._tokenizer.eos_token_id is not None:
             self._eos.add(int(self._tokenizer.eos_token_id))
         progress(1.0, "loaded")
+
+    def _import_library(self, progress: ProgressFn) -> tuple[Any, Any]:
+        """torch and exllamav2, with readable errors for a missing GPU, library or extension build."""
+        try:
+            import torch
+        except ImportError:
+            raise BackendLoadError("the exllamav2 backend needs torch with CUDA; install the 'exllamav2' extra") from None
+        if not torch.cuda.is_available():
+            raise BackendLoadError("the exllamav2 backend needs an NVIDIA GPU with CUDA; torch sees none")
+        announce_extension_build(progress)  # when not warmed up first (the backend used in this process)
+        try:
+            import exllamav2 as exl
+        except ImportError as exc:
+            raise BackendLoadError(f"exllamav2 is not installed or failed to build its CUDA extension: {exc}") from None
+        except Exception as exc:  # the JIT build raises RuntimeError/subprocess errors
+            raise BackendLoadError(f"building exllamav2's CUDA extension failed: {exc} (see README: CUDA build)") from None
+        return torch, exl
+
+    def _read_model(self, exl: Any) -> tuple[Any, Any]:
+        try:
+            config = exl.ExLlamaV2Config(self.model_dir)
+            config.max_seq_len = self.context_length
+            if self.rope_scale != 1.0:
+                config.scale_pos_emb = self.rope_scale
+            if self.rope_alpha != 1.0:
+                config.scale_alpha_value = self.rope_alpha
+            config.max_input_len = min(MAX_CHUNK, self.context_length)
+            config.max_attention_size = config.max_input_len ** 2
+            return config, exl.ExLlamaV2(config)
+        except Exception as exc:
+            raise BackendLoadError(f"cannot read the model in {self.model_dir}: {exc}") from None
+
+    def _load_weights(self, exl: Any, config: Any, model: Any, progress: ProgressFn, cancel: threading.Event) -> None:
+        """Weights, cache, tokenizer and generator; the caller turns failures into readable errors."""
+        cache_cls = getattr(exl, CACHE_CLASSES.get(self.cache_type, "ExLlamaV2Cache"))
+        cache_len = self.context_length * (self.max_batch if self.paged else 1)
+
+        def callback(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise LoadCancelled("load cancelled")
+            progress(0.05 + 0.9 * done / max(total, 1), f"loading weights ({done}/{total} modules)")
+
+        if self.gpu_split == "auto":
+            self._cache = cache_cls(model, max_seq_len=cache_len, lazy=True)
+            model.load_autosplit(self._cache, callback=callback)
+        else:
+            split = parse_gpu_split(self.gpu_split)
+            check_split(split)
+            model.load(gpu_split=split, callback=callback)
+            self._cache = cache_cls(model, max_seq_len=cache_len)
+        progress(0.96, "loading tokenizer")
+        self._tokenizer = exl.ExLlamaV2Tokenizer(config)
+        self._fast_tokenizer = self._agreeing_fast_tokenizer()
+        self._make_generator()
 
     def out_of_memory_message(self) -> str:
         if self.paged:  # the cache holds context x batch tokens
