@@ -14,7 +14,6 @@ Usage: python scripts/bench_prepare.py [--requests 300]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
