@@ -11,19 +11,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.events import BackendJob, StepEvent
 
 
-class FakeBackend:
+class FakeBackend(BackendBase):
     name = "fake"
     batching = "continuous"
     context_length = 256
     max_batch = 4
-    notice = ""
-    vocab_size: int | None = None
-    last_step_batch = 1
-    encode_blocks = False
 
     def __init__(self, model: str, *, gate: threading.Event | None = None, fail: str | None = None) -> None:
         self.model = model
@@ -71,9 +67,6 @@ class FakeBackend:
             events.append(StepEvent(job_id, "x", 1, done, "length" if done else None))
         return events
 
-    def take_surviving_events(self) -> list[StepEvent]:
-        return []
-
     def has_work(self) -> bool:
         return bool(self._left)
 
@@ -84,12 +77,6 @@ class FakeBackend:
         self.unloads += 1
         self.loaded = False
         self._left.clear()
-
-    def memory_used(self) -> dict[str, int]:
-        return {}
-
-    def encoder_spec(self) -> None:
-        return None
 
 
 @dataclass
