@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine.catalog.registry import Registry
 from app.engine.catalog.tokenizer import FolderTokenizer
+from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
 from tests.openai_schema import validate, validate_completion_chunk
-from tests.server_harness import ServerThread, register
+from tests.server_harness import ServerThread
 
 CAPTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "conformance" / "clients" / \
     "captured-requests.json"
@@ -21,13 +21,9 @@ pytestmark = pytest.mark.skipif(not REQUESTS, reason=f"captured client requests 
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    registry = Registry(tmp_path_factory.mktemp("replay") / "models.json")
+def server(serve_module: Servers) -> ServerThread:
     # a long context: Open WebUI's 28 tools make a 20 KB prompt; short default answers keep it quick
-    register(registry, "tiny", tiny_model_dir, context_length=32768, max_tokens=24)
-    srv = ServerThread(registry).start()
-    yield srv
-    srv.stop()
+    return serve_module(models={"tiny": {"context_length": 32768, "max_tokens": 24}})
 
 
 def substitute(request: dict) -> dict:

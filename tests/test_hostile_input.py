@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engine.catalog.registry import Registry
-from tests.server_harness import ServerThread, register
+from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
 
 CASES = 1000
 ENDPOINTS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
@@ -21,14 +19,10 @@ ENDPOINTS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GE
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    registry = Registry(tmp_path_factory.mktemp("fuzz") / "models.json")
-    register(registry, "tiny", tiny_model_dir, context_length=256, max_tokens=2)
-    srv = ServerThread(registry).start()
-    client = httpx.Client(base_url=srv.root, timeout=30)
-    yield srv, client
-    client.close()
-    srv.stop()
+def server(serve_module: Servers):
+    srv = serve_module(models={"tiny": {"context_length": 256, "max_tokens": 2}})
+    with httpx.Client(base_url=srv.root, timeout=30) as client:
+        yield srv, client
 
 
 json_scalars = st.one_of(

@@ -10,21 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.catalog.registry import Registry
-from tests.server_harness import ServerThread, register
+from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
+from tests.server_harness import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 CN = Path(os.environ.get("EXLLAMA_TRAY_CN", ROOT / ".cache" / "node" / "node_modules" / ".bin" / "cn"))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    registry = Registry(tmp_path_factory.mktemp("live") / "models.json")
+def server(serve_module: Servers) -> ServerThread:
     # agents send long system prompts and tool lists: give the tiny model room; keep answers short
-    register(registry, "tiny", tiny_model_dir, context_length=32768, max_tokens=12)
-    srv = ServerThread(registry).start()
-    yield srv
-    srv.stop()
+    return serve_module(models={"tiny": {"context_length": 32768, "max_tokens": 12}})
 
 
 def finished(server: ServerThread) -> float:

@@ -20,7 +20,8 @@ import pytest
 from app.api.server import Listener, ServerConfig
 from app.engine.facade import Engine
 from app.engine.catalog.registry import Registry, RegistryError
-from tests.server_harness import ServerThread, register
+from tests.helpers.servers import Servers, serve  # noqa: F401 - fixture
+from tests.server_harness import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = """
@@ -72,13 +73,9 @@ def test_broken_models_json_on_start_is_reported_and_backed_up(tmp_path: Path) -
 
 
 @pytest.fixture
-def keyed_server(tmp_path: Path, tiny_model_dir: Path):
-    registry = Registry(tmp_path / "models.json")
-    register(registry, "tiny", tiny_model_dir)
-    srv = ServerThread(registry, config=ServerConfig(port=0, api_key="sk-test-SECRET-123",
-                                                     cors_origins=("http://allowed.example",))).start()
-    yield srv
-    srv.stop()
+def keyed_server(serve: Servers) -> ServerThread:
+    return serve(models={"tiny": {}}, config=ServerConfig(port=0, api_key="sk-test-SECRET-123",
+                                                          cors_origins=("http://allowed.example",)))
 
 
 def test_api_key_required_and_never_leaked(keyed_server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
@@ -117,15 +114,11 @@ def test_cors_only_for_configured_origins(keyed_server: ServerThread) -> None:
     assert get.status_code == 200 and "access-control-allow-origin" not in get.headers
 
 
-def test_cors_is_off_by_default(tmp_path: Path, tiny_model_dir: Path) -> None:
-    registry = Registry(tmp_path / "models.json")
-    srv = ServerThread(registry).start()
-    try:
-        resp = httpx.get(f"{srv.base_url}/models", headers={"Origin": "http://allowed.example"})
-        assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers
-        assert srv.listener.config.host == "127.0.0.1"  # default bind
-    finally:
-        srv.stop()
+def test_cors_is_off_by_default(serve: Servers) -> None:
+    srv = serve(models={})
+    resp = httpx.get(f"{srv.base_url}/models", headers={"Origin": "http://allowed.example"})
+    assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers
+    assert srv.listener.config.host == "127.0.0.1"  # default bind
 
 
 def test_refuses_network_bind_without_a_key(tmp_path: Path) -> None:
