@@ -21,10 +21,13 @@ class FakeBackend(BackendBase):
     context_length = 256
     max_batch = 4
 
-    def __init__(self, model: str, *, gate: threading.Event | None = None, fail: str | None = None) -> None:
+    def __init__(self, model: str, *, gate: threading.Event | None = None, fail: str | None = None,
+                 hears_cancel: bool = True) -> None:
         self.model = model
         self.gate = gate
         self.fail = fail
+        #: False: the load is past its last look at ``cancel`` (a real load checks between steps)
+        self.hears_cancel = hears_cancel
         self.loaded = False
         self.load_started = threading.Event()
         self.unloads = 0
@@ -34,9 +37,9 @@ class FakeBackend(BackendBase):
         self.load_started.set()
         progress(0.5, "half way")
         while self.gate is not None and not self.gate.wait(0.005):
-            if cancel.is_set():
+            if cancel.is_set() and self.hears_cancel:
                 raise LoadCancelled("load cancelled")
-        if cancel.is_set():
+        if cancel.is_set() and self.hears_cancel:
             raise LoadCancelled("load cancelled")
         if self.fail is not None:
             raise BackendLoadError(self.fail)
@@ -85,19 +88,22 @@ class FakeFleet:
 
     ``gates[name]`` holds that model's loads open until set; ``failures[name]`` makes them fail with
     that message (remove it to "repair" the model); ``factory_errors[name]`` makes the factory itself
-    raise (as building a backend for an unusable folder does).
+    raise (as building a backend for an unusable folder does); the loads of ``deaf`` models never look
+    at their cancel event.
     """
 
     idle_minutes: dict[str, float] = field(default_factory=dict)
     gates: dict[str, threading.Event] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     factory_errors: dict[str, str] = field(default_factory=dict)
+    deaf: set[str] = field(default_factory=set)
     built: list[FakeBackend] = field(default_factory=list)
 
     def __call__(self, name: str) -> tuple[FakeBackend, float]:
         if name in self.factory_errors:
             raise BackendLoadError(self.factory_errors[name])
-        backend = FakeBackend(name, gate=self.gates.get(name), fail=self.failures.get(name))
+        backend = FakeBackend(name, gate=self.gates.get(name), fail=self.failures.get(name),
+                              hears_cancel=name not in self.deaf)
         self.built.append(backend)
         return backend, self.idle_minutes.get(name, 0.0)
 
