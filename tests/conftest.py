@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
@@ -53,28 +54,41 @@ def _no_unexpected_errors(caplog: pytest.LogCaptureFixture):
         pytest.fail("unexpected error logged: " + "; ".join(r.getMessage() for r in errors[:3]))
 
 
-_EXIT_STATUS: dict[str, int] = {}
+@pytest.fixture(autouse=True)
+def _no_qt_window_left(request: pytest.FixtureRequest):
+    """After a Qt test (one that uses the qapp fixture, directly or through qtbot), no top-level
+    widget may be left once Qt's deferred deletions have run: the code under test deletes what it
+    opens (TrayApp.shutdown), so nothing is left for Python's garbage collector to free in the
+    middle of a later test's event loop. Other tests do not import Qt for this."""
+    yield
+    if "qapp" not in request.fixturenames:
+        return
+    import shiboken6
+    from PySide6.QtCore import QCoreApplication, QEvent
+    from PySide6.QtWidgets import QApplication
+
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    left = [w for w in QApplication.topLevelWidgets() if shiboken6.isValid(w)]
+    if left:
+        names = [f"{type(w).__name__}({w.windowTitle()!r})" for w in left]
+        for w in left:  # do not let them reach the next test
+            w.close()
+            w.deleteLater()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        pytest.fail(f"top-level widgets left after the test: {', '.join(names)}")
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _EXIT_STATUS["status"] = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Leave without interpreter finalization once Qt has been used.
-
-    After every test has run and been reported, Python's shutdown destroys the remaining PySide6
-    wrappers after the QApplication, which can crash the process ("shared QObject was deleted
-    directly", then a segfault) and turn a green run red. The app itself quits through
-    QApplication.quit() and does not go through this path.
-    """
-    import sys
-
-    if "PySide6.QtWidgets" in sys.modules and "status" in _EXIT_STATUS:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_EXIT_STATUS["status"])
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Once a Qt test is over and pytest has dropped its fixtures, collect the garbage it left in
+    this thread. A test's qasync loop holds Python-owned QObjects (its timer object, with timers
+    still registered) until it is collected; a collection started later by chance in another
+    thread (qasync's executor threads run Python too) destroys them there, Qt cannot unregister
+    their timers from that thread, and the next timer event crashes the process."""
+    result = yield
+    if "qapp" in getattr(item, "fixturenames", ()):
+        gc.collect()
+    return result
 
 
 class MemoryKeyring(KeyringBackend):

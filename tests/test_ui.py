@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -20,9 +21,6 @@ from app.server_config import ServerSettingsStore, get_api_key  # noqa: E402
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry  # noqa: E402
 
 
-_KEEP_ALIVE: list[object] = []
-
-
 @pytest.fixture
 def qloop(qapp):
     import qasync
@@ -34,7 +32,6 @@ def qloop(qapp):
     # still alive when the interpreter exits aborts the process
     loop.close()
     asyncio.set_event_loop(None)
-    _KEEP_ALIVE.append(loop)
 
 
 def run(qloop, coro, timeout: float = 180):
@@ -77,11 +74,10 @@ def tray(qtbot, qloop, tmp_path, memory_keyring, fake_ollama):
     run(qloop, controller.start())
     app.show()
     yield app
-    run(qloop, controller.stop())
-    app.status_window.close()
-    # keep the Qt objects alive to the end of the session: collected in the middle of a later test's
-    # event loop, PySide6 wrappers of this test's widgets can crash the process
-    _KEEP_ALIVE.append(app)
+    try:
+        run(qloop, controller.stop())
+    finally:
+        app.shutdown()  # what Quit does after stopping the controller; conftest checks no window is left
 
 
 def menu_texts(menu) -> list[str]:
@@ -97,7 +93,6 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "Add model…" in menu_texts(tray.menu) and "Quit" in menu_texts(tray.menu)
     # add a model through the dialog: bad folder first
     dlg = tray.open_add_model()
-    qtbot.addWidget(dlg)
     dlg.folder.setText(str(tmp_path))
     assert "config.json is missing" in dlg.folder_info.text()
     assert dlg.save() is False and "config.json is missing" in dlg.error.text()
@@ -134,7 +129,6 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
 
     # change a setting in the dialog: invalid first, then valid
     sdlg = tray.open_model_settings("tiny:ui")
-    qtbot.addWidget(sdlg)
     assert "from Ollama" in sdlg.sources["temperature"].text()
     sdlg.set_value("top_p", "7")
     assert sdlg.save() is False and sdlg.errors["top_p"].isVisible()
@@ -158,7 +152,6 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def test_server_settings_api_key_in_keyring(tray, qtbot, qloop, memory_keyring) -> None:
     dlg = tray.open_server_settings()
-    qtbot.addWidget(dlg)
     dlg.network.setChecked(True)
     dlg.check_and_accept()
     assert "needs an API key" in dlg.error.text()
@@ -171,6 +164,50 @@ def test_server_settings_api_key_in_keyring(tray, qtbot, qloop, memory_keyring) 
     dlg.check_and_accept()
     assert "must start with http" in dlg.error.text()
     assert key not in tray.controller.registry.path.read_text() if tray.controller.registry.path.exists() else True
+    # OK with valid settings: the dialog closes and the listener moves to the new port
+    dlg.cors.setChecked(False)
+    dlg.origins.setText("")
+    port = free_port()
+    dlg.port.setValue(port)
+    dlg.check_and_accept()
+    run(qloop, until(lambda: tray.controller.listener is not None and tray.controller.listener.port == port))
+    assert tray.controller.store.load().port == port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shutdown_deletes_every_window_and_leaves_the_engine(tray, qloop, tiny_model_dir: Path) -> None:
+    """The path Quit takes: windows, dialogs and the menu are deleted by Qt, the engine calls no one."""
+    import shiboken6
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    from tests.server_harness import register
+
+    engine = tray.controller.engine
+    register(tray.controller.registry, "menu", tiny_model_dir)
+    tray.bridge.notify_registry_changed()
+    tray.model_actions["menu:latest"]["Settings…"].trigger()  # from the model's submenu
+    settings = tray.dialogs[-1]
+    assert settings.windowTitle().startswith("Settings — menu")
+    add = tray.open_add_model()
+    add.ollama.setCurrentText("tinychat")
+    fetch = add.start_fetch()
+    add.close()  # closed while fetching: the fetch is cancelled, the dialog deleted
+    run(qloop, asyncio.wait([fetch]))
+    assert fetch.cancelled()
+    server = tray.open_server_settings()
+    tray.show_status()
+    windows = [settings, server, tray.status_window, tray.menu, tray.models_menu]
+    assert engine._listeners and engine._sample_listeners
+    tray.shutdown()
+    tray.shutdown()  # a second call does nothing
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not any(shiboken6.isValid(w) for w in windows + [add, tray])
+    assert engine._listeners == [] and engine._sample_listeners == []
 
 
 def test_event_loop_stays_responsive_while_loading_and_generating(tray, qloop, tiny_model_dir: Path) -> None:

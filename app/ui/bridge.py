@@ -19,8 +19,17 @@ class EngineBridge(QObject):
         super().__init__(parent)
         self.engine = engine
         self._registry_stamp = self._stamp()
-        engine.add_listener(self.statusChanged.emit)
+        self._attached = True
+        engine.add_listener(self._on_status)
         engine.add_sample_listener(self._on_sample)
+
+    def detach(self) -> None:
+        """Stop listening to the engine (the engine outlives the UI: its callbacks must not reach a
+        deleted bridge). Called by the tray's shutdown; safe to call twice."""
+        if self._attached:
+            self._attached = False
+            self.engine.remove_listener(self._on_status)
+            self.engine.remove_sample_listener(self._on_sample)
 
     def _stamp(self) -> object:
         try:
@@ -28,6 +37,9 @@ class EngineBridge(QObject):
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size)
+
+    def _on_status(self) -> None:
+        self.statusChanged.emit()
 
     def _on_sample(self) -> None:
         stamp = self._stamp()

@@ -32,6 +32,7 @@ def setup_file_logging() -> None:
 
 def launch_tray(registry: Registry, port: int | None = None) -> int:
     import qasync
+    from PySide6.QtCore import QCoreApplication, QEvent
     from PySide6.QtNetwork import QLocalServer, QLocalSocket
     from PySide6.QtWidgets import QApplication, QMessageBox
 
@@ -54,14 +55,14 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
         print("ExLlama Tray is already running; its status window was brought forward.", file=sys.stderr)
         return 0
     QLocalServer.removeServer(instance_name())
-    server = QLocalServer()
+    server = QLocalServer(app)
     server.listen(instance_name())
 
     setup_file_logging()
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
     controller = AppController(registry, ServerSettingsStore(config_dir() / "server.json"), port=port)
-    tray = TrayApp(controller, registry_url=os.environ.get("EXLLAMA_TRAY_OLLAMA_REGISTRY"))
+    tray = TrayApp(controller, registry_url=os.environ.get("EXLLAMA_TRAY_OLLAMA_REGISTRY"), parent=app)
 
     def on_connection() -> None:
         conn = server.nextPendingConnection()
@@ -84,6 +85,7 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
         log.info("tray ready in %.2f s; API at %s", ready, controller.url)
         if os.environ.get("EXLLAMA_TRAY_REPORT_READY"):
             print(f"READY {ready:.3f}", flush=True)
-        loop.run_forever()
+        loop.run_forever()  # until Quit: TrayApp.shutdown has asked Qt to delete the windows
     server.close()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)  # delete them now, not at exit
     return 0

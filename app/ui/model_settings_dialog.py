@@ -10,7 +10,7 @@ import logging
 from typing import Any, get_args
 
 from pydantic import ValidationError
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel, QLineEdit, QPlainTextEdit, QTabWidget,
     QVBoxLayout, QWidget,
@@ -20,7 +20,8 @@ from app.engine.facade import Engine
 from app.engine.prompting.builders import ChatInput, PromptError
 from app.engine.prompting.select import make_prompt_builder
 from app.engine.catalog.registry import RegistryError, normalize_name
-from app.engine.settings.schema import LOAD_TIME_FIELDS, Settings, SettingsLayers, format_validation_error
+from app.engine.settings.schema import LOAD_TIME_FIELDS, Settings, format_validation_error
+from app.engine.settings.layers import SettingsLayers
 
 log = logging.getLogger(__name__)
 GROUPS = {
@@ -49,10 +50,14 @@ def literal_choices(name: str) -> list[str] | None:
 
 
 class ModelSettingsDialog(QDialog):
+    #: emitted with the model's key after a successful save
     saved = Signal(str)
+    #: emitted with the note to show when the saved settings apply only after a reload
+    reloadNeeded = Signal(str)
 
     def __init__(self, engine: Engine, name: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.engine = engine
         self.key = normalize_name(name)
         self.entry = engine.registry.get(self.key)
@@ -214,7 +219,7 @@ class ModelSettingsDialog(QDialog):
         resolved = SettingsLayers(folder=layers.folder, ollama=layers.ollama, model=edited,
                                   server=layers.server).resolve()
         try:
-            text = make_prompt_builder(self.entry, resolved).build(SAMPLE_CHAT)
+            text = make_prompt_builder(self.entry, resolved.effective).build(SAMPLE_CHAT)
         except PromptError as exc:
             text = f"(template error) {exc}"
         self.preview.setPlainText(text)
@@ -242,5 +247,7 @@ class ModelSettingsDialog(QDialog):
             self.reload_note.setText("Saved. Unload and load the model to apply: " + ", ".join(reload))
         self.needs_reload = bool(loaded and reload)
         self.saved.emit(self.key)
+        if self.needs_reload:
+            self.reloadNeeded.emit(self.reload_note.text())
         self.accept()
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QCheckBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
@@ -12,8 +13,12 @@ from app.server_config import ServerConfigError, ServerSettings, get_api_key, ne
 
 
 class ServerSettingsDialog(QDialog):
+    #: emitted with the checked settings when OK is pressed, just before the dialog closes
+    settingsChosen = Signal(object)
+
     def __init__(self, settings: ServerSettings, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.setWindowTitle("Server settings")
         self.port = QSpinBox()
         self.port.setRange(1, 65535)
@@ -26,12 +31,11 @@ class ServerSettingsDialog(QDialog):
         self.key.setPlaceholderText("no API key")
         show = QPushButton("Show")
         show.setCheckable(True)
-        show.toggled.connect(lambda on: self.key.setEchoMode(
-            QLineEdit.EchoMode.Normal if on else QLineEdit.EchoMode.Password))
+        show.toggled.connect(self.show_key)
         generate = QPushButton("Generate")
         generate.clicked.connect(self.generate_key)
         copy = QPushButton("Copy")
-        copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.key.text()))
+        copy.clicked.connect(self.copy_key)
         reset = QPushButton("Reset")
         reset.clicked.connect(self.reset_key)
         krow = QHBoxLayout()
@@ -58,6 +62,12 @@ class ServerSettingsDialog(QDialog):
         layout.addWidget(self.error)
         layout.addWidget(buttons)
 
+    def show_key(self, shown: bool) -> None:
+        self.key.setEchoMode(QLineEdit.EchoMode.Normal if shown else QLineEdit.EchoMode.Password)
+
+    def copy_key(self) -> None:
+        QGuiApplication.clipboard().setText(self.key.text())
+
     def generate_key(self) -> None:
         key = new_api_key()
         set_api_key(key)
@@ -82,4 +92,5 @@ class ServerSettingsDialog(QDialog):
         if settings.on_network and not self.key.text():
             self.error.setText("Listening on the network needs an API key: press Generate.")
             return
+        self.settingsChosen.emit(settings)
         self.accept()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pyqtgraph as pg
+import shiboken6
 from PySide6.QtWidgets import (
     QComboBox, QGridLayout, QHBoxLayout, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
@@ -28,7 +29,7 @@ class StatusWindow(QWidget):
         self.url_label = QLabel("")
         self.range = QComboBox()
         self.range.addItems(list(RANGES))
-        self.range.currentTextChanged.connect(lambda _: self.refresh())
+        self.range.currentTextChanged.connect(self.refresh)  # refresh takes no argument: PySide drops it
         top = QHBoxLayout()
         top.addWidget(self.model_label, 1)
         top.addWidget(self.url_label)
@@ -59,14 +60,28 @@ class StatusWindow(QWidget):
         layout.addLayout(grid)
         self.refresh()
 
-    @staticmethod
-    def _plot(title: str, unit: str) -> pg.PlotWidget:
-        plot = pg.PlotWidget(title=title)
+    def _plot(self, title: str, unit: str) -> pg.PlotWidget:
+        plot = pg.PlotWidget(self, title=title)
         plot.addLegend(offset=(5, 5))
         plot.setLabel("left", unit)
         plot.setLabel("bottom", "seconds ago")
         plot.showGrid(x=True, y=True, alpha=0.2)
+        # pyqtgraph makes its right-click menus without a parent, so only Python's garbage collector
+        # would free them, at any time; owned by this window, they go when it is deleted
+        item = plot.getPlotItem()
+        for menu in (item.ctrlMenu, item.getViewBox().menu):
+            if menu is not None:
+                menu.setParent(self, menu.windowFlags())
         return plot
+
+    def release(self) -> None:
+        """Before the window is deleted: close what pyqtgraph opened on its own (the Export dialog of
+        a plot's menu, made on first use without a parent)."""
+        for plot in (self.requests_plot, self.tps_plot, self.memory_plot):
+            export = getattr(plot.scene(), "exportDialog", None)
+            if export is not None and shiboken6.isValid(export):
+                export.close()
+                export.deleteLater()
 
     def point_count(self) -> int:
         return len(self.curves["running"].getData()[0] if self.curves["running"].getData()[0] is not None else [])

@@ -1,15 +1,26 @@
-"""The tray icon, its menu, and the windows it opens."""
+"""The tray icon, its menu, and the windows it opens.
+
+Lifetimes: the :class:`TrayApp` is a child of the QApplication (Qt owns it). Its plain QObjects (the
+engine bridge, the tray icon) are its Qt children. The top-level widgets it opens (the menu, the
+status window, the dialogs) cannot have a QObject parent; the TrayApp holds them and deletes them in
+:meth:`TrayApp.shutdown`, the one teardown path that Quit and the tests take. Dialogs delete
+themselves when closed. Signals connect to bound methods only, so no closure keeps a widget alive
+or reaches one that is gone, and Python's garbage collector never has a live Qt object to free.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TypeVar
 
-from PySide6.QtCore import QObject, QUrl
+import shiboken6
+from PySide6.QtCore import QCoreApplication, QObject, QUrl
 from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
-from PySide6.QtWidgets import QMenu, QMessageBox, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QDialog, QMenu, QMessageBox, QSystemTrayIcon
 
 from app.engine.catalog.registry import RegistryError, display_name
+from app.server_config import ServerSettings
 from app.ui.add_model_dialog import AddModelDialog
 from app.ui.bridge import EngineBridge
 from app.ui.controller import AppController, log_folder
@@ -19,16 +30,19 @@ from app.ui.server_settings_dialog import ServerSettingsDialog
 from app.ui.status_window import StatusWindow
 
 log = logging.getLogger(__name__)
+Dialog = TypeVar("Dialog", bound=QDialog)
 
 
 class TrayApp(QObject):
-    def __init__(self, controller: AppController, *, registry_url: str | None = None) -> None:
-        super().__init__()
+    def __init__(self, controller: AppController, *, registry_url: str | None = None,
+                 parent: QObject | None = None) -> None:
+        super().__init__(parent if parent is not None else QCoreApplication.instance())
         self.controller = controller
         self.registry_url = registry_url
         self.bridge = EngineBridge(controller.engine, self)
         self.menu = QMenu()
         self.models_menu = self.menu.addMenu("Models")
+        self.models_menu.triggered.connect(self._model_action)  # the actions of every model's submenu
         self.actions: dict[str, QAction] = {}
         for label, slot in (("Add model…", self.open_add_model), ("Status…", self.show_status),
                             ("Copy API URL", self.copy_url), ("Server settings…", self.open_server_settings),
@@ -39,15 +53,20 @@ class TrayApp(QObject):
         self.status_window = StatusWindow(controller.engine, lambda: controller.url)
         self.tray: QSystemTrayIcon | None = None
         if QSystemTrayIcon.isSystemTrayAvailable():
-            self.tray = QSystemTrayIcon(state_icon("idle"))
+            self.tray = QSystemTrayIcon(state_icon("idle"), self)
             self.tray.setContextMenu(self.menu)
             self.tray.activated.connect(self._activated)
         self.bridge.statusChanged.connect(self.refresh)
         self.bridge.registryChanged.connect(self.rebuild_models_menu)
         self.bridge.sampled.connect(self.on_sample)
-        self.dialogs: list[object] = []
+        #: the dialogs opened and not yet deleted (they delete themselves when closed)
+        self.dialogs: list[QDialog] = []
+        self.model_actions: dict[str, dict[str, QAction]] = {}
+        self._model_menus: list[QMenu] = []
         self.quitting: asyncio.Future | None = None
+        self.shut_down = False
         self._icon_key: tuple | None = None
+        self._marks: tuple | None = None
         self._idle_samples = 0
         self.tooltip = ""
         self.icon_state = "idle"
@@ -96,14 +115,17 @@ class TrayApp(QObject):
         self.tooltip = tip
         self.icon_state = state.state
         marks = tuple((m.name, m.state, round(m.progress, 2)) for m in self.controller.engine.model_states())
-        if marks != getattr(self, "_marks", None):
+        if marks != self._marks:
             self._marks = marks
             self._mark_models(state.loaded)
 
     # -- models menu ----------------------------------------------------------------------
     def rebuild_models_menu(self) -> None:
+        for sub in self._model_menus:  # clear() deletes the menu's own actions, not its submenus
+            sub.deleteLater()
+        self._model_menus = []
         self.models_menu.clear()
-        self.model_actions: dict[str, dict[str, QAction]] = {}
+        self.model_actions = {}
         try:
             names = self.controller.registry.names()
         except RegistryError as exc:
@@ -112,22 +134,37 @@ class TrayApp(QObject):
             return
         if not names:
             empty = self.models_menu.addAction("No models yet — Add model…")
-            empty.triggered.connect(self.open_add_model)
+            empty.setData(("add", ""))
             return
         for key in names:
             sub = self.models_menu.addMenu(display_name(key))
-            acts = {
-                "Load": sub.addAction("Load", lambda k=key: self.controller.spawn(self.controller.load(k))),
-                "Unload": sub.addAction("Unload", lambda k=key: self.controller.spawn(self.controller.unload(k))),
-                "Settings…": sub.addAction("Settings…", lambda k=key: self.open_model_settings(k)),
-            }
+            self._model_menus.append(sub)
+            acts = {}
+            for label, verb in (("Load", "load"), ("Unload", "unload"), ("Settings…", "settings")):
+                acts[label] = sub.addAction(label)
+                acts[label].setData((verb, key))
             acts["menu"] = sub.menuAction()
             self.model_actions[key] = acts
         self._mark_models(self.controller.tray_state().loaded)
 
+    def _model_action(self, action: QAction) -> None:
+        """An action of the models menu was triggered; its data says what to do, with which model."""
+        data = action.data()
+        if not isinstance(data, tuple) or len(data) != 2:
+            return
+        verb, key = data
+        if verb == "load":
+            self.controller.spawn(self.controller.load(key))
+        elif verb == "unload":
+            self.controller.spawn(self.controller.unload(key))
+        elif verb == "settings":
+            self.open_model_settings(key)
+        elif verb == "add":
+            self.open_add_model()
+
     def _mark_models(self, loaded: list[str]) -> None:
         states = {s.name: s for s in self.controller.engine.model_states()}
-        for key, acts in getattr(self, "model_actions", {}).items():
+        for key, acts in self.model_actions.items():
             s = states.get(key)
             label = display_name(key)
             if s is not None and s.state == "ready":
@@ -141,10 +178,8 @@ class TrayApp(QObject):
     # -- dialogs --------------------------------------------------------------------------
     def open_add_model(self) -> AddModelDialog:
         dlg = AddModelDialog(self.controller.registry, registry_url=self.registry_url)
-        dlg.modelAdded.connect(lambda _: self.bridge.notify_registry_changed())
-        self._keep(dlg)
-        dlg.show()
-        return dlg
+        dlg.modelAdded.connect(self.bridge.notify_registry_changed)
+        return self._open(dlg)
 
     def open_model_settings(self, key: str) -> ModelSettingsDialog | None:
         try:
@@ -152,33 +187,41 @@ class TrayApp(QObject):
         except RegistryError as exc:
             QMessageBox.warning(None, "ExLlama Tray", str(exc))
             return None
-        dlg.saved.connect(lambda k: self._after_settings_saved(dlg, k))
-        self._keep(dlg)
-        dlg.show()
-        return dlg
+        dlg.saved.connect(self.bridge.notify_registry_changed)
+        dlg.reloadNeeded.connect(self._show_reload_note)
+        return self._open(dlg)
 
-    def _after_settings_saved(self, dlg: ModelSettingsDialog, key: str) -> None:
-        self.bridge.notify_registry_changed()
-        if dlg.needs_reload and self.tray is not None:
-            self.tray.showMessage("ExLlama Tray", dlg.reload_note.text())
+    def _show_reload_note(self, note: str) -> None:
+        if self.tray is not None:
+            self.tray.showMessage("ExLlama Tray", note)
 
     def open_server_settings(self) -> ServerSettingsDialog:
         dlg = ServerSettingsDialog(self.controller.settings)
-        dlg.accepted.connect(lambda: self.controller.spawn(self._apply_server_settings(dlg)))
-        self._keep(dlg)
+        dlg.settingsChosen.connect(self._server_settings_chosen)
+        return self._open(dlg)
+
+    def _server_settings_chosen(self, settings: ServerSettings) -> None:
+        self.controller.spawn(self._apply_server_settings(settings))
+
+    async def _apply_server_settings(self, settings: ServerSettings) -> None:
+        try:
+            await self.controller.apply_server_settings(settings)
+        except (OSError, ValueError) as exc:
+            if not self.shut_down:
+                QMessageBox.warning(None, "ExLlama Tray", f"The server settings were not applied: {exc}")
+        if not self.shut_down:
+            self.refresh()
+
+    def _open(self, dlg: Dialog) -> Dialog:
+        # the dialog has no parent and deletes itself when closed; until then this list holds it
+        # (a Python-owned widget whose last reference goes is deleted on the spot)
+        dlg.destroyed.connect(self._forget_deleted_dialogs)
+        self.dialogs.append(dlg)
         dlg.show()
         return dlg
 
-    async def _apply_server_settings(self, dlg: ServerSettingsDialog) -> None:
-        try:
-            await self.controller.apply_server_settings(dlg.result_settings())
-        except (OSError, ValueError) as exc:
-            QMessageBox.warning(None, "ExLlama Tray", f"The server settings were not applied: {exc}")
-        self.refresh()
-
-    def _keep(self, dlg: object) -> None:
-        self.dialogs = [d for d in self.dialogs if getattr(d, "isVisible", lambda: False)()]
-        self.dialogs.append(dlg)
+    def _forget_deleted_dialogs(self) -> None:
+        self.dialogs = [d for d in self.dialogs if shiboken6.isValid(d)]
 
     # -- other actions --------------------------------------------------------------------
     def copy_url(self) -> None:
@@ -192,10 +235,31 @@ class TrayApp(QObject):
             self.quitting = self.controller.spawn(self._quit())
 
     async def _quit(self) -> None:
-        await self.controller.stop()
+        try:
+            await self.controller.stop()
+        finally:
+            self.shutdown()
+            QApplication.instance().quit()
+
+    def shutdown(self) -> None:
+        """Take the UI down (Quit and the tests come here; a second call does nothing): stop listening
+        to the engine, close and delete the dialogs and the status window, hide and delete the tray
+        icon and its menu, then this object. The deletions are deferred: they happen when control
+        returns to the event loop (or at ``sendPostedEvents(None, QEvent.DeferredDelete)``). The
+        engine itself is stopped by ``AppController.stop``, before this."""
+        if self.shut_down:
+            return
+        self.shut_down = True
+        self.bridge.detach()  # no engine callback reaches the UI from here on
+        for dlg in self.dialogs:
+            if shiboken6.isValid(dlg):
+                dlg.close()  # an open dialog is rejected (an Ollama fetch in progress is cancelled)
+                dlg.deleteLater()  # a hidden one is deleted too
+        self.status_window.release()
+        self.status_window.close()
+        self.status_window.deleteLater()
         if self.tray is not None:
             self.tray.hide()
-        self.status_window.close()
-        from PySide6.QtWidgets import QApplication
-
-        QApplication.instance().quit()
+            self.tray.deleteLater()
+        self.menu.deleteLater()  # with its submenus and actions
+        self.deleteLater()
