@@ -124,15 +124,8 @@ def main(argv: list[str]) -> int:
         ensure_continue_cli()
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONUNBUFFERED": "1"}
         step("running the test suite")
-        if rest:  # explicit arguments: one pytest run, as asked
-            return _pytest_rc(subprocess.call([str(venv_python()), "-m", "pytest", *rest], env=env))
-        # The Qt tests run in a process of their own: PySide6 objects from one test collected while a
-        # later test runs the Qt event loop have crashed the process (after all tests passed, or in
-        # the middle of one); separate processes keep the rest of the suite clear of that.
-        rc = _pytest_rc(subprocess.call([str(venv_python()), "-m", "pytest", "--ignore=tests/test_ui.py"], env=env))
-        step("running the Qt tests")
-        rc_ui = _pytest_rc(subprocess.call([str(venv_python()), "-m", "pytest", "tests/test_ui.py"], env=env))
-        return rc or rc_ui
+        # one pytest run over tests/ (the Qt tests included) unless other arguments are given
+        return _pytest_rc(subprocess.call([str(venv_python()), "-m", "pytest", *(rest or ["tests"])], env=env))
     extras = ["transformers"] + (["exllamav2"] if has_nvidia_gpu() else [])
     ensure_venv(extras)
     return subprocess.call([str(venv_python()), "-m", "app", *rest])
