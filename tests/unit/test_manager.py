@@ -216,8 +216,6 @@ async def test_a_cancelled_load_is_not_a_failure(fleet: FakeFleet) -> None:
     await mgr.close()
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason="manager: a load that ends normally after unload() "
-                   "set its cancel event makes the model ready, and unload() waits for it forever")
 async def test_unload_asked_during_a_load_that_still_completes_unloads_it(fleet: FakeFleet) -> None:
     fleet.gates[A] = threading.Event()
     fleet.deaf.add(A)  # the load is past its last look at the cancel event

@@ -258,12 +258,18 @@ class ModelManager:
         runner = runner_cls(resident.name, resident.backend, self._metrics, loop)
         runner.start()
         resident.runner = runner
-        resident.state = "ready" if resident.state == "loading" else resident.state
-        resident.progress, resident.message = 1.0, "ready"
         self._failures.pop(resident.name, None)
         self.last_failure = None
         log.info("model %s loaded in %.1f s (%s batching)", resident.name, time.monotonic() - started,
                  resident.backend.batching)
+        if resident.cancel.is_set():
+            # unloaded (or shutting down) while its load was past its last look at the cancel: the load
+            # counts as cancelled, as it would have a moment earlier, and the model goes again
+            self._fail_waiters(resident.name, f"model {resident.name} failed to load: load cancelled")
+            resident.state, resident.message = "unloading", "unloading"
+        else:
+            resident.state = "ready" if resident.state == "loading" else resident.state
+            resident.progress, resident.message = 1.0, "ready"
         self._changed()
         self._pump()
 
