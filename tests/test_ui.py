@@ -122,6 +122,8 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
 
     # the plots' data grows
     tray.show_status()
+    # 5 minutes shown (the 1-minute range holds at most 60 points: on a slow machine it is full here)
+    tray.status_window.range.setCurrentText("5 min")
     before = tray.status_window.point_count()
     # idle, the plots are redrawn twice every 10 samples (tray.on_sample): wait out one such cycle
     await until(lambda: tray.status_window.point_count() >= before + 2, 25)
