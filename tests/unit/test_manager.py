@@ -184,7 +184,11 @@ async def test_a_factory_that_refuses_fails_the_waiters_at_once(fleet: FakeFleet
     with pytest.raises(ModelLoadError, match="exllamav2 is not installed"):
         await asyncio.wait_for(mgr.acquire(A), 5)
     assert mgr.states() == [] and mgr.waiting() == 0
+    # kept like any failed load (shown in /health and the tray) until the model loads
+    assert [f.message for f in mgr.load_failures()] == ["model a:latest failed to load: exllamav2 is not installed"]
+    assert mgr.last_failure is not None and mgr.last_failure.name == A
     mgr.release(await asyncio.wait_for(mgr.acquire(B), 5))  # the slot was never taken
+    assert mgr.last_failure is None and [f.name for f in mgr.load_failures()] == [A]
     await mgr.close()
 
 

@@ -215,8 +215,12 @@ class ModelManager:
         """Start loading ``name``; False when its backend was refused at once (its waiters are failed)."""
         try:
             backend, idle_minutes = self._factory(name)
-        except (BackendLoadError, EngineError, ValueError) as exc:
-            self._fail_waiters(name, str(exc))
+        except (BackendLoadError, EngineError, ValueError) as exc:  # e.g. an EXL2 model and no GPU
+            message = f"model {name} failed to load: {exc}"
+            log.warning("%s", message)
+            self._failures[name] = self.last_failure = LoadFailure(name, message, time.time())
+            self._fail_waiters(name, message)
+            self._changed()
             return False
         resident = Resident(name=name, backend=backend, idle_minutes=idle_minutes)
         self._residents[name] = resident
