@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from keyring.backend import KeyringBackend
 
+#: the server fixtures (serve, serve_module) for every test module
+pytest_plugins = ("tests.helpers.servers",)
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
+from tests.helpers.servers import Servers
 from tests.helpers.tiny import KEEP_TALKING
 from tests.helpers.tiny import MESSAGES as MSGS
 from tests.helpers.waiting import wait_until

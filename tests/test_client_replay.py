@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from app.engine.catalog.tokenizer import FolderTokenizer
-from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
+from tests.helpers.servers import Servers
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread
 

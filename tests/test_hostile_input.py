@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
+from tests.helpers.servers import Servers
 
 CASES = 1000
 ENDPOINTS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),

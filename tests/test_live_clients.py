@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.servers import Servers, serve_module  # noqa: F401 - fixture
+from tests.helpers.servers import Servers
 from tests.server_harness import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent

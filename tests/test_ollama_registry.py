@@ -16,7 +16,7 @@ from app.engine.catalog.ollama_names import InvalidName, parse_name
 from app.engine.catalog.registry import Registry
 from app.engine.catalog.tokenizer import FolderTokenizer
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry
-from tests.helpers.servers import Servers, serve  # noqa: F401 - fixture
+from tests.helpers.servers import Servers
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"stop": ["<|im_end|>", "<|im_start|>"], "temperature": 0.3, "top_k": 7, "num_ctx": 1024}

@@ -20,7 +20,7 @@ from app.engine.events import BackendJob, SamplingParams, StepEvent
 from app.engine.serving.pipe_runner import PipeRunner
 from app.engine.catalog.registry import ModelEntry, Registry
 from app.engine.settings.layers import ResolvedSettings
-from tests.helpers.servers import Servers, serve, serve_module  # noqa: F401 - fixtures
+from tests.helpers.servers import Servers
 from tests.helpers.tiny import KEEP_TALKING, KEEP_TALKING_IDS
 from tests.helpers.waiting import wait_until
 from tests.openai_schema import validate

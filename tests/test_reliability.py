@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.engine.catalog.registry import Registry
-from tests.helpers.servers import Servers, serve, serve_module  # noqa: F401 - fixtures
+from tests.helpers.servers import Servers
 from tests.helpers.tiny import KEEP_TALKING as BAN
 from tests.helpers.waiting import wait_until
 from tests.server_harness import ServerThread, register_broken

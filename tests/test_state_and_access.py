@@ -20,7 +20,7 @@ import pytest
 from app.api.server import Listener, ServerConfig
 from app.engine.facade import Engine
 from app.engine.catalog.registry import Registry, RegistryError
-from tests.helpers.servers import Servers, serve  # noqa: F401 - fixture
+from tests.helpers.servers import Servers
 from tests.server_harness import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ pytest.importorskip("PySide6")
 
 from app.engine.catalog.registry import Registry  # noqa: E402
 from app.server_config import ServerSettingsStore, get_api_key  # noqa: E402
+from tests.helpers.tiny import KEEP_TALKING, KEEP_TALKING_IDS  # noqa: E402
 from tests.fake_ollama import CHATML_OLLAMA, FakeModel, FakeRegistry  # noqa: E402
 
 
@@ -117,7 +118,7 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
     client = openai.OpenAI(base_url=controller.url, api_key="x", max_retries=0, timeout=60)
     out = await in_thread(lambda: client.chat.completions.create(
         model="tiny:ui", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-        logit_bias={"2": -100, "5": -100}))
+        logit_bias=KEEP_TALKING))
     assert out.usage.completion_tokens == 6
 
     # the plots' data grows
@@ -143,7 +144,7 @@ async def _scenario(tray, qtbot, tiny_model_dir: Path, tmp_path: Path) -> None:
     saved = json.loads(controller.registry.path.read_text())["models"]["tiny:ui"]
     assert saved["settings"] == {"max_tokens": 3, "system_prompt": "Be brief."}
     out = await in_thread(lambda: client.chat.completions.create(
-        model="tiny:ui", messages=[{"role": "user", "content": "hi"}], logit_bias={"2": -100, "5": -100}))
+        model="tiny:ui", messages=[{"role": "user", "content": "hi"}], logit_bias=KEEP_TALKING))
     assert out.usage.completion_tokens == 3  # the next request follows the saved default
 
     # unload from the menu
@@ -235,7 +236,7 @@ async def _lag_scenario(tray, tiny_model_dir: Path) -> None:
 
     def one(i: int) -> int:
         chunks = client.chat.completions.create(model="lag", messages=[{"role": "user", "content": str(i)}],
-                                                max_tokens=250, stream=True, logit_bias={"2": -100, "5": -100})
+                                                max_tokens=250, stream=True, logit_bias=KEEP_TALKING)
         return sum(1 for _ in chunks)
 
     def eight() -> list[int]:
@@ -273,10 +274,10 @@ def test_model_process_is_read_by_the_qt_event_loop(qloop, tiny_model_dir: Path,
         await engine.start()
         try:
             request = CompletionRequest("tiny", "Once upon a time", Settings(temperature=0.0, max_tokens=12),
-                                        stream=True, logit_bias={2: -100.0})
+                                        stream=True, logit_bias=KEEP_TALKING_IDS)
             pieces = [e.text async for e in await engine.submit_completion(request) if isinstance(e, TextDelta)]
             whole = await (await engine.submit_completion(CompletionRequest(
-                "tiny", "Once upon a time", Settings(temperature=0.0, max_tokens=12), logit_bias={2: -100.0}))).result()
+                "tiny", "Once upon a time", Settings(temperature=0.0, max_tokens=12), logit_bias=KEEP_TALKING_IDS))).result()
             return pieces, whole.text, engine.manager.resident("tiny:latest").runner
         finally:
             await engine.close()

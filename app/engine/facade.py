@@ -60,9 +60,30 @@ class Engine:
                                     on_change=self._notify)
 
     # -- models -------------------------------------------------------------------
-    def layers(self, name: str, request: Settings | None = None) -> SettingsLayers:
+    def model_entry(self, name: str) -> ModelEntry:
+        """A registered model's entry (folder, its own settings, Ollama metadata); raises ModelNotFound."""
+        return self.prepared.get(name).entry
+
+    def layers(self, name: str, request: Settings | None = None, *, model: Settings | None = None) -> SettingsLayers:
+        """The model's settings layers; ``model`` stands in for its saved settings (the dialog's edits)."""
         layers = self.prepared.get(name).layers
+        if model is not None:
+            layers = SettingsLayers(layers.folder, layers.ollama, model, layers.server, layers.request)
         return layers if request is None else layers.with_request(request)
+
+    def save_model_settings(self, name: str, settings: Settings) -> None:
+        """Replace what the user set for ``name`` in models.json (raises RegistryError when it cannot)."""
+        self.registry.set_settings(self.prepared.get(name).key, settings)
+
+    def prompt_preview(self, name: str, chat: ChatInput, *, model: Settings | None = None) -> str:
+        """The prompt ``chat`` becomes for ``name`` (with ``model`` as its own settings when given);
+        raises InvalidRequest when the template cannot be rendered."""
+        prepared = self.prepared.get(name)
+        settings = self.layers(name, model=model).resolve().effective
+        try:
+            return prepared.builder(settings).build(chat)
+        except PromptError as exc:
+            raise InvalidRequest(str(exc), "messages") from None
 
     def resolve(self, name: str, request: Settings | None = None) -> ResolvedSettings:
         return self.prepared.get(name).resolve(request)

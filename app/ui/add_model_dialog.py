@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import get_args
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -19,7 +20,7 @@ from app.engine.catalog.ollama_client import OllamaError, OllamaRegistryClient
 from app.engine.catalog.ollama_names import InvalidName, parse_name
 from app.engine.catalog.add_model import add_model
 from app.engine.catalog.registry import OllamaMetadata, Registry, RegistryError, normalize_name
-from app.engine.settings.schema import Settings
+from app.engine.settings.schema import CacheType, Settings
 from app.resources import ollama_suggestions
 
 log = logging.getLogger(__name__)
@@ -42,42 +43,14 @@ class AddModelDialog(QDialog):
         self._fetch_task: asyncio.Task | None = None
         self._closed = False
 
-        self.folder = QLineEdit()
-        self.folder.setPlaceholderText("Folder with config.json and *.safetensors (EXL2, GPTQ or FP16)")
-        browse = QPushButton("Browse…")
-        browse.clicked.connect(self._browse)
-        row = QHBoxLayout()
-        row.addWidget(self.folder, 1)
-        row.addWidget(browse)
-        self.folder_info = QLabel("")
-        self.folder_info.setWordWrap(True)
-
-        self.ollama = QComboBox()
-        self.ollama.setEditable(True)
-        self.ollama.addItem("")
-        self.ollama.addItems(ollama_suggestions())
-        self.ollama.lineEdit().setPlaceholderText("Ollama library entry, e.g. mistral:7b (optional)")
-        self.fetch_button = QPushButton("Fetch")
-        self.fetch_button.clicked.connect(self.start_fetch)
-        orow = QHBoxLayout()
-        orow.addWidget(self.ollama, 1)
-        orow.addWidget(self.fetch_button)
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
-        self.fetch_status = QLabel("")
-        self.fetch_status.setWordWrap(True)
-        self.preview = QPlainTextEdit()
-        self.preview.setReadOnly(True)
-        self.preview.setPlaceholderText("What the Ollama registry returns (template, system prompt, parameters, "
-                                        "license) shows here before you save.")
-        self.preview.setMinimumHeight(160)
-
+        row = self._folder_row()
+        orow = self._ollama_row()
         self.name = QLineEdit()
         self.name.setPlaceholderText("name[:tag] used by clients, e.g. mistral:7b")
         self.context = QLineEdit()
         self.context.setPlaceholderText("model default")
         self.cache = QComboBox()
-        self.cache.addItems(["(default)", "FP16", "Q8", "Q6", "Q4"])
+        self.cache.addItems(["(default)", *get_args(CacheType)])
         self.error = QLabel("")
         self.error.setStyleSheet(ERROR_STYLE)
         self.error.setWordWrap(True)
@@ -102,6 +75,42 @@ class AddModelDialog(QDialog):
         self.folder.textChanged.connect(self.validate_folder)
         self.ollama.currentTextChanged.connect(self._ollama_changed)
         self.validate_folder()
+
+    def _folder_row(self) -> QHBoxLayout:
+        """The folder field with its Browse button (checked on the spot)."""
+        self.folder = QLineEdit()
+        self.folder.setPlaceholderText("Folder with config.json and *.safetensors (EXL2, GPTQ or FP16)")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.folder, 1)
+        row.addWidget(browse)
+        self.folder_info = QLabel("")
+        self.folder_info.setWordWrap(True)
+        return row
+
+    def _ollama_row(self) -> QHBoxLayout:
+        """The Ollama library entry with Fetch, its progress and the preview of what the registry says."""
+        self.ollama = QComboBox()
+        self.ollama.setEditable(True)
+        self.ollama.addItem("")
+        self.ollama.addItems(ollama_suggestions())
+        self.ollama.lineEdit().setPlaceholderText("Ollama library entry, e.g. mistral:7b (optional)")
+        self.fetch_button = QPushButton("Fetch")
+        self.fetch_button.clicked.connect(self.start_fetch)
+        orow = QHBoxLayout()
+        orow.addWidget(self.ollama, 1)
+        orow.addWidget(self.fetch_button)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.fetch_status = QLabel("")
+        self.fetch_status.setWordWrap(True)
+        self.preview = QPlainTextEdit()
+        self.preview.setReadOnly(True)
+        self.preview.setPlaceholderText("What the Ollama registry returns (template, system prompt, parameters, "
+                                        "license) shows here before you save.")
+        self.preview.setMinimumHeight(160)
+        return orow
 
     def done(self, result: int) -> None:
         """Closing (Save, Cancel, Esc, the window's close button) stops a fetch in progress: the

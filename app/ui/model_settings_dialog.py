@@ -16,22 +16,12 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from app.engine.facade import Engine
-from app.engine.prompting.builders import ChatInput, PromptError
-from app.engine.prompting.select import make_prompt_builder
 from app.engine.catalog.registry import RegistryError, normalize_name
-from app.engine.settings.schema import LOAD_TIME_FIELDS, Settings, format_validation_error
-from app.engine.settings.layers import SettingsLayers
+from app.engine.facade import Engine, InvalidRequest
+from app.engine.prompting.builders import ChatInput
+from app.engine.settings.schema import GROUPS, LOAD_TIME_FIELDS, Settings, format_validation_error
 
 log = logging.getLogger(__name__)
-GROUPS = {
-    "Model && memory": ["context_length", "batch_size", "cache_type", "gpu_split", "rope_scale", "rope_alpha",
-                        "backend"],
-    "Sampling": ["temperature", "top_k", "top_p", "min_p", "typical", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "max_tokens"],
-    "Prompt": ["template", "system_prompt", "stop", "custom_template"],
-    "Lifecycle": ["idle_unload_minutes"],
-}
 SOURCE_NAMES = {"default": "built-in default", "folder": "model folder", "ollama": "Ollama", "model": "you",
                 "server": "server setting", "request": "request"}
 MULTILINE = {"system_prompt", "custom_template", "stop"}
@@ -60,7 +50,7 @@ class ModelSettingsDialog(QDialog):
         self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.engine = engine
         self.key = normalize_name(name)
-        self.entry = engine.registry.get(self.key)
+        self.entry = engine.model_entry(self.key)
         self.setWindowTitle(f"Settings — {name}")
         self.setMinimumWidth(640)
         self.needs_reload = False
@@ -98,7 +88,7 @@ class ModelSettingsDialog(QDialog):
                 self.preview.setReadOnly(True)
                 self.preview.setMinimumHeight(140)
                 form.addRow("Preview", self.preview)
-            tabs.addTab(page, group)
+            tabs.addTab(page, group.replace("&", "&&"))  # a lone & would mark a shortcut key
         self.reload_note = QLabel("")
         self.reload_note.setWordWrap(True)
         self.status = QLabel("")
@@ -215,12 +205,9 @@ class ModelSettingsDialog(QDialog):
         if edited is None:
             self.preview.setPlainText("(fix the fields marked in red to see the preview)")
             return
-        layers = self.engine.layers(self.key)
-        resolved = SettingsLayers(folder=layers.folder, ollama=layers.ollama, model=edited,
-                                  server=layers.server).resolve()
         try:
-            text = make_prompt_builder(self.entry, resolved.effective).build(SAMPLE_CHAT)
-        except PromptError as exc:
+            text = self.engine.prompt_preview(self.key, SAMPLE_CHAT, model=edited)
+        except InvalidRequest as exc:
             text = f"(template error) {exc}"
         self.preview.setPlainText(text)
 
@@ -236,7 +223,7 @@ class ModelSettingsDialog(QDialog):
         before = self.entry.settings.set_fields()
         after = edited.set_fields()
         try:
-            self.engine.registry.set_settings(self.key, edited)
+            self.engine.save_model_settings(self.key, edited)
         except RegistryError as exc:
             self.status.setText(str(exc))
             return False
