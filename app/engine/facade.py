@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import psutil
 
-from app.engine.backends.contract import Backend, TensorCensus, process_gone
+from app.engine.backends.contract import Backend, TensorCensus
 from app.engine.backends.factory import create_backend
 from app.engine.catalog.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
 from app.engine.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, ModelNotFound
@@ -249,7 +249,7 @@ class Engine:
 
     async def _acquire(self, key: str) -> Resident:
         resident = await self.manager.acquire(key)
-        gone = process_gone(resident.backend)
+        gone = resident.backend.dead
         if gone:  # its model process crashed or was killed: load it again
             self.manager.release(resident)
             log.warning("model %s: %s; loading it again", key, gone)

@@ -4,13 +4,16 @@ A :class:`PreparedModel` holds a model's registry entry, its settings layers and
 (without a request), its prompt builders (compiled templates, one per template choice) and its
 fill-in-the-middle form. :class:`PreparedModels` keeps one per model and builds it again only when
 the registry entry changes (models.json re-read with other contents) or one of the folder's files it
-was built from changes (by modification time and size), or the server's settings are replaced.
+was built from changes (by modification time and size, looked at most once every
+:data:`FOLDER_CHECK_S`: five stat calls cost more than the rest of a request's preparation), or the
+server's settings are replaced.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 #: the folder's files a prepared model is built from
 FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
                 "tokenizer.json")
+FOLDER_CHECK_S = 1.0
 _UNSET = object()
 
 
@@ -53,6 +57,8 @@ class PreparedModel:
     base: ResolvedSettings
     special: SpecialTokens
     stamp: tuple
+    #: when the folder's files were last looked at (time.monotonic)
+    checked: float = 0.0
     _builders: dict[tuple, PromptBuilder] = field(default_factory=dict)
     _fim: object = _UNSET
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -101,13 +107,17 @@ class PreparedModels:
             raise ModelNotFound(f"The model '{name}' does not exist")
         key, entry = found
         server = self._server()
-        stamp = (id(entry), id(server), folder_stamp(entry.model_dir))
         prepared = self._cache.get(key)
-        if prepared is not None and prepared.entry is entry and prepared.stamp == stamp:
-            return prepared
+        now = time.monotonic()
+        if prepared is not None and prepared.entry is entry and prepared.layers.server is server:
+            if now - prepared.checked < FOLDER_CHECK_S:
+                return prepared
+            if prepared.stamp == folder_stamp(entry.model_dir):
+                prepared.checked = now
+                return prepared
         layers = layers_for(entry, server)
         prepared = PreparedModel(key, entry, layers, layers.resolve(), read_special_tokens(Path(entry.model_dir)),
-                                 stamp)
+                                 folder_stamp(entry.model_dir), now)
         self._cache[key] = prepared
         self.builds += 1
         log.debug("prepared model %s", key)

@@ -10,6 +10,7 @@ import pytest
 
 from app.engine.catalog.registry import ModelEntry, OllamaMetadata, Registry
 from app.engine.errors import InvalidRequest, ModelNotFound
+from app.engine import prepared as prepared_module
 from app.engine.prepared import PreparedModels
 from app.engine.prompting import select
 from app.engine.prompting.builders import ChatInput
@@ -75,8 +76,19 @@ def test_a_changed_registry_entry_is_prepared_again(setup) -> None:
     assert prepared.get("m").entry.ollama is not None
 
 
+def test_the_folder_is_looked_at_once_a_second_at_most(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry, prepared, _ = setup
+    model = prepared.get("m")
+    stats = []
+    monkeypatch.setattr(prepared_module, "folder_stamp", lambda folder: stats.append(folder) or model.stamp)
+    assert all(prepared.get("m") is model for _ in range(50)) and stats == []
+    model.checked -= prepared_module.FOLDER_CHECK_S  # a second later
+    assert prepared.get("m") is model and len(stats) == 1
+
+
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json", "tokenizer.json"])
-def test_a_changed_folder_file_is_read_again(setup, name: str) -> None:
+def test_a_changed_folder_file_is_read_again(setup, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prepared_module, "FOLDER_CHECK_S", 0.0)  # look at the files on every request
     registry, prepared, _ = setup
     folder = Path(registry.get("m").model_dir)
     before = prepared.get("m")

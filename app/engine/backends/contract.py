@@ -65,6 +65,10 @@ class Backend(Protocol):
     #: encode() may block for long (a round trip to another process): never call it on the event loop
     encode_blocks: bool
 
+    @property
+    def dead(self) -> str | None:
+        """Why the process the backend runs in is gone (it crashed or was killed), or None."""
+
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None: ...
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -88,6 +92,8 @@ class BackendBase:
     vocab_size: int | None = None
     last_step_batch = 1
     encode_blocks = False
+    #: an in-process backend never outlives its process
+    dead: str | None = None
 
     @classmethod
     def warm_up(cls, progress: ProgressFn) -> None:
@@ -125,8 +131,3 @@ class TensorCensus(Protocol):
     """A backend that can list the CUDA tensors alive where it runs (a diagnostic)."""
 
     def cuda_tensor_census(self) -> dict[str, Any]: ...
-
-
-def process_gone(backend: Backend) -> str | None:
-    """Why ``backend``'s model process is gone (it crashed or was killed), or None."""
-    return backend.dead if isinstance(backend, PipeBacked) else None
