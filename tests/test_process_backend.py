@@ -541,8 +541,26 @@ def test_where_the_loop_cannot_watch_the_pipe_the_runner_thread_reads_it(serve: 
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8,
             "temperature": 0, "logit_bias": KEEP_TALKING}
     whole = client.chat.completions.create(**body).choices[0].message.content
+    runner = srv.engine.manager.resident("tiny:latest").runner
+    steps = runner.steps
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         **body, stream=True) if c.choices)
-    runner = srv.engine.manager.resident("tiny:latest").runner
     assert type(runner) is Runner and not runner.backend.loop_reads
     assert streamed == whole != ""
+    # a step counted per step message of the model process (prefill, then one per token), never per
+    # idle wait for one
+    assert runner.steps - steps <= 9, runner.steps - steps
+
+
+def test_a_step_of_the_model_process_is_waited_for_not_polled_empty(tiny_model_dir: Path) -> None:
+    """Where the runner thread reads the pipe, one step() is one step of the model process however long
+    it takes (steps of 0.15 s here, three times the pipe's poll): no empty steps for the metrics."""
+    backend = ProcessBackend("tests.fixed_step_backend:FixedStepBackend", "fixed-step", str(tiny_model_dir),
+                             keep_spare=False, context_length=256, max_batch=1, step_s=0.15)
+    backend.load(lambda f, m: None, threading.Event())
+    try:
+        backend.submit(job([1, 2, 3], 3))
+        steps = [backend.step() for _ in range(3)]
+        assert [len(s) for s in steps] == [1, 1, 1] and steps[-1][0].finished
+    finally:
+        backend.unload()

@@ -213,6 +213,21 @@ def test_shutdown_deletes_every_window_and_leaves_the_engine(tray, qloop, tiny_m
     assert engine._listeners == [] and engine._sample_listeners == []
 
 
+def test_settings_of_a_model_removed_meanwhile_say_so(tray, tiny_model_dir: Path, monkeypatch) -> None:
+    """A menu built before the model was removed (by the CLI, say): a readable message, no dialog."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from tests.server_harness import register
+
+    warnings: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: warnings.append(text))
+    register(tray.controller.registry, "gone", tiny_model_dir)
+    tray.bridge.notify_registry_changed()
+    tray.controller.registry.remove("gone")
+    assert tray.open_model_settings("gone:latest") is None
+    assert warnings == ["The model 'gone:latest' does not exist"]
+
+
 def test_event_loop_stays_responsive_while_loading_and_generating(tray, qloop, tiny_model_dir: Path) -> None:
     run(qloop, _lag_scenario(tray, tiny_model_dir))
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from app.engine.events import BackendJob, JobFinished, SamplingParams, TextDelta
 from app.engine.observability.metrics import EngineMetrics, RequestRecord
 from app.engine.prepared import PreparedModel, PreparedModels
 from app.engine.prompting.builders import ChatInput, PromptError
+from app.engine.prompting.select import make_prompt_builder
 from app.engine.requests import ChatRequest, CompletionRequest, Message, ModelInfoView
 from app.engine.serving.jobs import JobHandle
 from app.engine.serving.manager import LoadFailure, ModelManager, ModelState, Resident
@@ -66,9 +68,9 @@ class Engine:
 
     def layers(self, name: str, request: Settings | None = None, *, model: Settings | None = None) -> SettingsLayers:
         """The model's settings layers; ``model`` stands in for its saved settings (the dialog's edits)."""
-        layers = self.prepared.get(name).layers
+        layers = replace(self.prepared.get(name).layers)  # a copy: the prepared model keeps its own
         if model is not None:
-            layers = SettingsLayers(layers.folder, layers.ollama, model, layers.server, layers.request)
+            layers.model = model
         return layers if request is None else layers.with_request(request)
 
     def save_model_settings(self, name: str, settings: Settings) -> None:
@@ -80,8 +82,8 @@ class Engine:
         raises InvalidRequest when the template cannot be rendered."""
         prepared = self.prepared.get(name)
         settings = self.layers(name, model=model).resolve().effective
-        try:
-            return prepared.builder(settings).build(chat)
+        try:  # not kept: each edit in the dialog is another template
+            return make_prompt_builder(prepared.entry, settings, prepared.special).build(chat)
         except PromptError as exc:
             raise InvalidRequest(str(exc), "messages") from None
 
@@ -236,14 +238,14 @@ class Engine:
         settings = prepared.resolve(request.settings).effective
         prompt = request.prompt
         if request.suffix and isinstance(prompt, str):
-            fim = prepared.fill_in_middle()
-            if fim is None:
-                log.info("model %s has no fill-in-the-middle form: suffix ignored", prepared.key)
-            else:
-                try:
+            try:
+                fim = prepared.fill_in_middle()
+                if fim is None:
+                    log.info("model %s has no fill-in-the-middle form: suffix ignored", prepared.key)
+                else:
                     prompt = fim(prompt, request.suffix)
-                except PromptError as exc:
-                    raise InvalidRequest(str(exc), "suffix") from None
+            except PromptError as exc:  # the Ollama template does not compile or render
+                raise InvalidRequest(str(exc), "suffix") from None
         return await self._submit(prepared, settings, request.settings, prompt, list(settings.stop), request.stream,
                                   request.logit_bias, add_bos=True, started=started)
 

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
                 "tokenizer.json")
 FOLDER_CHECK_S = 1.0
+#: prompt builders kept per model (one per template choice and system prompt in use)
+MAX_BUILDERS = 8
 _UNSET = object()
 
 
@@ -78,6 +80,8 @@ class PreparedModel:
             except PromptError as exc:
                 raise InvalidRequest(str(exc), "messages") from None
             with self._lock:
+                if len(self._builders) >= MAX_BUILDERS:  # a few template choices at most in practice
+                    self._builders.pop(next(iter(self._builders)))
                 self._builders[key] = builder
         return builder
 
@@ -115,9 +119,10 @@ class PreparedModels:
             if prepared.stamp == folder_stamp(entry.model_dir):
                 prepared.checked = now
                 return prepared
+        stamp = folder_stamp(entry.model_dir)  # before reading: a change meanwhile shows next time
         layers = layers_for(entry, server)
         prepared = PreparedModel(key, entry, layers, layers.resolve(), read_special_tokens(Path(entry.model_dir)),
-                                 folder_stamp(entry.model_dir), now)
+                                 stamp, now)
         self._cache[key] = prepared
         self.builds += 1
         log.debug("prepared model %s", key)

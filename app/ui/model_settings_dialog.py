@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.engine.catalog.registry import RegistryError, normalize_name
-from app.engine.facade import Engine, InvalidRequest
+from app.engine.facade import Engine, InvalidRequest, ModelNotFound
 from app.engine.prompting.builders import ChatInput
 from app.engine.settings.schema import GROUPS, LOAD_TIME_FIELDS, Settings, format_validation_error
 
@@ -224,7 +224,7 @@ class ModelSettingsDialog(QDialog):
         after = edited.set_fields()
         try:
             self.engine.save_model_settings(self.key, edited)
-        except RegistryError as exc:
+        except (RegistryError, ModelNotFound) as exc:  # removed meanwhile, or models.json is broken
             self.status.setText(str(exc))
             return False
         changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}

@@ -20,6 +20,7 @@ from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QApplication, QDialog, QMenu, QMessageBox, QSystemTrayIcon
 
 from app.engine.catalog.registry import RegistryError, display_name
+from app.engine.facade import ModelNotFound
 from app.server_config import ServerSettings
 from app.ui.add_model_dialog import AddModelDialog
 from app.ui.bridge import EngineBridge
@@ -184,7 +185,7 @@ class TrayApp(QObject):
     def open_model_settings(self, key: str) -> ModelSettingsDialog | None:
         try:
             dlg = ModelSettingsDialog(self.controller.engine, key)
-        except RegistryError as exc:
+        except (RegistryError, ModelNotFound) as exc:  # removed meanwhile, or models.json is broken
             QMessageBox.warning(None, "ExLlama Tray", str(exc))
             return None
         dlg.saved.connect(self.bridge.notify_registry_changed)

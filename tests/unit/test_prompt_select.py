@@ -12,7 +12,7 @@ from app.engine.catalog.registry import ModelEntry, OllamaMetadata
 from app.engine.prompting.builders import ChatInput, JinjaPromptBuilder, PlainPromptBuilder, PromptError
 from app.engine.prompting.ollama import OllamaPromptBuilder
 from app.engine.prompting.select import (
-    FIM_TOKEN_SETS, fill_in_middle_prompt, looks_like_go_template, make_prompt_builder, template_source,
+    FIM_TOKEN_SETS, fill_in_middle_form, looks_like_go_template, make_prompt_builder, template_source,
 )
 from app.engine.settings.schema import Settings
 from app.engine.settings.layers import EffectiveSettings, SettingsLayers
@@ -47,6 +47,12 @@ def entry(model_dir: Path, ollama_template: str | None = None, **ollama) -> Mode
     meta = None if ollama_template is None and not ollama else OllamaMetadata(name="x", template=ollama_template,
                                                                               **ollama)
     return ModelEntry(model_dir=str(model_dir), ollama=meta)
+
+
+def fill_in_middle_prompt(model: ModelEntry, prompt: str, suffix: str) -> str | None:
+    """The FIM prompt of ``model`` for ``prompt``/``suffix``, or None when it has no FIM form."""
+    form = fill_in_middle_form(model)
+    return None if form is None else form(prompt, suffix)
 
 
 def settings(**values) -> EffectiveSettings:

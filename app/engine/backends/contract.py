@@ -13,7 +13,8 @@ may set; the runner alone decides which jobs are alive and drops events of jobs 
   :class:`StepEvent` per job that produced text or ended. A job's last event has ``finished=True``.
   When it raises :class:`StepFailed` the failed jobs are gone and the events of the others are in
   ``take_surviving_events()``.
-- ``has_work()`` says whether ``step()`` has anything to do.
+- ``has_work()`` says whether ``step()`` has anything to do without the runner's jobs (a backend in
+  a model process: step messages already read); the runner steps while it tracks jobs or this is true.
 - ``unload()`` frees the model's memory.
 
 Text in events is already decoded with stop strings cut (the stop string itself is not returned)

@@ -158,11 +158,6 @@ def fim_renderer(source: str) -> Callable[[str, str], str]:
     return render
 
 
-def render_fim(source: str, prompt: str, suffix: str) -> str:
-    """Ollama's fill-in-the-middle form: the template with ``.Prompt`` and ``.Suffix``."""
-    return fim_renderer(source)(prompt, suffix)
-
-
 class OllamaPromptBuilder:
     def __init__(self, source: str, *, system_prompt: str | None = None,
                  prepend_messages: list[dict[str, Any]] | None = None) -> None:

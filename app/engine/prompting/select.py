@@ -101,12 +101,6 @@ def fill_in_middle_form(entry: ModelEntry) -> FillInMiddle | None:
     return None
 
 
-def fill_in_middle_prompt(entry: ModelEntry, prompt: str, suffix: str) -> str | None:
-    """The fill-in-the-middle prompt for ``prompt``/``suffix``, or None when the model has no FIM form."""
-    form = fill_in_middle_form(entry)
-    return None if form is None else form(prompt, suffix)
-
-
 def _fim_tokens(pre: str, suf: str, mid: str, prompt: str, suffix: str) -> str:
     return f"{pre}{prompt}{suf}{suffix}{mid}"
 

@@ -176,10 +176,9 @@ class Outbox:
         """``events`` as sent; a finished job's decode times go with its last event and it is forgotten."""
         out = []
         for e in events:
-            job = self._jobs.pop(e.job_id, None) if e.finished else self._jobs.get(e.job_id)
-            rec = job.times if e.finished and job is not None else None
-            out.append((e.job_id, e.text, e.new_tokens, e.finished, e.finish_reason, e.error,
-                        None if rec is None else (rec[1], rec[2], rec[3] - rec[0])))
+            job = self._jobs.pop(e.job_id, None) if e.finished else None
+            rec = None if job is None else job.times
+            out.append(p.event_tuple(e, None if rec is None else (rec[1], rec[2], rec[3] - rec[0])))
         return out
 
 

@@ -308,19 +308,20 @@ class ProcessBackend(BackendBase):
                 self._mark_dead()
 
     def has_work(self) -> bool:
-        """Step messages are waiting here (whether jobs are out there, only the runner knows)."""
+        """Step messages are waiting here (whether jobs are out there, only the runner knows: it calls
+        :meth:`step` while it tracks jobs)."""
         return bool(self._inbox)
 
     def step(self) -> list[StepEvent]:
-        """The events of the model process's next step, or none when no step came within ``POLL_S``
-        (the runner calls this while it tracks jobs)."""
-        if not self._inbox:
+        """The events of the model process's next step; blocks until one comes. Called by a runner that
+        tracks jobs out there: each of them ends with an event, or the process is gone (raises)."""
+        while not self._inbox:
             if self._dead:  # nothing more will come
                 raise RuntimeError(self._dead)
             with self._read_lock:
                 if not self._inbox:
                     self._read_one(POLL_S)
-        return self.take_step(self._inbox.popleft()) if self._inbox else []
+        return self.take_step(self._inbox.popleft())
 
     def take_step(self, msg: p.StepMessage) -> list[StepEvent]:
         """The events of one step message (raises StepFailed / RuntimeError as :meth:`step` does)."""
