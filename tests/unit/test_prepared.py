@@ -126,3 +126,18 @@ def test_unknown_models_and_bad_templates_are_engine_errors(setup) -> None:
     with pytest.raises(InvalidRequest, match="no custom template") as info:
         model.builder(model.base.effective)
     assert info.value.param == "messages"
+
+
+async def test_a_fim_template_that_does_not_compile_is_a_bad_request(setup) -> None:
+    """Answered 400 naming the suffix before any model is loaded (it was a 500)."""
+    from app.engine.facade import CompletionRequest, Engine
+
+    registry, _, _ = setup
+    entry = registry.get("m")
+    broken = OllamaMetadata(name="x", template="{{ if .Suffix }}<PRE>{{ .Prompt }<SUF>{{ end }}")
+    registry.add("m", entry.model_copy(update={"ollama": broken}), replace=True)
+    engine = Engine(registry)
+    with pytest.raises(InvalidRequest, match="Ollama template") as info:
+        await engine.submit_completion(CompletionRequest("m", "def f(", suffix="):"))
+    assert info.value.param == "suffix" and engine.model_states() == []
+    await engine.close()
