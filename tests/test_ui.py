@@ -10,6 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -213,19 +214,49 @@ def test_shutdown_deletes_every_window_and_leaves_the_engine(tray, qloop, tiny_m
     assert engine._listeners == [] and engine._sample_listeners == []
 
 
-def test_settings_of_a_model_removed_meanwhile_say_so(tray, tiny_model_dir: Path, monkeypatch) -> None:
+def test_settings_of_a_model_removed_meanwhile_say_so(tray, tiny_model_dir: Path) -> None:
     """A menu built before the model was removed (by the CLI, say): a readable message, no dialog."""
     from PySide6.QtWidgets import QMessageBox
 
     from tests.server_harness import register
 
-    warnings: list[str] = []
-    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: warnings.append(text))
     register(tray.controller.registry, "gone", tiny_model_dir)
     tray.bridge.notify_registry_changed()
     tray.controller.registry.remove("gone")
     assert tray.open_model_settings("gone:latest") is None
-    assert warnings == ["The model 'gone:latest' does not exist"]
+    (box,) = [d for d in tray.dialogs if isinstance(d, QMessageBox)]
+    assert box.text() == "The model 'gone:latest' does not exist" and box.isVisible() and not box.isModal()
+
+
+def test_server_settings_with_a_taken_port_keep_serving_and_the_app_alive(tray, qloop, memory_keyring) -> None:
+    """The port is in use: the old listener serves on, nothing is saved, the warning does not block the
+    loop (a modal dialog inside the task froze the app: the sampler stopped, Quit hung)."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from app.server_config import ServerSettings
+
+    controller = tray.controller
+    old_port = controller.listener.port
+    saved = controller.store.path.read_text() if controller.store.path.exists() else None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        tray._server_settings_chosen(ServerSettings(port=busy))
+
+        async def scenario() -> None:
+            await until(lambda: any(isinstance(d, QMessageBox) for d in tray.dialogs))
+            samples = len(controller.engine.metrics.history(600))
+            health = await in_thread(lambda: httpx.get(f"http://127.0.0.1:{old_port}/health", timeout=10))
+            assert health.status_code == 200  # still serving on the old port
+            await until(lambda: len(controller.engine.metrics.history(600)) >= samples + 2, 10)  # not frozen
+
+        run(qloop, scenario())
+    (box,) = [d for d in tray.dialogs if isinstance(d, QMessageBox)]
+    assert "not applied" in box.text() and f"{busy}" in box.text() and not box.isModal()
+    assert controller.listener.port == old_port and controller.url.endswith(f":{old_port}/v1")
+    assert (controller.store.path.read_text() if controller.store.path.exists() else None) == saved
+    box.close()
 
 
 def test_event_loop_stays_responsive_while_loading_and_generating(tray, qloop, tiny_model_dir: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.api.server import Listener, ServerConfig
@@ -64,18 +64,29 @@ class AppController:
         self.listener = listener
 
     async def apply_server_settings(self, settings: ServerSettings) -> None:
-        """Save and restart the listener without restarting the app (the engine keeps its models)."""
+        """Restart the listener with ``settings`` without restarting the app (the engine keeps its
+        models), then save them. When the new listener cannot start (the port is taken, say) the old
+        one serves again as before and nothing is saved; the error says why."""
         settings.validate()
         if settings.on_network and not get_api_key():
             raise ValueError("listening on the network needs an API key: generate one first")
-        self.store.save(settings)
-        self.settings = settings
-        if self.listener is not None:
-            await self.listener.stop()
+        new = Listener(self.engine, self.server_config(settings))
+        old = self.listener
+        if old is not None:  # the same port cannot be held twice: the old listener goes first
+            old_config = replace(old.config, port=old.port)  # the port it had, also when asked for "any"
+            await old.stop()
             self.listener = None
-        await self.start_listener()
-        if self.listen_error:
-            raise OSError(self.listen_error)
+        try:
+            await new.start()
+        except (OSError, ValueError) as exc:
+            log.warning("server settings not applied: %s", exc)
+            if old is not None:  # back on the settings that worked, on the same port
+                self.listener = Listener(self.engine, old_config)
+                await self.listener.start()
+            raise
+        self.listener, self.listen_error = new, None
+        self.settings = settings
+        self.store.save(settings)
 
     async def stop(self) -> None:
         """Quit: running requests end with an error saying so, models are unloaded, then the listener

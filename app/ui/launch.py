@@ -34,7 +34,7 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
     import qasync
     from PySide6.QtCore import QCoreApplication, QEvent
     from PySide6.QtNetwork import QLocalServer, QLocalSocket
-    from PySide6.QtWidgets import QApplication, QMessageBox
+    from PySide6.QtWidgets import QApplication
 
     from app.paths import config_dir
     from app.server_config import ServerSettingsStore
@@ -71,16 +71,17 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
 
     server.newConnection.connect(on_connection)
     signal.signal(signal.SIGINT, lambda *_: tray.quit())
-    try:
-        registry.check_on_start()
-    except RegistryError as exc:
-        QMessageBox.warning(None, "ExLlama Tray", f"{exc}\n\nThe app runs without models until it is fixed.")
     with loop:
         loop.run_until_complete(controller.start())
-        if controller.listen_error:
-            QMessageBox.warning(None, "ExLlama Tray", f"The API server could not start: {controller.listen_error}\n"
-                                "Change the port in Server settings…")
         tray.show()
+        # warnings are shown, not exec'd: a modal dialog's own event loop would stall the qasync loop
+        try:
+            registry.check_on_start()
+        except RegistryError as exc:
+            tray.warn(f"{exc}\n\nThe app runs without models until it is fixed.")
+        if controller.listen_error:
+            tray.warn(f"The API server could not start: {controller.listen_error}\n"
+                      "Change the port in Server settings…")
         ready = time.perf_counter() - STARTED
         log.info("tray ready in %.2f s; API at %s", ready, controller.url)
         if os.environ.get("EXLLAMA_TRAY_REPORT_READY"):

@@ -15,7 +15,7 @@ import logging
 from typing import TypeVar
 
 import shiboken6
-from PySide6.QtCore import QCoreApplication, QObject, QUrl
+from PySide6.QtCore import QCoreApplication, QObject, Qt, QUrl
 from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QApplication, QDialog, QMenu, QMessageBox, QSystemTrayIcon
 
@@ -186,7 +186,7 @@ class TrayApp(QObject):
         try:
             dlg = ModelSettingsDialog(self.controller.engine, key)
         except (RegistryError, ModelNotFound) as exc:  # removed meanwhile, or models.json is broken
-            QMessageBox.warning(None, "ExLlama Tray", str(exc))
+            self.warn(str(exc))
             return None
         dlg.saved.connect(self.bridge.notify_registry_changed)
         dlg.reloadNeeded.connect(self._show_reload_note)
@@ -209,9 +209,17 @@ class TrayApp(QObject):
             await self.controller.apply_server_settings(settings)
         except (OSError, ValueError) as exc:
             if not self.shut_down:
-                QMessageBox.warning(None, "ExLlama Tray", f"The server settings were not applied: {exc}")
+                self.warn(f"The server settings were not applied: {exc}\nThe server goes on as before.")
         if not self.shut_down:
             self.refresh()
+
+    def warn(self, text: str) -> QMessageBox:
+        """A warning shown without waiting for it: a modal exec() here would run a nested event loop
+        inside the asyncio task that called it, and stall every other task of the qasync loop."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "ExLlama Tray", text, QMessageBox.StandardButton.Ok)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.setModal(False)
+        return self._open(box)
 
     def _open(self, dlg: Dialog) -> Dialog:
         # the dialog has no parent and deletes itself when closed; until then this list holds it
