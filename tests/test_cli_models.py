@@ -100,3 +100,20 @@ def test_every_subcommand_has_help() -> None:
         res = run_cli(sub, "--help")
         assert res.returncode == 0 and "usage:" in res.stdout
     assert "--context-length" in run_cli("serve", "--help").stdout
+
+
+def test_input_edges_get_readable_errors_and_nothing_is_registered(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Issue #15 item 7: each of these ended in a traceback, served on, or was registered."""
+    models = str(tmp_path / "models.json")
+    out = run_cli("--models", models, "serve", "--port", "99999")
+    assert out.returncode == 2 and "port must be 0-65535" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("--models", models, "serve", "--port", "0", "--model", "nosuch")
+    assert out.returncode == 2 and "'nosuch' does not exist" in out.stderr and "serving" not in out.stderr
+    for bad in ("bad name!", "../etc", "a:b:c"):
+        out = run_cli("--models", models, "add-model", "--no-ollama", "--model-dir", str(tiny_model_dir), bad)
+        assert out.returncode == 2 and f"model name {bad!r}" in out.stderr and "Traceback" not in out.stderr, bad
+    assert not (tmp_path / "models.json").exists() or "etc" not in (tmp_path / "models.json").read_text()
+    out = run_cli("--models", models, "add-model", "--no-ollama", "--model-dir", str(tiny_model_dir), "team/tiny:v2")
+    assert out.returncode == 0, out.stderr
+    out = run_cli("models", "--models", models)  # the option after the command works too
+    assert out.returncode == 0 and "team/tiny:v2" in out.stdout

@@ -331,3 +331,20 @@ def test_model_process_is_read_by_the_qt_event_loop(qloop, tiny_model_dir: Path,
     pieces, whole, runner = run(qloop, scenario())
     assert isinstance(runner, PipeRunner)
     assert len(pieces) > 1 and "".join(pieces) == whole != ""
+
+
+def test_add_model_dialog_explains_a_bad_context_and_a_bad_name(tray, tiny_model_dir: Path) -> None:
+    """Issue #15 item 7: 'invalid literal for int()' and names such as '../etc' were what users got."""
+    dlg = tray.open_add_model()
+    dlg.folder.setText(str(tiny_model_dir))
+    dlg.ollama.setCurrentText("")
+    dlg.name.setText("tiny-ui")
+    dlg.context.setText("abc")
+    assert dlg.save() is False
+    assert dlg.error.text().startswith("Context length: ") and "you typed 'abc'" in dlg.error.text()
+    assert "invalid literal" not in dlg.error.text()
+    dlg.context.setText("")
+    dlg.name.setText("../etc")
+    assert dlg.save() is False and "model name '../etc'" in dlg.error.text()
+    assert tray.controller.registry.names() == []
+    dlg.close()

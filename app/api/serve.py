@@ -31,6 +31,9 @@ async def run_server(args: argparse.Namespace, registry: Registry, settings: Set
                 last[state.name] = line
                 print(line, file=sys.stderr, flush=True)
 
+    if args.model and registry.find(args.model) is None:  # before listening: nothing to serve it with
+        print(f"error: The model '{args.model}' does not exist in {registry.path}", file=sys.stderr)
+        return 2
     engine.add_listener(show_progress)
     await engine.start()
     try:
@@ -50,8 +53,11 @@ async def run_server(args: argparse.Namespace, registry: Registry, settings: Set
     if args.model:
         try:
             await engine.load(args.model)
-        except (ModelNotFound, ModelLoadError) as exc:
+        except (ModelNotFound, ModelLoadError) as exc:  # asked for at start-up: serving without it misleads
             print(f"error: {exc}", file=sys.stderr)
+            await engine.close()
+            await listener.stop()
+            return 2
     try:
         await stop.wait()
     finally:

@@ -70,22 +70,41 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise CliError(f"invalid setting: {format_validation_error(exc)}") from None
 
 
+def add_common_options(parser: argparse.ArgumentParser, models_default: Any, level_default: Any) -> None:
+    parser.add_argument("--models", metavar="PATH", default=models_default,
+                        help="models.json to use (default: see README)")
+    parser.add_argument("--log-level", default=level_default, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exllama-tray",
         description="Serve local LLMs to OpenAI-compatible clients. Without a command: start the tray app.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--models", metavar="PATH", help="models.json to use (default: see README)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_common_options(parser, None, "INFO")
+    # the same options after the command too (``models --models X``); there they only override
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("tray", help="start the tray app (the default)")
-    p.add_argument("--port", type=int, default=None, help="API port (default: saved server settings)")
+    p = sub.add_parser("tray", help="start the tray app (the default)", parents=[common])
+    p.add_argument("--port", type=port_number, default=None, help="API port (default: saved server settings)")
 
-    p = sub.add_parser("serve", help="run the OpenAI-compatible server headless")
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server headless", parents=[common])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     p.add_argument("--model", metavar="NAME", help="load this model at start-up")
     p.add_argument("--max-loaded", type=int, default=1, metavar="N", help="models resident at once (default 1)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("EXLLAMA_TRAY_API_KEY"),
@@ -93,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow CORS from this origin")
     add_setting_options(p)
 
-    p = sub.add_parser("add-model", help="register a model folder under NAME[:TAG]")
+    p = sub.add_parser("add-model", help="register a model folder under NAME[:TAG]", parents=[common])
     p.add_argument("name", metavar="NAME[:TAG]")
     p.add_argument("--model-dir", required=True, metavar="DIR", help="folder with config.json and weights")
     p.add_argument("--replace", action="store_true", help="replace an existing entry of the same name")
@@ -102,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry-url", metavar="URL", help="Ollama registry to ask instead of https://HOST (a mirror)")
     add_setting_options(p)
 
-    sub.add_parser("models", help="list registered models")
+    sub.add_parser("models", help="list registered models", parents=[common])
 
-    p = sub.add_parser("remove-model", help="remove a model from the registry (files are kept)")
+    p = sub.add_parser("remove-model", help="remove a model from the registry (files are kept)", parents=[common])
     p.add_argument("name", metavar="NAME[:TAG]")
 
-    p = sub.add_parser("prompt", help="print the exact prompt a chat would send to the model")
+    p = sub.add_parser("prompt", help="print the exact prompt a chat would send to the model", parents=[common])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="NAME", help="use this registered model's template")
     src.add_argument("--template-file", type=Path, metavar="FILE", help="a Go or Jinja template file")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import get_args
 from pathlib import Path
+from typing import get_args
+
+from pydantic import ValidationError
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -213,16 +215,15 @@ class AddModelDialog(QDialog):
             self.error.setText("Press Fetch to get the Ollama metadata first (or clear the Ollama field).")
             return False
         settings = Settings()
+        context = self.context.text().strip()
         try:
-            if self.context.text().strip():
-                settings.context_length = int(self.context.text().strip())
+            if context:
+                settings.context_length = context  # type: ignore[assignment]  # pydantic parses the text
             if self.cache.currentIndex() > 0:
                 settings.cache_type = self.cache.currentText()  # type: ignore[assignment]
-        except ValueError as exc:
-            self.error.setText(f"Context length: {str(exc).splitlines()[0]}")
-            return False
-        except Exception as exc:  # pydantic's ValidationError
-            self.error.setText(f"Invalid setting: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}")
+        except ValidationError as exc:  # the cache type comes from the list: only the typed context can be wrong
+            message = exc.errors()[0].get("msg", "invalid") if exc.errors() else str(exc)
+            self.error.setText(f"Context length: {message} (you typed {context!r})")
             return False
         name = self.chosen_name()
         try:

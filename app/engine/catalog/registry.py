@@ -21,6 +21,7 @@ from typing import Any, Callable
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.engine.catalog.ollama_names import InvalidName, parse_name
 from app.engine.settings.schema import Settings, format_validation_error
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,16 @@ def normalize_name(name: str) -> str:
         raise RegistryError("model name must not be empty")
     last = name.rsplit("/", 1)[-1]
     return name if ":" in last else f"{name}:latest"
+
+
+def check_name(name: str) -> None:
+    """Raise RegistryError unless ``name`` is ``[namespace/]model[:tag]`` as Ollama spells names (the
+    name clients send; no spaces, no path tricks such as ``../x``, one tag)."""
+    try:
+        parse_name(name)
+    except InvalidName as exc:
+        raise RegistryError(f"{str(exc).replace('Ollama model name', 'model name')}: use letters, digits, "
+                            "'.', '_' and '-', as in mistral:7b or team/coder:v2") from None
 
 
 def display_name(name: str) -> str:
@@ -211,6 +222,7 @@ class Registry:
             return data
 
     def add(self, name: str, entry: ModelEntry, *, replace: bool = False) -> str:
+        check_name(name)
         key = normalize_name(name)
 
         def change(data: RegistryFile) -> None:
