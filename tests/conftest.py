@@ -111,14 +111,34 @@ class MemoryKeyring(KeyringBackend):
 
 
 @pytest.fixture
-def memory_keyring():
-    """An in-memory keyring for the test; the user's real keyring is never touched."""
+def memory_keyring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An in-memory keyring for the test; the user's real keyring is never touched (nor the key file
+    kept where there is no keyring: it is one in the test's folder)."""
     import keyring
 
+    import app.server_config
+
+    monkeypatch.setattr(app.server_config, "key_file", lambda: tmp_path / "api-key")
     previous = keyring.get_keyring()
     ring = MemoryKeyring()
     keyring.set_keyring(ring)
     yield ring
+    keyring.set_keyring(previous)
+
+
+@pytest.fixture
+def no_keyring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A desktop without an OS keyring (keyring's fail backend); the key file in the test's folder."""
+    import keyring
+    from keyring.backends import fail
+
+    import app.server_config
+
+    path = tmp_path / "api-key"
+    monkeypatch.setattr(app.server_config, "key_file", lambda: path)
+    previous = keyring.get_keyring()
+    keyring.set_keyring(fail.Keyring())
+    yield path
     keyring.set_keyring(previous)
 
 

@@ -348,3 +348,27 @@ def test_add_model_dialog_explains_a_bad_context_and_a_bad_name(tray, tiny_model
     assert dlg.save() is False and "model name '../etc'" in dlg.error.text()
     assert tray.controller.registry.names() == []
     dlg.close()
+
+
+def test_without_an_os_keyring_the_key_is_kept_in_a_private_file_and_the_dialog_says_so(tray, no_keyring) -> None:
+    """Issue #15 item 4: Generate raised NoKeyringError (a traceback on stderr) and network mode could
+    never be enabled on a bare Linux desktop."""
+    import os
+    import stat
+
+    dlg = tray.open_server_settings()
+    assert dlg.key_note.isHidden()
+    dlg.generate_key()
+    key = dlg.key.text()
+    assert key.startswith("sk-local-") and dlg.error.text() == ""
+    assert no_keyring.read_text().strip() == key and get_api_key() == key
+    if os.name == "posix":
+        assert stat.S_IMODE(no_keyring.stat().st_mode) == 0o600
+    assert not dlg.key_note.isHidden() and str(no_keyring) in dlg.key_note.text()
+    assert "No OS keyring" in dlg.key_note.text()
+    again = tray.open_server_settings()  # opened later: it still says where the key is
+    assert str(no_keyring) in again.key_note.text()
+    dlg.reset_key()
+    assert not no_keyring.exists() and get_api_key() is None and dlg.key_note.isHidden()
+    dlg.close()
+    again.close()

@@ -9,7 +9,9 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from app.server_config import ServerConfigError, ServerSettings, get_api_key, new_api_key, set_api_key
+from app.server_config import (
+    OS_KEYRING, ServerConfigError, ServerSettings, api_key_location, get_api_key, new_api_key, set_api_key,
+)
 
 
 class ServerSettingsDialog(QDialog):
@@ -48,10 +50,15 @@ class ServerSettingsDialog(QDialog):
         self.error = QLabel("")
         self.error.setStyleSheet("color: #b91c1c;")
         self.error.setWordWrap(True)
+        self.key_note = QLabel("")
+        self.key_note.setWordWrap(True)
+        self.key_note.setStyleSheet("color: #92400e;")
+        self._show_where(api_key_location())
         form = QFormLayout()
         form.addRow("Port", self.port)
         form.addRow("", self.network)
         form.addRow("API key", krow)
+        form.addRow("", self.key_note)
         form.addRow("", self.cors)
         form.addRow("Origins", self.origins)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
@@ -70,12 +77,29 @@ class ServerSettingsDialog(QDialog):
 
     def generate_key(self) -> None:
         key = new_api_key()
-        set_api_key(key)
+        try:
+            where = set_api_key(key)
+        except ServerConfigError as exc:
+            self.error.setText(str(exc))
+            return
+        self.error.setText("")
         self.key.setText(key)
+        self._show_where(where)
 
     def reset_key(self) -> None:
         set_api_key(None)
         self.key.setText("")
+        self._show_where(None)
+
+    def _show_where(self, where: str | None) -> None:
+        """Say so when the key is not in an OS keyring (a bare Linux desktop has none)."""
+        if where is None or where == OS_KEYRING:
+            self.key_note.setText("")
+            self.key_note.setVisible(False)
+            return
+        self.key_note.setText(f"No OS keyring was found: the key is kept in {where}, readable only by you. "
+                              "Install one (GNOME Keyring, KWallet, KeePassXC) to keep it there instead.")
+        self.key_note.setVisible(True)
 
     def result_settings(self) -> ServerSettings:
         origins = [o.strip() for o in self.origins.text().split(",") if o.strip()]
