@@ -213,8 +213,20 @@ def test_bad_inputs_get_openai_errors(server: ServerThread, client: openai.OpenA
     unknown = post(json.dumps({"model": "nope", "messages": MSGS}), 404, "model")
     assert unknown["error"]["code"] == "model_not_found"
     long_prompt = [{"role": "user", "content": "word " * 2000}]
-    too_long = post(json.dumps({"model": "tiny", "messages": long_prompt}), 400)
+    too_long = post(json.dumps({"model": "tiny", "messages": long_prompt}), 400, "messages")
     assert too_long["error"]["code"] == "context_length_exceeded"
+    comp_url = url.replace("/chat/completions", "/completions")
+    too_long = httpx.post(comp_url, json={"model": "tiny", "prompt": "word " * 2000}, timeout=60).json()
+    assert too_long["error"]["code"] == "context_length_exceeded" and too_long["error"]["param"] == "prompt"
+    # far beyond the context: refused from its length, before a template renders or a token is counted
+    # (5 MB of text held the event loop for seconds while it was tokenized)
+    huge = "word " * 1_000_000
+    for endpoint, body, param in ((url, {"messages": [{"role": "user", "content": huge}]}, "messages"),
+                                  (comp_url, {"prompt": huge}, "prompt"),
+                                  (comp_url, {"prompt": [1] * 513}, "prompt")):
+        answer = httpx.post(endpoint, json={"model": "tiny", **body}, timeout=60).json()
+        assert answer["error"]["code"] == "context_length_exceeded" and answer["error"]["param"] == param
+        assert "characters" in answer["error"]["message"] or "513 tokens" in answer["error"]["message"]
     # more tokens than the context has left is clamped (real clients do this all the time)
     clamped = httpx.post(url, json={"model": "tiny", "messages": MSGS, "max_tokens": 100000, "seed": 1,
                                     "logit_bias": KEEP_TALKING}, timeout=120)

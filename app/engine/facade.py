@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
 #: prompts shorter than this (characters) are rendered and tokenized on the event loop itself
 INLINE_CHARS = 4096
+#: no tokenizer packs more text than this into one token: a longer prompt is refused before it is counted
+MAX_CHARS_PER_TOKEN = 64
 BackendFactory = Callable[[ModelEntry, EffectiveSettings], Backend]
 
 __all__ = ["Engine", "EngineError", "InvalidRequest", "ContextLengthExceeded", "ModelNotFound", "ModelLoadError",
@@ -223,20 +225,24 @@ class Engine:
         settings = prepared.resolve(request.settings).effective
         builder = prepared.builder(settings)
         chat = ChatInput([m.as_template_dict() for m in request.messages], request.tools)
-        size = sum(len(m.content) for m in request.messages) + (INLINE_CHARS if request.tools else 0)
+        size = sum(len(m.content) for m in request.messages)
+        _refuse_far_beyond_context(size, settings, "messages")
+        size += INLINE_CHARS if request.tools else 0
         try:
             prompt = await _off_loop_if_large(size, builder.build, chat)
         except PromptError as exc:
             raise InvalidRequest(str(exc), "messages") from None
         stops = [*settings.stop, *(s for s in builder.stop_strings if s not in settings.stop)]
         return await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
-                                  request.logit_bias, add_bos=False, started=started)
+                                  request.logit_bias, add_bos=False, started=started, param="messages")
 
     async def submit_completion(self, request: CompletionRequest) -> JobHandle:
         started = time.perf_counter()
         prepared = self.prepared.get(request.model)
         settings = prepared.resolve(request.settings).effective
         prompt = request.prompt
+        _refuse_far_beyond_context(len(prompt) + len(request.suffix or ""), settings, "prompt",
+                                   tokens=isinstance(prompt, list))
         if request.suffix and isinstance(prompt, str):
             try:
                 fim = prepared.fill_in_middle()
@@ -247,7 +253,7 @@ class Engine:
             except PromptError as exc:  # the Ollama template does not compile or render
                 raise InvalidRequest(str(exc), "suffix") from None
         return await self._submit(prepared, settings, request.settings, prompt, list(settings.stop), request.stream,
-                                  request.logit_bias, add_bos=True, started=started)
+                                  request.logit_bias, add_bos=True, started=started, param="prompt")
 
     async def _acquire(self, key: str) -> Resident:
         resident = await self.manager.acquire(key)
@@ -261,12 +267,12 @@ class Engine:
 
     async def _submit(self, prepared: PreparedModel, settings: EffectiveSettings, request_layer: Settings,
                       prompt: str | list[int], stops: list[str], stream: bool, logit_bias: dict[int, float], *,
-                      add_bos: bool, started: float) -> JobHandle:
+                      add_bos: bool, started: float, param: str) -> JobHandle:
         resident = await self._acquire(prepared.key)
         try:
             backend = resident.backend
             ids = await _prompt_ids(backend, prompt, add_bos)
-            max_new = _max_new_tokens(backend, ids, settings, request_layer)
+            max_new = _max_new_tokens(backend, ids, settings, request_layer, param)
             _check_token_ids(backend, ids if isinstance(prompt, list) else [], logit_bias)
             job = BackendJob(prompt_ids=ids, max_new_tokens=max_new, sampling=sampling_params(settings, logit_bias),
                              stop_strings=stops, stop_token_ids=backend.eos_token_ids(), stream=stream)
@@ -300,12 +306,22 @@ async def _prompt_ids(backend: Backend, prompt: str | list[int], add_bos: bool) 
     return ids
 
 
-def _max_new_tokens(backend: Backend, ids: list[int], settings: EffectiveSettings, request: Settings) -> int:
+def _refuse_far_beyond_context(size: int, settings: EffectiveSettings, param: str, *, tokens: bool = False) -> None:
+    """Refuse at once a prompt that cannot fit whatever its tokens: rendering and counting the tokens of
+    megabytes of text holds the GIL for seconds, and every other client waits meanwhile."""
+    ctx = settings.context_length
+    if size > ctx * (1 if tokens else MAX_CHARS_PER_TOKEN):
+        what = f"{size} tokens" if tokens else f"{size} characters (more than {MAX_CHARS_PER_TOKEN} per token)"
+        raise ContextLengthExceeded(f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                                    f"{what}", param)
+
+
+def _max_new_tokens(backend: Backend, ids: list[int], settings: EffectiveSettings, request: Settings,
+                    param: str) -> int:
     ctx = backend.context_length
     if len(ids) >= ctx:
         raise ContextLengthExceeded(
-            f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens",
-            "messages")
+            f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens", param)
     room = ctx - len(ids)
     # Clients routinely ask for more tokens than a local model's context has left (Continue sends 4096
     # to a 2k model): the request is clamped to the room left, and generation ends with finish_reason
