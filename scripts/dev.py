@@ -25,6 +25,10 @@ VENV = ROOT / ".venv"
 TORCH = "torch==2.13.0"
 #: System libraries PySide6 needs to start offscreen on a bare Debian/Ubuntu machine.
 QT_APT_PACKAGES = ["libegl1", "libgl1", "libxkbcommon0", "libfontconfig1", "libglib2.0-0", "libdbus-1-3"]
+#: and on an X11 desktop, for Qt's xcb platform plugin (it names only xcb-cursor when any is missing)
+QT_XCB_APT_PACKAGES = ["libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1", "libxcb-image0", "libxcb-randr0",
+                       "libxcb-render-util0", "libxcb-shape0", "libxcb-xinerama0", "libxcb-xkb1",
+                       "libxkbcommon-x11-0"]
 
 
 def venv_python() -> Path:
@@ -46,23 +50,31 @@ def pip(*args: str) -> None:
 
 
 def ensure_venv(extras: list[str]) -> None:
+    """Create the venv and install the project with ``extras``; nothing is done when pyproject.toml is
+    unchanged and those extras are installed already (``run`` after ``test`` reinstalls nothing)."""
     if not venv_python().exists():
         step(f"creating virtual environment in {VENV}")
         venv.EnvBuilder(with_pip=True).create(VENV)
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + ",".join(extras).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
     stamp = VENV / ".exllama-tray-installed"
-    if stamp.exists() and stamp.read_text().strip() == wanted:
-        return
-    step("installing dependencies (first run or pyproject.toml changed; this takes a few minutes)")
+    have: set[str] = set()
+    if stamp.exists():
+        recorded, _, names = stamp.read_text().strip().partition(" ")
+        if recorded == digest:
+            have = set(filter(None, names.split(",")))
+            if set(extras) <= have:
+                return
+    wanted = sorted(have | set(extras))
+    step("installing dependencies (first run, pyproject.toml changed or new extras; this takes a few minutes)")
     torch_args = [TORCH]
     index = os.environ.get("EXLLAMA_TRAY_TORCH_INDEX")
     if index:
         torch_args += ["--index-url", index]
-    if "transformers" in extras or "exllamav2" in extras:
+    if "transformers" in wanted or "exllamav2" in wanted:
         pip("install", "-q", *torch_args)
-    spec = f".[{','.join(extras)}]" if extras else "."
+    spec = f".[{','.join(wanted)}]" if wanted else "."
     pip("install", "-q", "-e", spec)
-    stamp.write_text(wanted + "\n")
+    stamp.write_text(f"{digest} {','.join(wanted)}\n")
 
 
 CONTINUE_CLI = "@continuedev/cli@1.5.47"
@@ -81,19 +93,19 @@ def ensure_continue_cli() -> None:
         step("warning: could not install the Continue CLI; its test will be skipped")
 
 
-def missing_qt_libs() -> list[str]:
+def missing_qt_libs(packages: list[str] = QT_APT_PACKAGES) -> list[str]:
     if not sys.platform.startswith("linux") or not shutil.which("dpkg-query"):
         return []
     missing = []
-    for pkg in QT_APT_PACKAGES:
+    for pkg in packages:
         res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
         if "install ok installed" not in res.stdout:
             missing.append(pkg)
     return missing
 
 
-def ensure_qt_system_libs() -> None:
-    missing = missing_qt_libs()
+def ensure_qt_system_libs(packages: list[str] = QT_APT_PACKAGES) -> None:
+    missing = missing_qt_libs(packages)
     if not missing:
         return
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
@@ -127,6 +139,8 @@ def main(argv: list[str]) -> int:
         # one pytest run over tests/ (the Qt tests included) unless other arguments are given
         return _pytest_rc(subprocess.call([str(venv_python()), "-m", "pytest", *(rest or ["tests"])], env=env))
     extras = ["transformers"] + (["exllamav2"] if has_nvidia_gpu() else [])
+    on_x11 = bool(os.environ.get("DISPLAY")) and os.environ.get("QT_QPA_PLATFORM", "xcb").startswith("xcb")
+    ensure_qt_system_libs(QT_APT_PACKAGES + (QT_XCB_APT_PACKAGES if on_x11 else []))
     ensure_venv(extras)
     return subprocess.call([str(venv_python()), "-m", "app", *rest])
 
