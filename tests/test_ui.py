@@ -65,9 +65,11 @@ def fake_ollama():
 
 
 @pytest.fixture
-def tray(qtbot, qloop, tmp_path, memory_keyring, fake_ollama):
+def tray(qapp, qtbot, qloop, tmp_path, memory_keyring, fake_ollama):
     from app.ui.controller import AppController
     from app.ui.tray import TrayApp
+
+    qapp.setQuitOnLastWindowClosed(False)  # as the app sets it (launch.py): a window closing quits nothing
 
     registry = Registry(tmp_path / "models.json")
     store = ServerSettingsStore(tmp_path / "server.json")
@@ -372,3 +374,33 @@ def test_without_an_os_keyring_the_key_is_kept_in_a_private_file_and_the_dialog_
     assert not no_keyring.exists() and get_api_key() is None and dlg.key_note.isHidden()
     dlg.close()
     again.close()
+
+
+def test_without_a_tray_the_status_window_is_the_main_window_with_every_action(tray, qloop, tiny_model_dir: Path,
+                                                                               monkeypatch) -> None:
+    """Issue #15 item 3: without a system tray the status window had no menu (no Add model, Load,
+    Settings, Quit) and closing it left the process running with no UI. Offscreen Qt has no tray."""
+    from PySide6.QtWidgets import QApplication
+
+    from tests.server_harness import register
+
+    assert tray.window_first and tray.tray is None
+    tray.show()
+    assert tray.status_window.isVisible() and tray.status_window.windowTitle() == "ExLlama Tray"
+    bar = tray.status_window.layout().menuBar()
+    assert [a.text() for a in bar.actions()] == ["Models", "App"]
+    app_menu = bar.actions()[1].menu()
+    assert [a.text() for a in app_menu.actions() if a.text()] == [
+        "Add model…", "Copy API URL", "Server settings…", "Open log folder", "Quit"]
+    register(tray.controller.registry, "window", tiny_model_dir)
+    tray.bridge.notify_registry_changed()
+    models = bar.actions()[0].menu()
+    (entry,) = [a for a in models.actions() if "window" in a.text()]
+    assert [a.text() for a in entry.menu().actions()] == ["Load", "Unload", "Settings…"]
+    entry.menu().actions()[0].trigger()  # Load, from the window's menu bar
+    run(qloop, until(lambda: any(s.state == "ready" for s in tray.controller.engine.model_states()), 120))
+    quits: list[int] = []
+    monkeypatch.setattr(QApplication, "quit", lambda *args: quits.append(1))
+    tray.status_window.closedByUser.emit()  # what the window's close button does
+    run(qloop, until(lambda: tray.shut_down))
+    assert quits == [1] and tray.controller.listener is None and tray.controller.engine.model_states() == []

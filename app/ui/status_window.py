@@ -6,8 +6,10 @@ import time
 
 import pyqtgraph as pg
 import shiboken6
+from PySide6.QtCore import Signal
+from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import (
-    QComboBox, QGridLayout, QHBoxLayout, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QComboBox, QGridLayout, QHBoxLayout, QLabel, QMenuBar, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
 from app.engine.facade import Engine
@@ -17,6 +19,9 @@ PALETTE = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2"]
 
 
 class StatusWindow(QWidget):
+    #: the user closed the window (in window-first mode, without a tray, that quits the app)
+    closedByUser = Signal()
+
     def __init__(self, engine: Engine, url_provider, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.engine = engine
@@ -73,6 +78,17 @@ class StatusWindow(QWidget):
             if menu is not None:
                 menu.setParent(self, menu.windowFlags())
         return plot
+
+    def set_menu_bar(self, bar: QMenuBar) -> None:
+        """Window-first mode (no system tray): the tray menu's actions in a menu bar of this window."""
+        bar.setParent(self)
+        self.layout().setMenuBar(bar)
+        self.setWindowTitle("ExLlama Tray")
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if event.spontaneous():  # the window's close button, not a close() from the code
+            self.closedByUser.emit()
+        super().closeEvent(event)
 
     def release(self) -> None:
         """Before the window is deleted: close what pyqtgraph opened on its own (the Export dialog of

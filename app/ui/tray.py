@@ -17,7 +17,7 @@ from typing import TypeVar
 import shiboken6
 from PySide6.QtCore import QCoreApplication, QObject, Qt, QUrl
 from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
-from PySide6.QtWidgets import QApplication, QDialog, QMenu, QMessageBox, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QDialog, QMenu, QMenuBar, QMessageBox, QSystemTrayIcon
 
 from app.engine.catalog.registry import RegistryError, display_name
 from app.engine.facade import ModelNotFound
@@ -57,6 +57,10 @@ class TrayApp(QObject):
             self.tray = QSystemTrayIcon(state_icon("idle"), self)
             self.tray.setContextMenu(self.menu)
             self.tray.activated.connect(self._activated)
+        #: no system tray on this desktop: the status window is the main window, with the menu in its bar
+        self.window_first = self.tray is None
+        if self.window_first:
+            self._make_window_menu()
         self.bridge.statusChanged.connect(self.refresh)
         self.bridge.registryChanged.connect(self.rebuild_models_menu)
         self.bridge.sampled.connect(self.on_sample)
@@ -73,6 +77,22 @@ class TrayApp(QObject):
         self.icon_state = "idle"
         self.rebuild_models_menu()
         self.refresh()
+
+    def _make_window_menu(self) -> None:
+        bar = QMenuBar()
+        bar.addMenu(self.models_menu)  # the same menu the tray shows: one set of model actions
+        app_menu = bar.addMenu("App")
+        for label in ("Add model…", "Copy API URL", "Server settings…", "Open log folder"):
+            app_menu.addAction(self.actions[label])
+        app_menu.addSeparator()
+        app_menu.addAction(self.actions["Quit"])
+        self.status_window.set_menu_bar(bar)
+        self.status_window.closedByUser.connect(self._main_window_closed)
+
+    def _main_window_closed(self) -> None:
+        """Closing the main window quits, as with any windowed app (no tray icon is left to reach)."""
+        if not self.shut_down:
+            self.quit()
 
     # -- showing ---------------------------------------------------------------------------
     def show(self) -> None:
