@@ -404,3 +404,18 @@ def test_without_a_tray_the_status_window_is_the_main_window_with_every_action(t
     tray.status_window.closedByUser.emit()  # what the window's close button does
     run(qloop, until(lambda: tray.shut_down))
     assert quits == [1] and tray.controller.listener is None and tray.controller.engine.model_states() == []
+
+
+def test_idle_plots_start_at_zero_with_whole_counts(tray, qloop) -> None:
+    """Issue #15 item 8: idle plots had a -400..400 axis labelled 'count (x0.001)'."""
+    window = tray.status_window
+    run(qloop, until(lambda: len(tray.controller.engine.metrics.history(60)) >= 2, 10))
+    window.refresh()
+    for plot in (window.requests_plot, window.tps_plot, window.memory_plot):
+        low, high = plot.getViewBox().viewRange()[1]
+        assert low == 0 and high >= 1, (plot, low, high)
+        axis = plot.getAxis("left")
+        assert not axis.autoSIPrefix and "x0.001" not in axis.labelString()
+    assert window.requests_plot.getViewBox().viewRange()[1][1] < 2  # idle: 0 requests, an axis up to 1
+    rss = window.memory_plot.getViewBox().viewRange()[1][1]
+    assert rss > 50  # the process's own MiB, on an axis from 0

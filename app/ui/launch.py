@@ -39,10 +39,14 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
     from app.paths import config_dir
     from app.server_config import ServerSettingsStore
     from app.ui.controller import AppController
+    from app.ui.icons import state_icon
     from app.ui.tray import TrayApp
 
     app = QApplication.instance() or QApplication(sys.argv)
-    app.setApplicationName("ExLlama Tray")
+    app.setApplicationName("exllama-tray")  # the window class, and the name of its settings
+    app.setApplicationDisplayName("ExLlama Tray")  # in every window's title bar
+    app.setDesktopFileName("exllama-tray")
+    app.setWindowIcon(state_icon("ready"))  # every window and dialog, not a blank icon
     app.setQuitOnLastWindowClosed(False)
 
     # a second start brings the running app's status window forward instead of starting another server

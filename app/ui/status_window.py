@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pyqtgraph as pg
@@ -71,6 +72,8 @@ class StatusWindow(QWidget):
         plot.setLabel("left", unit)
         plot.setLabel("bottom", "seconds ago")
         plot.showGrid(x=True, y=True, alpha=0.2)
+        plot.getAxis("left").enableAutoSIPrefix(False)  # "count (x0.001)" said nothing useful
+        plot.setMouseEnabled(x=False, y=False)  # the range follows the data; the menu still exports
         # pyqtgraph makes its right-click menus without a parent, so only Python's garbage collector
         # would free them, at any time; owned by this window, they go when it is deleted
         item = plot.getPlotItem()
@@ -89,6 +92,16 @@ class StatusWindow(QWidget):
         if event.spontaneous():  # the window's close button, not a close() from the code
             self.closedByUser.emit()
         super().closeEvent(event)
+
+    @staticmethod
+    def _fit_y(plot: pg.PlotWidget, values: list[float], *, whole: bool = False) -> None:
+        """From 0 to a little above the largest value (at least 1): an idle plot is a flat line at 0, not
+        a -400..400 axis, and a few MiB more memory is not drawn as a cliff. Counts get whole ticks."""
+        top = max([1.0, *values])
+        plot.setYRange(0, top * 1.1, padding=0)
+        if whole:
+            step = max(1, math.ceil(top / 5))
+            plot.getAxis("left").setTickSpacing(step, step)
 
     def release(self) -> None:
         """Before the window is deleted: close what pyqtgraph opened on its own (the Export dialog of
@@ -120,6 +133,9 @@ class StatusWindow(QWidget):
             self.memory_curves[device].setData(xs, [s.memory.get(device, 0) / 2**20 for s in history])
         for plot in (self.requests_plot, self.tps_plot, self.memory_plot):
             plot.setXRange(-seconds, 0, padding=0)
+        self._fit_y(self.requests_plot, [v for s in history for v in (s.running, s.waiting)], whole=True)
+        self._fit_y(self.tps_plot, [v for s in history for v in (s.generation_tps, s.prompt_tps)])
+        self._fit_y(self.memory_plot, [s.memory.get(d, 0) / 2**20 for s in history for d in devices])
         states = self.engine.model_states()
         if states:
             self.model_label.setText("; ".join(
@@ -137,3 +153,4 @@ class StatusWindow(QWidget):
                       "" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}", r.finish_reason]
             for col, value in enumerate(values):
                 self.table.setItem(row, col, QTableWidgetItem(str(value)))
+        self.table.resizeColumnsToContents()  # every column readable at the default width
