@@ -419,3 +419,18 @@ def test_idle_plots_start_at_zero_with_whole_counts(tray, qloop) -> None:
     assert window.requests_plot.getViewBox().viewRange()[1][1] < 2  # idle: 0 requests, an axis up to 1
     rss = window.memory_plot.getViewBox().viewRange()[1][1]
     assert rss > 50  # the process's own MiB, on an axis from 0
+
+
+def test_a_settings_field_says_at_once_what_is_wrong_with_what_was_typed(tray, tiny_model_dir: Path) -> None:
+    """Issue #15 item 7: fields accepted invalid text until Save, though the README says they refuse it."""
+    from tests.server_harness import register
+
+    register(tray.controller.registry, "typed", tiny_model_dir)
+    dlg = tray.open_model_settings("typed:latest")
+    dlg.set_value("top_k", "many")
+    assert not dlg.errors["top_k"].isHidden() and dlg.errors["top_k"].text() == "must be a whole number"
+    dlg.set_value("top_k", "20")
+    assert dlg.errors["top_k"].isHidden()
+    dlg.set_value("temperature", "9")
+    assert not dlg.errors["temperature"].isHidden() and "less than or equal to 5" in dlg.errors["temperature"].text()
+    dlg.close()

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from app.engine.catalog.registry import Registry, RegistryError
 
@@ -30,17 +31,11 @@ def setup_file_logging() -> None:
     logging.getLogger().addHandler(handler)
 
 
-def launch_tray(registry: Registry, port: int | None = None) -> int:
-    import qasync
-    from PySide6.QtCore import QCoreApplication, QEvent
-    from PySide6.QtNetwork import QLocalServer, QLocalSocket
+def make_application() -> Any:
+    """The QApplication, named and with an icon for every window; closing a window quits nothing."""
     from PySide6.QtWidgets import QApplication
 
-    from app.paths import config_dir
-    from app.server_config import ServerSettingsStore
-    from app.ui.controller import AppController
     from app.ui.icons import state_icon
-    from app.ui.tray import TrayApp
 
     app = QApplication.instance() or QApplication(sys.argv)
     app.setApplicationName("exllama-tray")  # the window class, and the name of its settings
@@ -48,14 +43,35 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
     app.setDesktopFileName("exllama-tray")
     app.setWindowIcon(state_icon("ready"))  # every window and dialog, not a blank icon
     app.setQuitOnLastWindowClosed(False)
+    return app
 
-    # a second start brings the running app's status window forward instead of starting another server
+
+def bring_forward_running_app() -> bool:
+    """A second start brings the running app's status window forward instead of starting another server."""
+    from PySide6.QtNetwork import QLocalSocket
+
     probe = QLocalSocket()
     probe.connectToServer(instance_name())
-    if probe.waitForConnected(300):
-        probe.write(b"show\n")
-        probe.flush()
-        probe.waitForBytesWritten(1000)
+    if not probe.waitForConnected(300):
+        return False
+    probe.write(b"show\n")
+    probe.flush()
+    probe.waitForBytesWritten(1000)
+    return True
+
+
+def launch_tray(registry: Registry, port: int | None = None) -> int:
+    import qasync
+    from PySide6.QtCore import QCoreApplication, QEvent
+    from PySide6.QtNetwork import QLocalServer
+
+    from app.paths import config_dir
+    from app.server_config import ServerSettingsStore
+    from app.ui.controller import AppController
+    from app.ui.tray import TrayApp
+
+    app = make_application()
+    if bring_forward_running_app():
         print("ExLlama Tray is already running; its status window was brought forward.", file=sys.stderr)
         return 0
     QLocalServer.removeServer(instance_name())

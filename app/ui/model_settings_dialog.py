@@ -101,9 +101,17 @@ class ModelSettingsDialog(QDialog):
         layout.addWidget(self.reload_note)
         layout.addWidget(self.status)
         layout.addWidget(buttons)
+        self._watch_fields()
+        self.update_preview()
+
+    def _watch_fields(self) -> None:
+        """The preview follows the prompt fields; a typed value is checked as it is typed, at its field."""
         for field in ("template", "system_prompt", "custom_template", "stop"):
             self._on_change(self.inputs[field], self.update_preview)
-        self.update_preview()
+        self._field_of = {widget: field for field, widget in self.inputs.items()}
+        for widget in self.inputs.values():
+            if isinstance(widget, QLineEdit):
+                widget.textChanged.connect(self._field_edited)
 
     # -- widgets ------------------------------------------------------------------------
     def _make_input(self, field: str, value: Any) -> QWidget:
@@ -181,23 +189,35 @@ class ModelSettingsDialog(QDialog):
         return text
 
     # -- validation and save ---------------------------------------------------------
+    def check_field(self, field: str) -> tuple[bool, Any]:
+        """Whether ``field`` holds a valid value (its message shown at the field when not), and the value."""
+        self.errors[field].setVisible(False)
+        try:
+            value = self.raw_value(field)
+            if value is not None:
+                Settings(**{field: value})
+        except ValueError as exc:
+            message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            message = message.split(": ", 1)[-1] if isinstance(exc, ValidationError) else message
+            self.errors[field].setText(message)
+            self.errors[field].setVisible(True)
+            return False, None
+        return True, value
+
+    def _field_edited(self) -> None:
+        field = self._field_of.get(self.sender())  # type: ignore[call-overload]
+        if field is not None:
+            self.check_field(field)
+
     def collect(self) -> Settings | None:
         """The edited settings, or None after showing a message at each invalid field."""
         data: dict[str, Any] = {}
         ok = True
         for field in self.inputs:
-            self.errors[field].setVisible(False)
-            try:
-                value = self.raw_value(field)
-                if value is not None:
-                    Settings(**{field: value})
-                    data[field] = value
-            except ValueError as exc:
-                message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-                message = message.split(": ", 1)[-1] if isinstance(exc, ValidationError) else message
-                self.errors[field].setText(message)
-                self.errors[field].setVisible(True)
-                ok = False
+            valid, value = self.check_field(field)
+            ok = ok and valid
+            if valid and value is not None:
+                data[field] = value
         return Settings(**data) if ok else None
 
     def update_preview(self) -> None:
