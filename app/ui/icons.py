@@ -22,9 +22,10 @@ def state_icon(state: str, progress: float | None = None, size: int = 64) -> QIc
     font.setBold(True)
     font.setPixelSize(int(size * 0.42))
     p.setFont(font)
-    text = {"loading": f"{int((progress or 0) * 100)}" if progress is not None else "…", "error": "!",
-            "generating": "▶"}.get(state, "EX")
-    if state == "loading" and progress is not None:
+    # a load's first seconds (a process starting, imports) have no percentage worth showing: "…" until 1 %
+    percent = None if progress is None or progress < 0.01 else int(progress * 100)
+    text = {"loading": "…" if percent is None else f"{percent}", "error": "!", "generating": "▶"}.get(state, "EX")
+    if state == "loading" and percent is not None:
         font.setPixelSize(int(size * 0.34))
         p.setFont(font)
     p.drawText(QRectF(0, 0, size, size), Qt.AlignmentFlag.AlignCenter, text)
