@@ -81,8 +81,13 @@ class AppController:
         except (OSError, ValueError) as exc:
             log.warning("server settings not applied: %s", exc)
             if old is not None:  # back on the settings that worked, on the same port
-                self.listener = Listener(self.engine, old_config)
-                await self.listener.start()
+                restored = Listener(self.engine, old_config)
+                try:
+                    await restored.start()
+                    self.listener = restored
+                except (OSError, ValueError) as again:  # taken meanwhile by another program
+                    self.listen_error = str(again)
+                    log.error("the API server could not start again: %s", again)
             raise
         self.listener, self.listen_error = new, None
         self.settings = settings
