@@ -359,3 +359,24 @@ async def test_close_cancels_a_load_in_progress(fleet: FakeFleet) -> None:
     with pytest.raises(ModelLoadError):
         await want_a
     assert mgr.states() == [] and mgr.load_failures() == []
+
+
+async def test_a_load_cancelled_after_its_last_cancel_check_keeps_an_earlier_failure(fleet: FakeFleet) -> None:
+    fleet.failures[A] = "broken"
+    mgr = manager(fleet)
+    with pytest.raises(ModelLoadError):
+        await asyncio.wait_for(mgr.acquire(A), 5)
+    del fleet.failures[A]
+    fleet.gates[A] = threading.Event()
+    fleet.deaf.add(A)
+    want_a = waiting_for(mgr, A)
+    assert await async_wait_until(lambda: fleet.last(A).load_started.is_set())
+    unload = asyncio.ensure_future(mgr.unload(A))
+    await settle()
+    fleet.gates[A].set()
+    with pytest.raises(ModelLoadError, match="load cancelled"):
+        await asyncio.wait_for(want_a, 5)
+    assert await asyncio.wait_for(unload, 5) is True
+    assert [f.message for f in mgr.load_failures()] == ["model a:latest failed to load: broken"]
+    assert mgr.last_failure is not None
+    await mgr.close()

@@ -217,8 +217,7 @@ class ModelManager:
             backend, idle_minutes = self._factory(name)
         except (BackendLoadError, EngineError, ValueError) as exc:  # e.g. an EXL2 model and no GPU
             message = f"model {name} failed to load: {exc}"
-            log.warning("%s", message)
-            self._failures[name] = self.last_failure = LoadFailure(name, message, time.time())
+            self._record_failure(name, message)
             self._fail_waiters(name, message)
             self._changed()
             return False
@@ -247,8 +246,7 @@ class ModelManager:
             if isinstance(exc, LoadCancelled):
                 log.info("loading %s cancelled", resident.name)
             else:
-                log.warning("%s", message)
-                self._failures[resident.name] = self.last_failure = LoadFailure(resident.name, message, time.time())
+                self._record_failure(resident.name, message)
             await asyncio.to_thread(resident.backend.unload)
             self._residents.pop(resident.name, None)
             self._fail_waiters(resident.name, message)
@@ -262,8 +260,6 @@ class ModelManager:
         runner = runner_cls(resident.name, resident.backend, self._metrics, loop)
         runner.start()
         resident.runner = runner
-        self._failures.pop(resident.name, None)
-        self.last_failure = None
         log.info("model %s loaded in %.1f s (%s batching)", resident.name, time.monotonic() - started,
                  resident.backend.batching)
         if resident.cancel.is_set():
@@ -271,11 +267,18 @@ class ModelManager:
             # counts as cancelled, as it would have a moment earlier, and the model goes again
             self._fail_waiters(resident.name, f"model {resident.name} failed to load: load cancelled")
             resident.state, resident.message = "unloading", "unloading"
-        else:
+        else:  # a cancelled load is not a failure, and it does not clear one either
+            self._failures.pop(resident.name, None)
+            self.last_failure = None
             resident.state = "ready" if resident.state == "loading" else resident.state
             resident.progress, resident.message = 1.0, "ready"
         self._changed()
         self._pump()
+
+    def _record_failure(self, name: str, message: str) -> None:
+        """Keep ``name``'s failed load (shown in /health and the tray) until it loads."""
+        log.warning("%s", message)
+        self._failures[name] = self.last_failure = LoadFailure(name, message, time.time())
 
     def _start_unload(self, resident: Resident) -> None:
         if resident.idle_timer is not None:
