@@ -113,13 +113,16 @@ class PreparedModels:
         server = self._server()
         prepared = self._cache.get(key)
         now = time.monotonic()
+        stamp = None
         if prepared is not None and prepared.entry is entry and prepared.layers.server is server:
             if now - prepared.checked < FOLDER_CHECK_S:
                 return prepared
-            if prepared.stamp == folder_stamp(entry.model_dir):
+            stamp = folder_stamp(entry.model_dir)
+            if prepared.stamp == stamp:
                 prepared.checked = now
                 return prepared
-        stamp = folder_stamp(entry.model_dir)  # before reading: a change meanwhile shows next time
+        if stamp is None:
+            stamp = folder_stamp(entry.model_dir)  # before reading: a change meanwhile shows next time
         layers = layers_for(entry, server)
         prepared = PreparedModel(key, entry, layers, layers.resolve(), read_special_tokens(Path(entry.model_dir)),
                                  stamp, now)
