@@ -70,10 +70,7 @@ class Engine:
 
     def layers(self, name: str, request: Settings | None = None, *, model: Settings | None = None) -> SettingsLayers:
         """The model's settings layers; ``model`` stands in for its saved settings (the dialog's edits)."""
-        layers = replace(self.prepared.get(name).layers)  # a copy: the prepared model keeps its own
-        if model is not None:
-            layers.model = model
-        return layers if request is None else layers.with_request(request)
+        return _layers_of(self.prepared.get(name), request, model)
 
     def save_model_settings(self, name: str, settings: Settings) -> None:
         """Replace what the user set for ``name`` in models.json (raises RegistryError when it cannot)."""
@@ -83,7 +80,7 @@ class Engine:
         """The prompt ``chat`` becomes for ``name`` (with ``model`` as its own settings when given);
         raises InvalidRequest when the template cannot be rendered."""
         prepared = self.prepared.get(name)
-        settings = self.layers(name, model=model).resolve().effective
+        settings = _layers_of(prepared, None, model).resolve().effective
         try:  # not kept: each edit in the dialog is another template
             return make_prompt_builder(prepared.entry, settings, prepared.special).build(chat)
         except PromptError as exc:
@@ -284,6 +281,13 @@ class Engine:
         handle = JobHandle(self.manager, resident, job, display_name(prepared.key))
         handle.prepare_s = time.perf_counter() - started
         return handle
+
+
+def _layers_of(prepared: PreparedModel, request: Settings | None, model: Settings | None) -> SettingsLayers:
+    layers = replace(prepared.layers)  # a copy: the prepared model keeps its own
+    if model is not None:
+        layers.model = model
+    return layers if request is None else layers.with_request(request)
 
 
 def sampling_params(settings: EffectiveSettings, logit_bias: dict[int, float]) -> SamplingParams:
