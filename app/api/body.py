@@ -1,19 +1,13 @@
-"""Reading a request's JSON body and validating it against a wire model, with readable 400s."""
+"""Reading a request's JSON body, with readable 400s for what is not a JSON object."""
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from app.api.errors import ApiError
-from app.api.openai.protocol import UnsupportedValue
-from app.engine.settings.schema import format_validation_error
-
-log = logging.getLogger(__name__)
 
 
 def _reject_constant(name: str) -> Any:
@@ -35,22 +29,3 @@ async def read_json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object")
     return body
-
-
-def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        parsed = model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise ApiError(400, f"Invalid request: {format_validation_error(exc)}", param=param) from None
-    except RecursionError:
-        raise ApiError(400, "Invalid request: nested too deeply") from None
-    extra = set(parsed.model_extra or {})
-    if extra:
-        log.debug("ignoring unknown request fields: %s", sorted(extra))
-    try:
-        parsed.check_supported()
-    except UnsupportedValue as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="unsupported_value") from None
-    return parsed

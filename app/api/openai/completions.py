@@ -8,9 +8,9 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from app.api.body import parse, read_json_body
+from app.api.body import read_json_body
 from app.api.keys import ENGINE
-from app.api.openai.protocol import CompletionRequest
+from app.api.openai.protocol import CompletionRequest, parse
 from app.api.openai.streaming import (
     finish_reason, in_band_error, sse, stream_response, timing_headers, usage_body, whole_result,
 )

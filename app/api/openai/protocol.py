@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.api.errors import ApiError
 
 from app.engine.requests import Message, ToolCall as EngineToolCall
-from app.engine.settings.schema import Settings
+from app.engine.settings.schema import Settings, format_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +209,23 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, list):
             return prompt[0]  # type: ignore[return-value]
         return prompt
+
+
+def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """``body`` as the wire model ``model``, or an ApiError (400) naming the field at fault."""
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        raise ApiError(400, f"Invalid request: {format_validation_error(exc)}", param=param) from None
+    except RecursionError:
+        raise ApiError(400, "Invalid request: nested too deeply") from None
+    extra = set(parsed.model_extra or {})
+    if extra:
+        log.debug("ignoring unknown request fields: %s", sorted(extra))
+    try:
+        parsed.check_supported()
+    except UnsupportedValue as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="unsupported_value") from None
+    return parsed
