@@ -242,9 +242,13 @@ def test_bad_inputs_get_openai_errors(server: ServerThread, client: openai.OpenA
     assert chat(client, model="tiny", messages=MSGS, max_tokens=2).choices[0].message.content is not None
 
 
-def test_health_and_metrics(server: ServerThread) -> None:
+def test_health_and_metrics(server: ServerThread, client: openai.OpenAI) -> None:
+    chat(client, model="tiny", messages=MSGS, max_tokens=2)
     health = httpx.get(f"{server.root}/health").json()
     assert health["status"] == "ok" and "tiny:latest" in health["loaded"]
+    tiny = next(m for m in health["models"] if m["model"] == "tiny:latest")
+    assert tiny["batching"] == "continuous" and tiny["max_batch"] >= 2
+    assert tiny["batching_summary"] == f"continuous batching ({tiny['max_batch']})"
     text = httpx.get(f"{server.root}/metrics").text
     for name in ("exllama_tray_requests_running", "exllama_tray_requests_waiting", "exllama_tray_prompt_tokens_total",
                  "exllama_tray_generation_tokens_total", "exllama_tray_time_to_first_token_seconds_bucket",

@@ -88,6 +88,7 @@ async def health(request: web.Request) -> web.Response:
         "loading": [{"model": s.name, "progress": round(s.progress, 3), "message": s.message}
                     for s in states if s.state == "loading"],
         "models": [{"model": s.name, "state": s.state, "backend": s.backend, "batching": s.batching,
+                    "max_batch": s.max_batch, "batching_summary": s.batching_summary,
                     "active_jobs": s.active_jobs, "message": s.message, "notice": s.notice} for s in states],
         "load_failures": [{"model": f.name, "message": f.message, "at": f.at} for f in engine.load_failures()],
         "spare_processes": engine.spare_processes(),

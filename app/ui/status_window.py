@@ -140,7 +140,7 @@ class StatusWindow(QWidget):
         if states:
             self.model_label.setText("; ".join(
                 f"{s.name}: {s.state}" + (f" {s.progress * 100:.0f}%" if s.state == "loading" else "")
-                + f" — {s.backend} backend, {s.batching} batching" + (f" — {s.notice}" if s.notice else "")
+                + f" — {s.backend} backend, {s.batching_summary}" + (f" — {s.notice}" if s.notice else "")
                 for s in states))
         else:
             self.model_label.setText("No model loaded")

@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.events import BackendJob, SamplingParams, StepEvent
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 CACHE_CLASSES = {"FP16": "ExLlamaV2Cache", "Q8": "ExLlamaV2Cache_Q8", "Q6": "ExLlamaV2Cache_Q6",
                  "Q4": "ExLlamaV2Cache_Q4"}
 MAX_CHUNK = 2048
+PAGE = 256  # exllamav2's page: its cache length (paged or not) and, paged, its prefill chunk are multiples
+MAX_Q = 8  # tokens a job may pass in one decode step (the generator's default max_q_size)
 PROBE_TEXT = "Héllo wörld, 1234 ✓ 你好 🙂\n\tdef f(x):  return x"
 
 
@@ -164,8 +166,10 @@ class ExLlamaV2Backend(BackendBase):
                 config.scale_pos_emb = self.rope_scale
             if self.rope_alpha != 1.0:
                 config.scale_alpha_value = self.rope_alpha
-            config.max_input_len = min(MAX_CHUNK, self.context_length)
+            sizes = cache_sizes(self.context_length, self.max_batch, self.paged)
+            config.max_input_len = sizes.chunk
             config.max_attention_size = config.max_input_len ** 2
+            config.max_batch_size = sizes.config_batch
             return config, exl.ExLlamaV2(config)
         except Exception as exc:
             raise BackendLoadError(f"cannot read the model in {self.model_dir}: {exc}") from None
@@ -173,7 +177,7 @@ class ExLlamaV2Backend(BackendBase):
     def _load_weights(self, exl: Any, config: Any, model: Any, progress: ProgressFn, cancel: threading.Event) -> None:
         """Weights, cache, tokenizer and generator; the caller turns failures into readable errors."""
         cache_cls = getattr(exl, CACHE_CLASSES.get(self.cache_type, "ExLlamaV2Cache"))
-        cache_len = self.context_length * (self.max_batch if self.paged else 1)
+        cache_len = cache_sizes(self.context_length, self.max_batch, self.paged).cache_tokens
 
         def callback(done: int, total: int) -> None:
             if cancel.is_set():
@@ -227,7 +231,7 @@ class ExLlamaV2Backend(BackendBase):
         self._generator = ExLlamaV2DynamicGenerator(
             model=self._model, cache=self._cache, tokenizer=self._tokenizer,
             max_batch_size=self.max_batch if self.paged else 1, max_seq_len=self.context_length,
-            max_chunk_size=min(MAX_CHUNK, self.context_length), paged=self.paged)
+            max_chunk_size=cache_sizes(self.context_length, self.max_batch, self.paged).chunk, paged=self.paged)
 
     def unload(self) -> None:
         self._jobs.clear()
@@ -357,6 +361,20 @@ class ExLlamaV2Backend(BackendBase):
                 events.append(StepEvent(job_id, text, n))
         self.last_step_batch = len(streaming)
         return events
+
+
+class CacheSizes(NamedTuple):
+    cache_tokens: int  # the cache's length: one job's context, or context x batch in paged mode
+    chunk: int  # the most prompt tokens one prefill step takes (the model's max_input_len)
+    config_batch: int  # the model config's max_batch_size, so that batch x MAX_Q fits its input buffers
+
+
+def cache_sizes(context_length: int, max_batch: int, paged: bool) -> CacheSizes:
+    """exllamav2's sizes for a context and batch: whole pages (its generator asserts multiples of 256)."""
+    per_job = -(-context_length // PAGE) * PAGE
+    chunk = min(MAX_CHUNK, per_job)
+    batch = max_batch if paged else 1
+    return CacheSizes(per_job * batch, chunk, max(1, -(-batch * MAX_Q // chunk)))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -39,6 +39,15 @@ class ModelState:
     batching: str
     active_jobs: int
     notice: str = ""
+    #: how many jobs one step may run (the model's batch_size; 1 when the backend runs one at a time)
+    max_batch: int = 1
+
+    @property
+    def batching_summary(self) -> str:
+        """What the UI and /health say about batching, e.g. "continuous batching (32)"."""
+        if self.batching == "continuous":
+            return f"continuous batching ({self.max_batch})"
+        return "one request at a time"
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,8 @@ class ModelManager:
     # -- public -------------------------------------------------------------------
     def states(self) -> list[ModelState]:
         return [ModelState(r.name, r.state, r.progress, r.message, r.backend.name, r.backend.batching,
-                           r.active, r.backend.notice) for r in self._residents.values()]
+                           r.active, r.backend.notice, r.backend.max_batch if r.backend.batching == "continuous" else 1)
+                for r in self._residents.values()]
 
     def load_failures(self) -> list[LoadFailure]:
         """Each model's last failed load, oldest first, for models that have not loaded since."""

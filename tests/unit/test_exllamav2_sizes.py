@@ -1,0 +1,27 @@
+"""exllamav2's cache and chunk sizes: whole 256-token pages whatever context a user sets."""
+
+import pytest
+
+from app.engine.backends.exllamav2_backend import PAGE, cache_sizes
+
+
+@pytest.mark.parametrize("context,batch,paged,cache,chunk", [
+    (2048, 32, True, 65536, 2048),  # paged: context x batch
+    (2048, 32, False, 2048, 2048),  # unpaged: one job's context whatever the batch says
+    (3000, 4, True, 3072 * 4, 2048),  # a context that is not whole pages is rounded up to them
+    (1000, 8, True, 1024 * 8, 1024),  # the chunk never exceeds one job's cache
+    (100, 1, False, 256, 256),
+])
+def test_sizes_are_whole_pages(context: int, batch: int, paged: bool, cache: int, chunk: int) -> None:
+    sizes = cache_sizes(context, batch, paged)
+    assert (sizes.cache_tokens, sizes.chunk) == (cache, chunk)
+    assert sizes.cache_tokens % PAGE == 0 and sizes.chunk % PAGE == 0
+    assert sizes.cache_tokens >= context * (batch if paged else 1)
+
+
+def test_model_input_buffers_hold_a_whole_decode_batch() -> None:
+    # the generator asserts config.max_batch_size x max_input_len >= batch x 8 decode tokens
+    for context, batch in [(256, 128), (512, 64), (2048, 256), (4096, 1)]:
+        sizes = cache_sizes(context, batch, True)
+        assert sizes.config_batch * sizes.chunk >= batch * 8
+        assert sizes.config_batch == 1 or (sizes.config_batch - 1) * sizes.chunk < batch * 8
