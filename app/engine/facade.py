@@ -35,6 +35,8 @@ from app.engine.serving.jobs import JobHandle
 from app.engine.serving.manager import LoadFailure, ModelManager, ModelState, Resident
 from app.engine.settings.layers import EffectiveSettings, ResolvedSettings, SettingsLayers
 from app.engine.settings.schema import Settings
+from app.engine.tools import ParsedToolCall, ToolCallStream
+from app.engine.tools.formats import format_for_model
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
@@ -42,10 +44,13 @@ SAMPLE_SECONDS = 1.0
 INLINE_CHARS = 4096
 #: no tokenizer packs more text than this into one token: a longer prompt is refused before it is counted
 MAX_CHARS_PER_TOKEN = 64
+#: idle minutes standing for Ollama's keep_alive 0: the idle timer fires as soon as the last job ends
+UNLOAD_WHEN_IDLE = 1e-9
 BackendFactory = Callable[[ModelEntry, EffectiveSettings], Backend]
 
 __all__ = ["Engine", "EngineError", "InvalidRequest", "ContextLengthExceeded", "ModelNotFound", "ModelLoadError",
-           "JobHandle", "ChatRequest", "CompletionRequest", "Message", "ModelInfoView", "TextDelta", "JobFinished"]
+           "JobHandle", "ChatRequest", "CompletionRequest", "Message", "ModelInfoView", "TextDelta", "JobFinished",
+           "ParsedToolCall", "ToolCallStream"]
 
 
 class Engine:
@@ -116,6 +121,41 @@ class Engine:
 
     async def unload(self, name: str) -> bool:
         return await self.manager.unload(normalize_name(name))
+
+    def keep_alive(self, name: str, seconds: float | None) -> None:
+        """How long ``name`` stays loaded once its last running job ends (Ollama's ``keep_alive``):
+        None its idle-unload setting, 0 unload as soon as it is idle, negative never unload when idle.
+        Applies from now on (the next request without one goes back to the setting); call it while a
+        job of the request holds the model, or after a load."""
+        prepared = self.prepared.get(name)
+        resident = self.manager.resident(prepared.key)
+        if resident is None:
+            return
+        if seconds is None:
+            resident.idle_minutes = prepared.base.effective.idle_unload_minutes
+        else:
+            resident.idle_minutes = UNLOAD_WHEN_IDLE if seconds == 0 else max(seconds, 0.0) / 60
+        if resident.active == 0:  # idle already: its timer was armed with the old figure
+            if resident.idle_timer is not None:
+                resident.idle_timer.cancel()
+                resident.idle_timer = None
+            self.manager._arm_idle_timer(resident)
+
+    def unload_deadline(self, name: str) -> float | None:
+        """When (``time.time()``) an idle ``name`` will be unloaded if nothing uses it; None: never or
+        not loaded. A model with running jobs counts from now."""
+        resident = self.manager.resident(normalize_name(name))
+        if resident is None or resident.idle_minutes <= 0:
+            return None
+        idle_s = 0.0 if resident.active else time.monotonic() - resident.last_used
+        return time.time() + max(resident.idle_minutes * 60 - idle_s, 0.0)
+
+    def has_fill_in_middle(self, name: str) -> bool:
+        """Whether a completion with a suffix is a real fill-in-the-middle prompt for ``name``."""
+        try:
+            return self.prepared.get(name).fill_in_middle() is not None
+        except PromptError:
+            return False
 
     # -- listeners ------------------------------------------------------------------
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -230,8 +270,12 @@ class Engine:
         except PromptError as exc:
             raise InvalidRequest(str(exc), "messages") from None
         stops = [*settings.stop, *(s for s in builder.stop_strings if s not in settings.stop)]
-        return await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
-                                  request.logit_bias, add_bos=False, started=started, param="messages")
+        handle = await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
+                                    request.logit_bias, add_bos=False, started=started, param="messages")
+        if request.tools:
+            tool_setting = prepared.resolve(request.settings).values.get("tool_format")
+            handle.tool_format = format_for_model(prepared.entry, settings, prepared.special, tool_setting)
+        return handle
 
     async def submit_completion(self, request: CompletionRequest) -> JobHandle:
         started = time.perf_counter()
