@@ -35,8 +35,7 @@ from app.engine.serving.jobs import JobHandle
 from app.engine.serving.manager import LoadFailure, ModelManager, ModelState, Resident
 from app.engine.settings.layers import EffectiveSettings, ResolvedSettings, SettingsLayers
 from app.engine.settings.schema import Settings
-from app.engine.tools import ParsedToolCall, ToolCallStream
-from app.engine.tools.formats import format_for_model
+from app.engine.tools.formats import format_for_prepared
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
@@ -49,8 +48,7 @@ UNLOAD_WHEN_IDLE = 1e-9
 BackendFactory = Callable[[ModelEntry, EffectiveSettings], Backend]
 
 __all__ = ["Engine", "EngineError", "InvalidRequest", "ContextLengthExceeded", "ModelNotFound", "ModelLoadError",
-           "JobHandle", "ChatRequest", "CompletionRequest", "Message", "ModelInfoView", "TextDelta", "JobFinished",
-           "ParsedToolCall", "ToolCallStream"]
+           "JobHandle", "ChatRequest", "CompletionRequest", "Message", "ModelInfoView", "TextDelta", "JobFinished"]
 
 
 class Engine:
@@ -272,9 +270,7 @@ class Engine:
         stops = [*settings.stop, *(s for s in builder.stop_strings if s not in settings.stop)]
         handle = await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
                                     request.logit_bias, add_bos=False, started=started, param="messages")
-        if request.tools:
-            tool_setting = prepared.resolve(request.settings).values.get("tool_format")
-            handle.tool_format = format_for_model(prepared.entry, settings, prepared.special, tool_setting)
+        handle.tool_format = format_for_prepared(prepared, request.settings) if request.tools else None
         return handle
 
     async def submit_completion(self, request: CompletionRequest) -> JobHandle:

@@ -24,6 +24,8 @@ class JobHandle:
         self._released = False
         #: seconds from the request reaching the engine to the job entering the runner
         self.prepare_s = 0.0
+        #: the format the model writes tool calls in, when the request gave tools (None: not parsed)
+        self.tool_format: str | None = None
 
     def start_early(self) -> None:
         """Hand the job over now if nothing here competes with the event loop for it (a model process

@@ -27,6 +27,7 @@ LAYER_ORDER: tuple[LayerName, ...] = ("default", "folder", "ollama", "model", "s
 CacheType = Literal["FP16", "Q8", "Q6", "Q4"]
 TemplateChoice = Literal["auto", "ollama", "jinja", "custom"]
 BackendChoice = Literal["auto", "transformers", "exllamav2"]
+ToolFormatChoice = Literal["auto", "hermes", "qwen3_coder", "mistral", "llama3", "none"]
 Group = Literal["Model & memory", "Sampling", "Prompt", "Lifecycle"]
 
 
@@ -81,6 +82,9 @@ class Settings(BaseModel):
     stop: list[str] | None = setting([], group="Prompt", ollama="stop", description="Stop strings")
     custom_template: str | None = setting("", group="Prompt",
                                           description="Custom prompt template (Go or Jinja syntax)")
+    tool_format: ToolFormatChoice | None = setting(
+        "auto", group="Prompt", description="How the model writes tool calls (auto: read from its template; "
+                                            "none: never parse them)")
     # lifecycle
     idle_unload_minutes: float | None = setting(0.0, group="Lifecycle", ge=0, le=100_000,
                                                 description="Unload after idle (0: never)")
