@@ -11,6 +11,7 @@ from aiohttp import web
 from app.api.body import read_json_body
 from app.api.keys import ENGINE
 from app.api.openai.protocol import ChatCompletionRequest, parse
+from app.api.openai.tool_output import ChatOutput
 from app.api.openai.streaming import (
     finish_reason, in_band_error, sse, stream_response, timing_headers, usage_body, whole_result,
 )
@@ -30,12 +31,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    fmt = handle.tool_format if req.tool_choice_kind() != "none" else None
+    output = ChatOutput(fmt, req.tools, req.parallel_tool_calls is not False)
     if not stream:
         finished = await whole_result(handle)
+        message = output.message(finished.text)
         return web.json_response({
             "id": cid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason(finished)}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": output.finish_reason(finish_reason(finished))}],
             "usage": usage_body(finished),
         }, headers=timing_headers(handle))
     include_usage = req.include_usage()
@@ -46,14 +50,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                         "logprobs": None, "finish_reason": None}], **usage_field})
         async for event in handle:
             if isinstance(event, TextDelta):
-                yield sse({**base, "choices": [{"index": 0, "delta": {"content": event.text}, "logprobs": None,
-                                                "finish_reason": None}], **usage_field})
+                for delta in output.feed(event.text):
+                    yield sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                    "finish_reason": None}], **usage_field})
             elif isinstance(event, JobFinished):
                 if event.finish_reason in ("error", "cancelled"):
                     yield sse(in_band_error(event))
                     return
+                for delta in output.finish():
+                    yield sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                    "finish_reason": None}], **usage_field})
                 yield sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                "finish_reason": finish_reason(event)}], **usage_field})
+                                                "finish_reason": output.finish_reason(finish_reason(event))}],
+                           **usage_field})
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage_body(event)})
 

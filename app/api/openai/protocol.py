@@ -162,7 +162,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -174,6 +175,20 @@ class ChatCompletionRequest(SamplingFields):
         super().check_supported()
         if self.logprobs:
             raise UnsupportedValue("logprobs are not supported yet", "logprobs")
+
+    @model_validator(mode="after")
+    def _tools(self) -> "ChatCompletionRequest":
+        check_tools(self.tools, self.tool_choice)
+        return self
+
+    def tool_choice_kind(self) -> str:
+        """"none", "auto", "required", or the name of the function the request demands."""
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            return str((choice.get("function") or {}).get("name"))
+        if choice is None:
+            return "auto" if self.tools else "none"
+        return choice
 
 
 class CompletionRequest(SamplingFields):
@@ -209,6 +224,31 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, list):
             return prompt[0]  # type: ignore[return-value]
         return prompt
+
+
+def check_tools(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None) -> None:
+    """OpenAI's rules for ``tools`` and ``tool_choice`` (raises ValueError with the reason)."""
+    names = []
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ValueError(f"tools[{i}]: only tools of type 'function' with a 'function' object are supported")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        names.append(fn["name"])
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a function, not {choice!r}")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise ValueError("tool_choice must be {'type': 'function', 'function': {'name': NAME}}")
+        if name not in names:
+            raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
 
 
 def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
