@@ -37,6 +37,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 # runs per figure, taken in turns with the direct loop; this machine's speed drifts a lot between runs
 DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 24, 40, 20
 SWITCH_REQUESTS = 4
+PAGED_BATCH = 32  # the EXL2 model's batch_size: paged, its cache holds 2048 x 32 tokens
 # the out-of-memory model: wide attention (every head its own KV head), thin MLP, FP16 cache
 WIDE = {"hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 128, "min_layers": 8}
 MAX_CONTEXT = 1_048_576  # the settings' limit for context_length
@@ -159,6 +160,38 @@ open(sys.argv[1], "w").write(json.dumps(info))
 EXT_LOG, EXT_INFO = Path("/tmp/gpu-extension-build.log"), Path("/tmp/gpu-extension.json")
 
 
+FLASH_PROBE = """
+import json, time, torch, flash_attn
+from flash_attn import flash_attn_func
+q, k, v = (torch.randn(2, 300, 8, 64, dtype=torch.float16, device="cuda") for _ in range(3))
+t0 = time.perf_counter(); out = flash_attn_func(q, k, v, causal=True); torch.cuda.synchronize()
+ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=True).transpose(1, 2)
+print(json.dumps({"version": flash_attn.__version__, "first_call_ms": 1e3 * (time.perf_counter() - t0),
+                  "max_abs_diff_vs_sdpa": float((out - ref).abs().max())}))
+"""
+
+
+def flash_probe(rep: Report) -> None:
+    """flash-attn imports and one flash_attn_func call agrees with torch's attention (paged mode needs it)."""
+    res = sh([sys.executable, "-c", FLASH_PROBE], 120)
+    print(res.stdout[-500:], res.stderr[-1500:], flush=True)
+    ok = res.returncode == 0
+    data = json.loads(res.stdout.strip().splitlines()[-1]) if ok else {"error": res.stderr[-600:]}
+    rep.data["flash_attn"] = data
+    rep.check("flash-attn imports and flash_attn_func matches torch's attention",
+              ok and data["max_abs_diff_vs_sdpa"] < 1e-2, json.dumps(data)[:300])
+
+
+def paged(rep: Report, model: str, context: int, batch: int, parts: list[str] | None = None) -> None:
+    import paged_stage
+
+    if not rep.data.get("flash_attn", {}).get("version"):
+        raise RuntimeError("flash-attn is not working here: exllamav2 runs unpaged (see the flash-attn check)")
+    ctx = paged_stage.Ctx(rep, BASE, model, WORK / model, PROMPT, BAN, vram, metric)
+    paged_stage.run(ctx, context, batch, parts)
+
+
 def start_extension(rep: Report) -> subprocess.Popen | None:
     """Import exllamav2 in a process of its own: on a fresh machine that JIT-builds the extension
     (nvcc on every core for minutes) while this process makes the models, which need no extension.
@@ -262,7 +295,8 @@ def quantize(rep: Report) -> None:
     rep.data["quantized"] = {"reused_measurement": saved.exists(), "quantization_config": cfg.get("quantization_config"),
                              "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
     # the server is already serving the FP16 models: it reads the registry again when the file changes
-    register("small-exl2", "small-exl2", ["--context-length", "2048"], served=True)
+    register("small-exl2", "small-exl2", ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH)],
+             served=True)
 
 
 def profile_first_token(rep: Report) -> None:
@@ -837,6 +871,8 @@ def write_markdown(rep: Report) -> None:
     passed = sum(c["ok"] for c in d["checks"])
     lines += ["", f"## Checks: {passed} passed, {len(d['checks']) - passed} failed", ""]
     lines += [f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']} {c['detail']}" for c in d["checks"]]
+    if "paged" in d:
+        lines += ["", "## Paged (continuous batching)", "", "```", json.dumps(d["paged"], indent=1), "```"]
     if "multi_gpu" in d:
         lines += ["", "## Multi-GPU", "", "```", json.dumps(d["multi_gpu"], indent=1), "```"]
     if "load_failures" in d:
@@ -850,7 +886,7 @@ def write_markdown(rep: Report) -> None:
 # seconds a stage needs to be started (the H100/H200 runs took about two thirds of these); the order is
 # what the goals need first, so a short budget drops the benchmark, then switching, then the EXL2 stages
 NEEDS_S = {"serve": 15, "e2e-fp16": 40, "load-failures": 80, "direct-bench": 30, "e2e-exl2": 30,
-           "switching": 60, "http-bench": 110, "multi-gpu": 60}
+           "switching": 60, "http-bench": 110, "multi-gpu": 60, "paged": 150}
 QUANTIZE_S = {"measured before": 90, "measuring": 130}
 
 
@@ -861,6 +897,7 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
     quantize_s = QUANTIZE_S["measured before" if SAVED_MEASUREMENT.exists() else "measuring"]
     rep.stage("quantize", lambda: quantize(rep), quantize_s + NEEDS_S["direct-bench"] + NEEDS_S["e2e-exl2"])
     exl2 = [("direct-bench", lambda: direct_bench(rep)), ("e2e-exl2", lambda: e2e(rep, "small-exl2")),
+            ("paged", lambda: paged(rep, "small-exl2", 2048, PAGED_BATCH)),
             ("switching", lambda: switching(rep)), ("http-bench", lambda: http_bench(rep)),
             ("multi-gpu", lambda: multi_gpu(rep))]
     if args.profile:
@@ -889,6 +926,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rep = Report(args.out, skip=set(args.skip), budget_s=args.budget_s)
     rep.stage("env", lambda: env_info(rep))
+    rep.stage("flash-attn", lambda: flash_probe(rep))
     building = start_extension(rep)  # a JIT build runs while the models are made
     if not args.only_build:
         rep.stage("models", lambda: make_models(rep))
