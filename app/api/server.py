@@ -14,6 +14,7 @@ from app.api.errors import ApiError, Handler, error_middleware
 from app.api.keys import API_KEY, ENGINE
 from app.api import admin
 from app.api.openai import chat, completions, models
+from app.api.ollama import ROUTE_TABLES as OLLAMA_ROUTES, ollama_error_middleware
 from app.engine.facade import Engine
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
     config = config or ServerConfig()
-    middlewares = [error_middleware]
+    middlewares = [error_middleware, ollama_error_middleware]  # the second answers /api/ in Ollama's shape
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     middlewares.append(auth_middleware)
@@ -119,6 +120,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
         for route in table:
             if isinstance(route, web.RouteDef) and route.path.startswith("/v1/"):
                 app.router.add_route(route.method, route.path[3:], route.handler)
+    for table in OLLAMA_ROUTES:
+        app.router.add_routes(table)
     return app
 
 

@@ -1,0 +1,137 @@
+"""Wire types of Ollama's API that the server accepts (pydantic, strict types, unknown fields tolerated).
+
+A request converts itself to engine input here; what this app does not do (images, ``think``,
+constrained ``format``, the deprecated ``context``) is refused with a 400 that says so rather than
+being ignored, so a client never gets an answer to a question it did not ask.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.api.errors import ApiError
+from app.api.ollama.options import options_to_settings, parse_keep_alive
+from app.engine.requests import Message, ToolCall as EngineToolCall
+from app.engine.settings.schema import Settings, format_validation_error
+
+log = logging.getLogger(__name__)
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ToolFunction(WireModel):
+    name: str = Field(max_length=512)
+    arguments: dict[str, Any] | str | None = None
+
+
+class ToolCall(WireModel):
+    id: str | None = None
+    function: ToolFunction
+
+
+class ChatMessage(WireModel):
+    role: str = Field(min_length=1, max_length=64)
+    content: str | None = ""
+    images: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+    thinking: str | None = None
+
+    def to_engine(self) -> Message:
+        calls = tuple(EngineToolCall(c.id, c.function.name, c.function.arguments or {}) for c in self.tool_calls or ())
+        return Message(self.role, self.content or "", self.tool_name, calls, self.tool_call_id)
+
+
+class GenerationFields(WireModel):
+    """What /api/generate and /api/chat share."""
+
+    model: str = Field(min_length=1, max_length=512)
+    stream: bool | None = True
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: int | float | str | None = None
+    think: bool | str | None = None
+
+    def settings(self) -> Settings:
+        return options_to_settings(self.options)
+
+    def keep_alive_s(self) -> float | None:
+        return parse_keep_alive(self.keep_alive)
+
+    def streaming(self) -> bool:
+        return self.stream is not False
+
+    def check_supported(self) -> None:
+        if self.format not in (None, ""):
+            raise ApiError(400, "format (JSON mode and JSON-schema structured outputs) is not supported by this "
+                                "server yet: it needs constrained decoding, which is not built")
+        if self.think not in (None, False):
+            raise ApiError(400, f"model '{self.model}' does not support thinking (think)")
+
+
+class GenerateRequest(GenerationFields):
+    prompt: str | None = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = False
+    images: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.images:
+            raise ApiError(400, "images are not supported: this server serves text-only models")
+        if self.context:
+            raise ApiError(400, "context (deprecated) is not supported: send the conversation to /api/chat as "
+                                "messages, or the whole prompt with raw")
+
+    def settings(self) -> Settings:
+        layer = super().settings()
+        if self.template:
+            layer.template, layer.custom_template = "custom", self.template
+        return layer
+
+
+class ChatRequest(GenerationFields):
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if any(m.images for m in self.messages or ()):
+            raise ApiError(400, "images are not supported: this server serves text-only models")
+
+
+class ShowRequest(WireModel):
+    model: str | None = Field(None, max_length=512)
+    name: str | None = Field(None, max_length=512)  # the field's old name, still sent by some clients
+    verbose: bool | None = None
+
+    def model_name(self) -> str:
+        name = self.model or self.name
+        if not name:
+            raise ApiError(400, "model is required")
+        return name
+
+
+def parse(model: type[WireModel], body: dict[str, Any]) -> Any:
+    """``body`` as the wire model ``model``, or a 400 naming the field at fault."""
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(400, f"invalid request: {format_validation_error(exc)}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid request: nested too deeply") from None
+    if parsed.model_extra:
+        log.debug("ignoring unknown request fields: %s", sorted(parsed.model_extra))
+    check = getattr(parsed, "check_supported", None)
+    if check is not None:
+        check()
+    return parsed
