@@ -1,0 +1,214 @@
+"""End to end: the official ``ollama`` Python client against the real server on loopback (tiny CPU model);
+every response is checked against the shapes Ollama documents (tests/helpers/ollama_shapes.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+
+from app.api.server import ServerConfig
+from app.engine.catalog.tokenizer import FolderTokenizer
+from tests.helpers.ollama_shapes import check, check_stream
+from tests.helpers.servers import Servers
+from tests.helpers.tiny import MESSAGES
+from tests.helpers.waiting import wait_until
+from tests.server_harness import ServerThread
+
+#: greedy decoding: the tiny random model never ends on its own within a few hundred tokens, so a
+#: request runs to its token limit and the limit in force can be read off eval_count
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(serve_module: Servers) -> ServerThread:
+    # "capped" has a model setting of 6 new tokens, to show a request's num_predict over it
+    return serve_module(models={"tiny": {"context_length": 512, "max_tokens": 8},
+                                "capped": {"context_length": 512, "max_tokens": 6}})
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> ollama.Client:
+    return ollama.Client(host=server.root, timeout=120)
+
+
+def stream_lines(server: ServerThread, path: str, body: dict) -> list[dict]:
+    """A streamed answer read line by line over raw HTTP, so that each object can be checked."""
+    with httpx.stream("POST", f"{server.root}{path}", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in resp.iter_lines() if line]
+
+
+def test_version_tags_and_show(client: ollama.Client, server: ServerThread) -> None:
+    check("version", httpx.get(f"{server.root}/api/version").json())
+    listed = check("tags", httpx.get(f"{server.root}/api/tags").json())
+    assert sorted(m["name"] for m in listed["models"]) == ["capped:latest", "tiny:latest"]
+    assert all(m["size"] > 0 and m["details"]["family"] == "llama" for m in listed["models"])
+    assert sorted(m.model for m in client.list().models) == ["capped:latest", "tiny:latest"]
+    shown = check("show", httpx.post(f"{server.root}/api/show", json={"model": "tiny"}).json())
+    assert shown["model_info"]["llama.context_length"] == 512
+    assert "insert" in shown["capabilities"]  # the tiny model has FIM tokens
+    assert "num_ctx" in shown["parameters"] and "num_predict" in shown["parameters"]
+    assert client.show("tiny:latest").modelinfo["general.architecture"] == "llama"
+    with pytest.raises(ollama.ResponseError) as err:
+        client.show("nope")
+    assert err.value.status_code == 404 and "nope" in err.value.error
+
+
+def test_chat_stream_equals_non_stream(client: ollama.Client, server: ServerThread) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "options": {"seed": 7, "temperature": 0.9, "num_predict": 5}}
+    whole = check("chat_final", httpx.post(f"{server.root}/api/chat", json={**body, "stream": False}).json())
+    assert whole["eval_count"] <= 5 and whole["prompt_eval_count"] > 5
+    assert whole["done_reason"] in ("stop", "length")
+    assert whole["total_duration"] >= whole["prompt_eval_duration"] + whole["eval_duration"] > 0
+    lines = check_stream("chat", stream_lines(server, "/api/chat", body))
+    assert "".join(line["message"]["content"] for line in lines) == whole["message"]["content"]
+    assert lines[-1]["eval_count"] == whole["eval_count"]
+    streamed = "".join(part.message.content or "" for part in client.chat(
+        model="tiny", messages=MESSAGES, stream=True, options=body["options"]))
+    assert streamed == whole["message"]["content"]
+    answer = client.chat(model="tiny", messages=MESSAGES, options=body["options"])
+    assert answer.message.role == "assistant" and answer.message.content == whole["message"]["content"]
+
+
+def test_generate_with_suffix_is_fill_in_the_middle(client: ollama.Client, server: ServerThread,
+                                                    tiny_model_dir: Path) -> None:
+    tok = FolderTokenizer(tiny_model_dir)
+    expected = tok.encode("<fim_prefix>def add(a, b):<fim_suffix>\n    return c<fim_middle>")
+    body = {"model": "tiny", "prompt": "def add(a, b):", "suffix": "\n    return c", "options": {"num_predict": 2}}
+    whole = check("generate_final", httpx.post(f"{server.root}/api/generate", json={**body, "stream": False}).json())
+    assert whole["prompt_eval_count"] == len(expected)
+    lines = check_stream("generate", stream_lines(server, "/api/generate", body))
+    assert lines[-1]["prompt_eval_count"] == len(expected)
+    assert client.generate(**body).prompt_eval_count == len(expected)
+
+
+def test_generate_templated_raw_and_system(client: ollama.Client, tiny_model_dir: Path) -> None:
+    tok = FolderTokenizer(tiny_model_dir)
+    raw = client.generate(model="tiny", prompt="<|im_start|>user\nhi", raw=True, options={"num_predict": 1})
+    assert raw.prompt_eval_count == len(tok.encode("<|im_start|>user\nhi"))
+    templated = client.generate(model="tiny", prompt="hi", options={"num_predict": 1})
+    assert templated.prompt_eval_count > raw.prompt_eval_count  # the chat template around the prompt
+    with_system = client.generate(model="tiny", prompt="hi", system="You are terse.", options={"num_predict": 1})
+    assert with_system.prompt_eval_count > templated.prompt_eval_count
+    own = client.generate(model="tiny", prompt="hi", template="Q: {{ .Prompt }}\nA:", options={"num_predict": 1})
+    assert own.prompt_eval_count == len(tok.encode("Q: hi\nA:", add_bos=False))
+
+
+def test_options_over_model_settings(client: ollama.Client) -> None:
+    # no option: the model's own setting (6 for "capped"); num_predict wins over it, both ways
+    assert client.generate(model="capped", prompt="hi", options=GREEDY).eval_count == 6
+    capped = client.generate(model="capped", prompt="hi", options={**GREEDY, "num_predict": 3})
+    assert capped.eval_count == 3 and capped.done_reason == "length"
+    assert client.generate(model="capped", prompt="hi", options={**GREEDY, "num_predict": 9}).eval_count == 9
+    # seeds: the same seed samples the same text, the stop option ends it
+    once = client.generate(model="tiny", prompt="hi", options={"seed": 3, "temperature": 1.0, "num_predict": 6})
+    again = client.generate(model="tiny", prompt="hi", options={"seed": 3, "temperature": 1.0, "num_predict": 6})
+    assert once.response == again.response
+    greedy = client.generate(model="tiny", prompt="hi", options={**GREEDY, "num_predict": 8}).response
+    stop = greedy[2:4]
+    stopped = client.generate(model="tiny", prompt="hi", options={**GREEDY, "num_predict": 8, "stop": [stop]})
+    assert stopped.done_reason == "stop" and stop not in stopped.response
+    assert greedy.startswith(stopped.response)
+
+
+def test_bad_options_are_400(server: ServerThread) -> None:
+    for options in ({"temperature": "hot"}, {"num_predict": 1.5}, {"top_p": 7}, {"stop": [1]}):
+        resp = httpx.post(f"{server.root}/api/generate", json={"model": "tiny", "prompt": "x", "options": options})
+        assert resp.status_code == 400, options
+        check("error", resp.json())
+    # options this app has no use for are ignored, as Ollama ignores them
+    ok = httpx.post(f"{server.root}/api/generate", json={"model": "tiny", "prompt": "x", "stream": False,
+                                                          "options": {"num_gpu": 1, "num_thread": 4, "num_predict": 1,
+                                                                      "mirostat": 2, "num_ctx": 256}})
+    assert ok.status_code == 200 and check("generate_final", ok.json())["eval_count"] == 1
+
+
+def test_load_keep_alive_and_unload(client: ollama.Client, server: ServerThread) -> None:
+    def loaded() -> list[str]:
+        return [m["name"] for m in check("ps", httpx.get(f"{server.root}/api/ps").json())["models"]]
+
+    loading = check("generate_load", client.generate(model="tiny", keep_alive="1h30m").model_dump(exclude_none=True))
+    assert loading["done_reason"] == "load" and loaded() == ["tiny:latest"]
+    [model] = client.ps().models
+    assert timedelta(hours=1, minutes=29) < model.expires_at - datetime.now(timezone.utc) <= timedelta(hours=1.5)
+    client.generate(model="tiny", keep_alive=-1)  # negative: kept loaded
+    assert client.ps().models[0].expires_at - datetime.now(timezone.utc) > timedelta(days=365)
+    unloading = check("generate_load", client.generate(model="tiny", keep_alive=0).model_dump(exclude_none=True))
+    assert unloading["done_reason"] == "unload" and loaded() == []
+    # keep_alive 0 on a real request: answered, then unloaded
+    answer = client.chat(model="tiny", messages=MESSAGES, keep_alive=0, options={"num_predict": 2})
+    assert answer.done and answer.eval_count >= 1
+    assert wait_until(lambda: loaded() == [], timeout=30)
+    chat_load = httpx.post(f"{server.root}/api/chat", json={"model": "tiny", "messages": []}).json()
+    assert check("chat_load", chat_load)["done_reason"] == "load" and loaded() == ["tiny:latest"]
+    chat_unload = httpx.post(f"{server.root}/api/chat", json={"model": "tiny", "messages": [], "keep_alive": "0s"})
+    assert check("chat_load", chat_unload.json())["done_reason"] == "unload" and loaded() == []
+
+
+def test_what_this_app_does_not_do_is_said(server: ServerThread) -> None:
+    cases = [("POST", "/api/pull", {"model": "llama3.2"}, 501, "pull"),
+             ("POST", "/api/push", {"model": "x"}, 501, "push"),
+             ("POST", "/api/create", {"model": "x", "from": "tiny"}, 501, "creat"),
+             ("POST", "/api/copy", {"source": "tiny", "destination": "y"}, 501, "copy"),
+             ("DELETE", "/api/delete", {"model": "tiny"}, 501, "delet"),
+             ("POST", "/api/embed", {"model": "tiny", "input": "x"}, 501, "embedding"),
+             ("POST", "/api/embeddings", {"model": "tiny", "prompt": "x"}, 501, "embedding"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x",
+                                                                   "images": ["aGk="]}]}, 400, "images"),
+             ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "format": "json"}, 400, "format"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": {"type": "object"}}, 400,
+              "format"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "think": True}, 400, "think"),
+             ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "context": [1, 2]}, 400, "context"),
+             ("POST", "/api/generate", {"model": "nope", "prompt": "x"}, 404, "nope"),
+             ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "keep_alive": "soon"}, 400, "keep_alive"),
+             ("POST", "/api/generate", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+             ("POST", "/api/show", {}, 400, "model"),
+             ("GET", "/api/chat", None, 405, "GET"),
+             ("POST", "/api/nothing", {}, 404, "/api/nothing")]
+    for method, path, body, status, words in cases:
+        resp = httpx.request(method, f"{server.root}{path}", json=body, timeout=30)
+        assert resp.status_code == status, (path, body, resp.text)
+        assert words in check("error", resp.json())["error"], (path, resp.text)
+    resp = httpx.post(f"{server.root}/api/chat", content=b"{not json", timeout=30)
+    assert resp.status_code == 400 and check("error", resp.json())
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=server.root).pull("llama3.2")
+    assert err.value.status_code == 501
+
+
+def test_client_leaving_a_stream_cancels_its_job(server: ServerThread) -> None:
+    body = {"model": "tiny", "prompt": "hi", "options": {**GREEDY, "num_predict": 400}}
+    with httpx.stream("POST", f"{server.root}/api/generate", json=body, timeout=60) as resp:
+        first = json.loads(next(resp.iter_lines()))
+        check("generate_chunk", first)
+    assert wait_until(lambda: all(s.active_jobs == 0 for s in server.engine.model_states()), timeout=30)
+    after = httpx.post(f"{server.root}/api/generate", json={**body, "stream": False,
+                                                            "options": {"num_predict": 1}}, timeout=60)
+    assert after.status_code == 200 and check("generate_final", after.json())
+
+
+def test_access_control_as_for_v1(serve: Servers) -> None:
+    server = serve(config=ServerConfig(port=0, api_key="sesame"))
+    for method, path in (("GET", "/api/tags"), ("POST", "/api/chat"), ("GET", "/api/version"), ("GET", "/")):
+        resp = httpx.request(method, f"{server.root}{path}", json={"model": "tiny", "messages": MESSAGES})
+        assert resp.status_code == 401, path
+        if path != "/":
+            assert "API key" in check("error", resp.json())["error"]
+    keyed = ollama.Client(host=server.root, headers={"Authorization": "Bearer sesame"})
+    assert [m.model for m in keyed.list().models] == ["tiny:latest"]
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=server.root).list()
+    assert err.value.status_code == 401
+
+
+def test_request_body_limit(server: ServerThread) -> None:
+    big = b'{"model": "tiny", "prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
+    resp = httpx.post(f"{server.root}/api/generate", content=big, timeout=60)
+    assert resp.status_code == 413 and check("error", resp.json())
