@@ -37,6 +37,8 @@ class BackendJob:
     stop_token_ids: set[int]
     stream: bool = True
     job_id: int = field(default_factory=lambda: next(_ids))
+    #: a grammar the output must follow (llguidance grammar text; compiled by the backend), or None
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from app.engine.serving.jobs import JobHandle
 from app.engine.serving.manager import LoadFailure, ModelManager, ModelState, Resident
 from app.engine.settings.layers import EffectiveSettings, ResolvedSettings, SettingsLayers
 from app.engine.settings.schema import Settings
-from app.engine.tools.formats import format_for_prepared
+from app.engine.constraints.requested import chat_rules, completion_rules
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
@@ -268,10 +268,9 @@ class Engine:
         except PromptError as exc:
             raise InvalidRequest(str(exc), "messages") from None
         stops = [*settings.stop, *(s for s in builder.stop_strings if s not in settings.stop)]
-        handle = await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
-                                    request.logit_bias, add_bos=False, started=started, param="messages")
-        handle.tool_format = format_for_prepared(prepared, request.settings) if request.tools else None
-        return handle
+        rules = await chat_rules(prepared, request)  # the tool-call format and the grammar, if any
+        return rules.apply(await self._submit(prepared, settings, request.settings, prompt, stops, request.stream,
+                                              request.logit_bias, add_bos=False, started=started, param="messages"))
 
     async def submit_completion(self, request: CompletionRequest) -> JobHandle:
         started = time.perf_counter()
@@ -289,8 +288,10 @@ class Engine:
                     prompt = fim(prompt, request.suffix)
             except PromptError as exc:  # the Ollama template does not compile or render
                 raise InvalidRequest(str(exc), "suffix") from None
-        return await self._submit(prepared, settings, request.settings, prompt, list(settings.stop), request.stream,
-                                  request.logit_bias, add_bos=True, started=started, param="prompt")
+        rules = await completion_rules(request)
+        return rules.apply(await self._submit(prepared, settings, request.settings, prompt, list(settings.stop),
+                                              request.stream, request.logit_bias, add_bos=True, started=started,
+                                              param="prompt"))
 
     async def _acquire(self, key: str) -> Resident:
         resident = await self.manager.acquire(key)

@@ -49,6 +49,11 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     stream: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
+    #: OpenAI's response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema": {...}})
+    response_format: dict[str, Any] | None = None
+    #: "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 @dataclass
@@ -59,6 +64,7 @@ class CompletionRequest:
     suffix: str | None = None
     stream: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

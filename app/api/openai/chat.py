@@ -27,7 +27,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stream = bool(req.stream)
     handle = await engine.submit_chat(ChatRequest(
         model=req.model, messages=[m.to_engine() for m in req.messages], settings=req.to_settings(),
-        tools=req.tools, stream=stream, logit_bias=req.bias()))
+        tools=req.tools, stream=stream, logit_bias=req.bias(), response_format=req.response_format,
+        tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls is not False))
     cid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model}

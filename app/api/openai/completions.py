@@ -27,7 +27,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     stream = bool(req.stream)
     handle = await engine.submit_completion(EngineCompletion(
         model=req.model, prompt=req.prompt_value(), settings=req.to_settings(), suffix=req.suffix,
-        stream=stream, logit_bias=req.bias()))
+        stream=stream, logit_bias=req.bias(), response_format=req.response_format))
     cid = "cmpl-" + uuid.uuid4().hex
     created = int(time.time())
     base = {"id": cid, "object": "text_completion", "created": created, "model": req.model}

@@ -194,6 +194,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
     echo: bool | None = None
     logprobs: int | None = None
     best_of: int | None = None

@@ -22,6 +22,7 @@ from app.engine.backends.sampling import make_generator, sample
 from app.engine.events import BackendJob, StepEvent
 from app.engine.backends.text_stream import TextStream
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
+from app.engine.constraints.masks import ConstraintCompiler
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256
@@ -71,6 +72,8 @@ class _Job:
     last_token: int | None = None
     history: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    #: the job's grammar state (JobConstraint) when it has one
+    constraint: Any = None
 
 
 class TransformersBackend(BackendBase):
@@ -93,6 +96,9 @@ class TransformersBackend(BackendBase):
         self.vocab_size: int | None = None
         #: events of the jobs that did not fail in a step that raised StepFailed
         self._failed_events: list[StepEvent] = []
+        self._constraints: ConstraintCompiler | None = None
+        #: jobs refused at submit (a grammar that does not compile), ended at the next step
+        self._refused: list[StepEvent] = []
 
     # -- lifecycle ----------------------------------------------------------
     @staticmethod
@@ -142,6 +148,7 @@ class TransformersBackend(BackendBase):
         self._device = torch.device(device)
         self._model = model
         self.vocab_size = int(model.config.vocab_size)
+        self._constraints = ConstraintCompiler(self.model_dir / "tokenizer.json", self.vocab_size, self._tok.eos_ids)
         progress(1.0, "loaded")
 
     def unload(self) -> None:
@@ -187,16 +194,23 @@ class TransformersBackend(BackendBase):
 
     # -- jobs ---------------------------------------------------------------
     def submit(self, job: BackendJob) -> None:
-        assert self._tok is not None
-        self._pending.append(_Job(job=job, stream=TextStream(self._tok, job.stop_strings),
-                                  generator=make_generator(job.sampling, self._device)))
+        assert self._tok is not None and self._constraints is not None
+        entry = _Job(job=job, stream=TextStream(self._tok, job.stop_strings),
+                     generator=make_generator(job.sampling, self._device))
+        if job.grammar is not None:
+            try:  # compiled here, on the stepping thread: never on the event loop
+                entry.constraint = self._constraints.compile(job.grammar)
+            except Exception as exc:  # the grammar engine's reason ends this job only
+                self._refused.append(StepEvent(job.job_id, "", 0, True, "error", f"constraint: {exc}"))
+                return
+        self._pending.append(entry)
 
     def cancel(self, job_id: int) -> None:
         self._pending = deque(j for j in self._pending if j.job.job_id != job_id)
         self._running = [j for j in self._running if j.job.job_id != job_id]
 
     def has_work(self) -> bool:
-        return bool(self._pending or self._running)
+        return bool(self._pending or self._running or self._refused)
 
     def take_surviving_events(self) -> list[StepEvent]:
         """After StepFailed: the events of the jobs the failure did not affect."""
@@ -209,7 +223,7 @@ class TransformersBackend(BackendBase):
     def step(self) -> list[StepEvent]:
         import torch
 
-        events: list[StepEvent] = []
+        events, self._refused = self._refused, []
         failed: list[int] = []
         errors: list[str] = []
         with torch.inference_mode():
@@ -315,7 +329,16 @@ class TransformersBackend(BackendBase):
 
     def _accept(self, job: _Job, logits: Any, events: list[StepEvent]) -> None:
         """Sample one token for ``job`` and turn it into an event."""
+        import torch
+
+        if job.constraint is not None:  # this row only: the other jobs of the batch sample freely
+            logits = job.constraint.mask(logits.detach().to("cpu", torch.float32).clone())
         token = sample(logits, job.job.sampling, job.history, job.counts, job.generator)
+        if job.constraint is not None and not job.constraint.accept(token):
+            events.append(StepEvent(job.job.job_id, job.stream.finish(), 1, True, "error",
+                                    f"constraint: {job.constraint.error}"))
+            self._running.remove(job)
+            return
         job.generated += 1
         job.history.append(token)
         job.counts[token] += 1
@@ -325,7 +348,8 @@ class TransformersBackend(BackendBase):
             self._running.remove(job)
             return
         text, stopped = job.stream.push(token)
-        if stopped:
+        if stopped or (job.constraint is not None and job.constraint.done):
+            text += "" if stopped else job.stream.finish()
             events.append(StepEvent(job.job.job_id, text, 1, True, "stop"))
             self._running.remove(job)
             return

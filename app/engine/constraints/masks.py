@@ -1,0 +1,89 @@
+"""A job's grammar compiled against the model's tokenizer: which tokens may come next, as a mask on a
+row of logits, and the token that was sampled fed back. Used by every backend in the same way (the
+transformers backend per row of its batch, exllamav2 through its filter API).
+
+Everything here runs where the backend steps (its thread or its model process), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from app.engine.constraints.grammars import GrammarError
+
+log = logging.getLogger(__name__)
+
+
+class ConstraintCompiler:
+    """Compiles grammars for one model: holds the grammar engine's view of its tokenizer (built once, on
+    the first constrained job: about a second for a large vocabulary)."""
+
+    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: Sequence[int]) -> None:
+        self._path = tokenizer_json
+        self.vocab_size = vocab_size
+        self._eos = sorted(eos_ids)
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance
+
+                if not self._path.is_file():
+                    raise GrammarError(f"constrained decoding needs the model's tokenizer.json ({self._path})")
+                self._tokenizer = llguidance.LLTokenizer(self._path.read_text(encoding="utf-8"),
+                                                         n_vocab=self.vocab_size, eos_token=self._eos or None)
+            return self._tokenizer
+
+    def compile(self, grammar: str) -> "JobConstraint":
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        return JobConstraint(matcher, self.vocab_size)
+
+
+class JobConstraint:
+    """One job's grammar state."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+
+    def allowed(self) -> Any:
+        """The tokens allowed next, as a bool tensor of the vocabulary's size (on the CPU)."""
+        import numpy as np
+        import torch
+
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
+        return torch.from_numpy(allowed)
+
+    def mask(self, logits: Any) -> Any:
+        """``logits`` (one row) with every token the grammar forbids at -inf (in place when it can)."""
+        allowed = self.allowed().to(logits.device)
+        n = min(allowed.shape[0], logits.shape[-1])
+        logits[n:] = float("-inf")
+        logits[:n].masked_fill_(~allowed[:n], float("-inf"))
+        return logits
+
+    def accept(self, token: int) -> bool:
+        """Feed the sampled token; False when the grammar did not allow it (the matcher is then stuck)."""
+        ok = bool(self._matcher.consume_token(token))
+        if not ok:
+            log.warning("constrained job: token %d refused by its grammar: %s", token, self._matcher.get_error())
+        return ok
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows nothing more."""
+        return bool(self._matcher.is_stopped())
+
+    @property
+    def error(self) -> str | None:
+        return self._matcher.get_error() if self._matcher.is_error() else None

@@ -1,0 +1,93 @@
+"""What a request asks of its output, turned into the job's grammar: ``response_format`` (any JSON
+object, or JSON valid against a schema) and ``tool_choice`` "required" or a named function (a call in
+the model's own format whose arguments are valid against the tool's parameters).
+
+Schemas are compiled to grammars off the event loop when they are large; a schema the grammar engine
+refuses is an InvalidRequest naming the field, with the engine's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from app.engine.constraints.grammars import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
+from app.engine.errors import InvalidRequest
+from app.engine.tools.formats import FALLBACK, format_for_prepared
+
+if TYPE_CHECKING:
+    from app.engine.prepared import PreparedModel
+    from app.engine.requests import ChatRequest, CompletionRequest
+    from app.engine.serving.jobs import JobHandle
+
+#: schemas longer than this (characters) are compiled on a worker thread
+INLINE_SCHEMA_CHARS = 2048
+
+
+@dataclass(frozen=True)
+class OutputRules:
+    """The tool-call format to parse (None: none) and the grammar the job's output must follow."""
+
+    tool_format: str | None = None
+    grammar: str | None = None
+
+    def apply(self, handle: "JobHandle") -> "JobHandle":
+        handle.tool_format = self.tool_format
+        handle.job.grammar = self.grammar
+        return handle
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> Callable[[], str] | None:
+    """How to build the grammar ``response_format`` asks for (None for plain text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar
+    if kind != "json_schema":
+        raise InvalidRequest(f"response_format.type must be text, json_object or json_schema, not {kind!r}",
+                             "response_format")
+    spec = response_format.get("json_schema") if response_format else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise InvalidRequest("response_format.json_schema must be an object with a 'schema' object",
+                             "response_format")
+    schema, strict = spec.get("schema") or {"type": "object"}, spec.get("strict") is True
+    return lambda: json_schema_grammar(schema, strict=strict)
+
+
+def tool_choice_grammar(request: "ChatRequest", fmt: str | None) -> Callable[[], str] | None:
+    choice = request.tool_choice
+    if not request.tools or choice in (None, "none", "auto"):
+        return None
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    return lambda: tool_call_grammar(fmt or FALLBACK, request.tools or [], name=name,
+                                     parallel=request.parallel_tool_calls)
+
+
+async def _built(build: Callable[[], str] | None, size: int, param: str) -> str | None:
+    if build is None:
+        return None
+    try:
+        return build() if size < INLINE_SCHEMA_CHARS else await asyncio.to_thread(build)
+    except GrammarError as exc:
+        raise InvalidRequest(f"{param}: {exc}", param) from None
+
+
+async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> OutputRules:
+    fmt = format_for_prepared(prepared, request.settings) if request.tools else None
+    if request.tool_choice == "none":
+        fmt = None
+    forced = tool_choice_grammar(request, fmt)
+    if forced is not None:
+        grammar = await _built(forced, len(json.dumps(request.tools)), "tool_choice")
+    else:
+        build = response_format_grammar(request.response_format)
+        grammar = await _built(build, len(json.dumps(request.response_format or {})), "response_format")
+    return OutputRules(fmt, grammar)
+
+
+async def completion_rules(request: "CompletionRequest") -> OutputRules:
+    build = response_format_grammar(request.response_format)
+    return OutputRules(None, await _built(build, len(json.dumps(request.response_format or {})), "response_format"))
