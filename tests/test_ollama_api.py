@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.api.server import ServerConfig
 from app.engine.catalog.tokenizer import FolderTokenizer
@@ -27,8 +29,10 @@ GREEDY = {"temperature": 0}
 @pytest.fixture(scope="module")
 def server(serve_module: Servers) -> ServerThread:
     # "capped" has a model setting of 6 new tokens, to show a request's num_predict over it
+    # "fuzz": a short context, so that a fuzzed request without a limit ends soon
     return serve_module(models={"tiny": {"context_length": 512, "max_tokens": 8},
-                                "capped": {"context_length": 512, "max_tokens": 6}})
+                                "capped": {"context_length": 512, "max_tokens": 6},
+                                "fuzz": {"context_length": 96, "max_tokens": 2}})
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +51,9 @@ def stream_lines(server: ServerThread, path: str, body: dict) -> list[dict]:
 def test_version_tags_and_show(client: ollama.Client, server: ServerThread) -> None:
     check("version", httpx.get(f"{server.root}/api/version").json())
     listed = check("tags", httpx.get(f"{server.root}/api/tags").json())
-    assert sorted(m["name"] for m in listed["models"]) == ["capped:latest", "tiny:latest"]
+    assert sorted(m["name"] for m in listed["models"]) == ["capped:latest", "fuzz:latest", "tiny:latest"]
     assert all(m["size"] > 0 and m["details"]["family"] == "llama" for m in listed["models"])
-    assert sorted(m.model for m in client.list().models) == ["capped:latest", "tiny:latest"]
+    assert sorted(m.model for m in client.list().models) == ["capped:latest", "fuzz:latest", "tiny:latest"]
     shown = check("show", httpx.post(f"{server.root}/api/show", json={"model": "tiny"}).json())
     assert shown["model_info"]["llama.context_length"] == 512
     assert "insert" in shown["capabilities"]  # the tiny model has FIM tokens
@@ -212,3 +216,93 @@ def test_request_body_limit(server: ServerThread) -> None:
     big = b'{"model": "tiny", "prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
     resp = httpx.post(f"{server.root}/api/generate", content=big, timeout=60)
     assert resp.status_code == 413 and check("error", resp.json())
+
+
+# -- hostile input: fuzzed bodies never 500, the server keeps serving -------------------------------
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+    st.sampled_from(["tiny", "user", "assistant", "tool", "", "\x00", "5m", "-1", "0s", "1h30m", "{{ .Prompt }}",
+                     "{{ range .Messages }}{{ .Content }}{{ end }}", "{{ if }}", "{{ template \"x\" }}"]))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=20)
+option_values = st.dictionaries(st.sampled_from(["num_predict", "temperature", "top_k", "top_p", "min_p", "seed",
+                                                 "typical_p", "repeat_penalty", "presence_penalty", "stop",
+                                                 "frequency_penalty", "num_ctx", "num_gpu", "mirostat"]),
+                                st.one_of(st.integers(-3, 3), st.integers(), json_values), max_size=4)
+#: never keep_alive 0 (each answer would unload the model and the next one load it again: slow, not hostile)
+keep_alives = st.one_of(st.sampled_from(["5m", -1, "1h30m", "soon", "", 1e300, 10**40, "9" * 400 + "h", "0.5s",
+                                         True, [], {}, "-3h", " 2m "]),
+                        st.floats(min_value=0.001, allow_nan=False), st.text(max_size=8))
+messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "bad", 1]), "content": json_values},
+    optional={"tool_calls": json_values, "tool_name": json_values, "images": json_values}), max_size=3)
+plausible = st.fixed_dictionaries(
+    {"model": st.sampled_from(["fuzz", "fuzz:latest", "nope", "", "../x"])},
+    optional={"prompt": st.one_of(st.text(max_size=30), json_values), "messages": messages, "options": option_values,
+              "keep_alive": keep_alives, "stream": st.one_of(st.booleans(), json_values),
+              "suffix": st.one_of(st.text(max_size=20), json_values), "system": json_values, "raw": json_values,
+              "template": json_values, "format": json_values, "context": json_values, "tools": json_values,
+              "think": json_values, "images": json_values, "verbose": json_values, "name": json_values})
+ENDPOINTS = [("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/show"), ("GET", "/api/tags"),
+             ("GET", "/api/ps"), ("GET", "/api/version"), ("POST", "/api/pull"), ("POST", "/api/embed")]
+
+
+# well-typed bodies with hostile values, so that most of them reach the engine
+texts = st.one_of(st.text(max_size=30), st.sampled_from(["", "\x00", "<fim_prefix>", "<|im_end|>", "😀" * 9]))
+typed_options = st.fixed_dictionaries({}, optional={
+    "num_predict": st.integers(0, 4), "temperature": st.floats(-1, 6), "top_k": st.integers(-1, 200),
+    "top_p": st.floats(-0.5, 1.5), "min_p": st.floats(0, 1), "seed": st.integers(-5, 2**64),
+    "repeat_penalty": st.floats(0, 3), "stop": st.one_of(texts, st.lists(texts, max_size=3)),
+    "num_ctx": st.integers(-1, 10**6)})
+templates = st.one_of(texts, st.sampled_from(["{{ .Prompt }}", "{{ .System }}{{ .Prompt }}", "{{ if }}", "{{ end }}",
+                                              "{{ range .Messages }}{{ .Content }}{{ end }}", "{{ .Nope.Deeper }}",
+                                              "{{ index .Messages 99 }}", "{{ slice .Prompt 5 1 }}", "{{"]))
+typed_messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]), "content": texts},
+    optional={"tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
+        {"name": texts, "arguments": st.one_of(st.dictionaries(st.text(max_size=5), json_scalars), texts)})}),
+        max_size=2), "tool_name": texts}), max_size=3)
+typed_generate = st.fixed_dictionaries({"model": st.just("fuzz"), "prompt": texts}, optional={
+    "stream": st.booleans(), "suffix": texts, "system": texts, "raw": st.booleans(), "template": templates,
+    "keep_alive": keep_alives, "options": typed_options})
+typed_chat = st.fixed_dictionaries({"model": st.just("fuzz"), "messages": typed_messages}, optional={
+    "stream": st.booleans(), "keep_alive": keep_alives, "options": typed_options,
+    "tools": st.lists(st.dictionaries(st.sampled_from(["type", "function"]), json_values, max_size=2), max_size=2)})
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _bodies() -> st.SearchStrategy[bytes]:
+    return st.one_of(st.one_of(plausible, json_values, typed_generate, typed_chat).map(_dumps),
+                     st.binary(max_size=200), st.just(b""),
+                     st.just(b'{"model": "tiny", "prompt": "x", "options": {"temperature": NaN}}'),
+                     st.integers(min_value=50, max_value=3000).map(lambda d: b"[" * d + b"]" * d))
+
+
+#: (endpoint, body): half of them well-typed generations, the rest anything at any endpoint
+fuzzed_requests = st.one_of(st.tuples(st.just(("POST", "/api/generate")), typed_generate.map(_dumps)),
+                            st.tuples(st.just(("POST", "/api/chat")), typed_chat.map(_dumps)),
+                            st.tuples(st.sampled_from(ENDPOINTS), _bodies()))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(request=fuzzed_requests)
+def test_fuzzed_bodies_never_500(server: ServerThread, request: tuple[tuple[str, str], bytes]) -> None:
+    (method, path), body = request
+    with httpx.Client(base_url=server.root, timeout=60) as http:
+        resp = http.request(method, path, content=body, headers={"Content-Type": "application/json"})
+        assert resp.status_code < 500 or (resp.status_code == 501 and path in ("/api/pull", "/api/embed")), \
+            (path, body[:300], resp.text[:300])
+        if resp.status_code >= 400:
+            check("error", resp.json())
+        elif resp.headers["content-type"].startswith("application/x-ndjson"):
+            objects = [json.loads(line) for line in resp.text.splitlines() if line]
+            assert objects and "error" not in objects[-1], (body[:300], objects[-1:])
+
+
+def test_still_serving_after_the_fuzz(client: ollama.Client) -> None:
+    assert client.generate(model="tiny", prompt="hi", options={"num_predict": 2}).done

@@ -31,6 +31,8 @@ LOAD_TIME_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "l
 _INT_OPTIONS = frozenset({"num_predict", "top_k", "seed", "num_ctx"})
 _FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
                             "frequency_penalty"})
+#: a keep_alive this long (about 31 years) or longer means "keep loaded"
+MAX_KEEP_ALIVE_S = 1e9
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
@@ -42,11 +44,13 @@ def parse_keep_alive(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ApiError(400, "keep_alive must be a number of seconds or a duration such as \"5m\"")
-    if isinstance(value, str):
-        return _parse_duration(value)
-    if not math.isfinite(value):
-        raise ApiError(400, "keep_alive must be a finite number of seconds")
-    return float(value)
+    try:
+        seconds = _parse_duration(value) if isinstance(value, str) else float(value)
+    except OverflowError:
+        seconds = math.inf
+    if math.isnan(seconds):
+        raise ApiError(400, "keep_alive must be a number of seconds or a duration such as \"5m\"")
+    return -1.0 if abs(seconds) >= MAX_KEEP_ALIVE_S else seconds  # beyond any clock: kept loaded
 
 
 def _parse_duration(text: str) -> float:
@@ -95,11 +99,18 @@ def _check_type(key: str, value: Any) -> None:
         raise ApiError(400, f"option {key} must be an integer")
     if key in _FLOAT_OPTIONS and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ApiError(400, f"option {key} must be a number")
-    if key in _FLOAT_OPTIONS and not math.isfinite(value):
+    if key in _FLOAT_OPTIONS and not _finite(value):
         raise ApiError(400, f"option {key} must be a finite number")
     if key == "stop" and not (isinstance(value, str) or
                               (isinstance(value, list) and all(isinstance(s, str) for s in value))):
         raise ApiError(400, "option stop must be a string or a list of strings")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _mapped(key: str, target: str, value: Any) -> dict[str, Any]:
