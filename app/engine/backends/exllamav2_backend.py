@@ -320,11 +320,18 @@ class ExLlamaV2Backend(BackendBase):
         import torch
         from exllamav2.generator import ExLlamaV2DynamicJob
 
+        from app.engine.constraints.exllamav2_filter import job_filters
+
         stops: list[Any] = [*job.stop_token_ids, *job.stop_strings]
+        try:  # a grammar is compiled here, in the model process: never on the event loop
+            filters = job_filters(self, job.grammar)
+        except Exception as exc:  # the grammar engine's reason ends this job only, at the next step
+            self.__dict__.setdefault("_refused", []).append(StepEvent(job.job_id, "", 0, True, "error", str(exc)))
+            return
         gen_job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long), max_new_tokens=job.max_new_tokens,
             gen_settings=self.gen_settings(job.sampling), seed=job.sampling.seed, stop_conditions=stops,
-            identifier=job.job_id, decode_special_tokens=False)
+            identifier=job.job_id, decode_special_tokens=False, filters=filters)
         self._jobs[job.job_id] = gen_job
         self._generator.enqueue(gen_job)
 
@@ -340,8 +347,8 @@ class ExLlamaV2Backend(BackendBase):
         return len(self._jobs)
 
     def step(self) -> list[StepEvent]:
+        events: list[StepEvent] = self.__dict__.pop("_refused", [])
         results = self._generator.iterate()
-        events: list[StepEvent] = []
         streaming = set()
         for r in results:
             if r.get("stage") != "streaming":

@@ -1,0 +1,84 @@
+"""Grammars for tool calls and schemas, and their token masks on the tiny model's tokenizer: what the
+mask allows is exactly what the grammar can continue with, and a finished grammar allows only the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.engine.constraints import GrammarError, json_schema_grammar, tool_call_grammar
+from app.engine.constraints.masks import ConstraintCompiler
+from app.engine.tools import parse_tool_calls
+from tests.conftest import make_tiny
+
+TOOLS = [{"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def compiler(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConstraintCompiler, object]:
+    from tokenizers import Tokenizer
+
+    folder = make_tiny(tmp_path_factory.mktemp("grammar") / "tiny", 1234)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+    return ConstraintCompiler(Path(folder) / "tokenizer.json", tok.get_vocab_size(), [eos]), tok
+
+
+def walk(compiler: ConstraintCompiler, tok, grammar: str, text: str) -> object:
+    """Feed ``text`` token by token, checking each token was allowed by the mask before it."""
+    job = compiler.compile(grammar)
+    for token in tok.encode(text, add_special_tokens=False).ids:
+        assert bool(job.allowed()[token]), f"token {token} ({tok.id_to_token(token)!r}) refused"
+        assert job.accept(token)
+    return job
+
+
+@pytest.mark.parametrize("fmt,text", [
+    ("hermes", '<tool_call>\n{"name": "pick", "arguments": {"n": 2}}\n</tool_call>'),
+    ("llama3", '{"name": "pick", "parameters": {"n": 1}}'),
+    ("mistral", '[{"name": "pick", "arguments": {"n": 1}}]'),
+])
+def test_a_forced_call_in_each_format_parses(compiler, fmt: str, text: str) -> None:
+    comp, tok = compiler
+    job = walk(comp, tok, tool_call_grammar(fmt, TOOLS, name="pick"), text)
+    allowed = job.allowed()
+    assert job.done or allowed.sum() == 1 and bool(allowed[comp._eos[0]])  # only the end is left
+    _, calls = parse_tool_calls(text, fmt)  # type: ignore[arg-type]
+    assert [c.name for c in calls] == ["pick"]
+
+
+def test_the_mask_refuses_what_the_schema_does_not_allow(compiler) -> None:
+    comp, tok = compiler
+    job = walk(comp, tok, tool_call_grammar("hermes", TOOLS, name="pick"), '<tool_call>\n{"name": "pick", '
+                                                                           '"arguments": {"n": ')
+    allowed = job.allowed()
+    assert allowed[tok.token_to_id("1")] and allowed[tok.token_to_id("2")]
+    assert not allowed[tok.token_to_id("3")] and not allowed[tok.token_to_id('"')]
+
+
+def test_a_mask_covers_the_model_vocabulary(compiler) -> None:
+    import torch
+
+    comp, _ = compiler
+    job = comp.compile(json_schema_grammar({"type": "boolean"}))
+    logits = job.mask(torch.zeros(comp.vocab_size + 7))  # a model whose head is larger than the tokenizer
+    assert torch.isinf(logits[comp.vocab_size:]).all()
+    assert 0 < int(torch.isfinite(logits).sum()) < comp.vocab_size
+
+
+def test_unknown_tools_and_bad_schemas_are_refused() -> None:
+    with pytest.raises(GrammarError, match="no tool named"):
+        tool_call_grammar("hermes", TOOLS, name="other")
+    with pytest.raises(GrammarError):
+        json_schema_grammar({"type": "object", "properties": {"a": {"type": "nope"}}})
+
+
+def test_defs_of_a_tool_still_resolve(compiler) -> None:
+    comp, tok = compiler
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "$defs": {"x": {"type": "integer"}}, "type": "object", "properties": {"a": {"$ref": "#/$defs/x"}},
+        "required": ["a"], "additionalProperties": False}}}]
+    job = walk(comp, tok, tool_call_grammar("hermes", tools), '<tool_call>\n{"name": "f", "arguments": {"a": ')
+    assert job.allowed()[tok.token_to_id("5")] and not job.allowed()[tok.token_to_id('"')]
