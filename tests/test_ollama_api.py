@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
+import jsonschema
 import ollama
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from app.api.server import ServerConfig
 from app.engine.catalog.tokenizer import FolderTokenizer
 from tests.helpers.ollama_shapes import check, check_stream
+from tests.helpers.scripted_backend import say, scripted_factory
 from tests.helpers.servers import Servers
 from tests.helpers.tiny import MESSAGES
 from tests.helpers.waiting import wait_until
@@ -165,8 +167,8 @@ def test_what_this_app_does_not_do_is_said(server: ServerThread) -> None:
              ("POST", "/api/embeddings", {"model": "tiny", "prompt": "x"}, 501, "embedding"),
              ("POST", "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x",
                                                                    "images": ["aGk="]}]}, 400, "images"),
-             ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "format": "json"}, 400, "format"),
-             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": {"type": "object"}}, 400,
+             ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "format": "xml"}, 400, "format"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": {"type": "nonsense"}}, 400,
               "format"),
              ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "think": True}, 400, "think"),
              ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "context": [1, 2]}, 400, "context"),
@@ -263,10 +265,16 @@ typed_messages = st.lists(st.fixed_dictionaries(
     optional={"tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
         {"name": texts, "arguments": st.one_of(st.dictionaries(st.text(max_size=5), json_scalars), texts)})}),
         max_size=2), "tool_name": texts}), max_size=3)
+formats = st.one_of(st.sampled_from(["json", "", "xml", {"type": "object"}, {"type": "nonsense"}, {"enum": []},
+                                     {"type": "integer", "minimum": 5, "maximum": 1}, {"$ref": "#/nowhere"}]),
+                    st.dictionaries(st.sampled_from(["type", "properties", "items", "enum", "pattern"]), json_values,
+                                    max_size=3))
 typed_generate = st.fixed_dictionaries({"model": st.just("fuzz"), "prompt": texts}, optional={
+    "format": formats,
     "stream": st.booleans(), "suffix": texts, "system": texts, "raw": st.booleans(), "template": templates,
     "keep_alive": keep_alives, "options": typed_options})
 typed_chat = st.fixed_dictionaries({"model": st.just("fuzz"), "messages": typed_messages}, optional={
+    "format": formats,
     "stream": st.booleans(), "keep_alive": keep_alives, "options": typed_options,
     "tools": st.lists(st.dictionaries(st.sampled_from(["type", "function"]), json_values, max_size=2), max_size=2)})
 
@@ -306,3 +314,57 @@ def test_fuzzed_bodies_never_500(server: ServerThread, request: tuple[tuple[str,
 
 def test_still_serving_after_the_fuzz(client: ollama.Client) -> None:
     assert client.generate(model="tiny", prompt="hi", options={"num_predict": 2}).done
+
+
+# -- structured outputs and tool calls ----------------------------------------------------------------
+PET = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog", "fish"]},
+                                        "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+       "required": ["kind", "age"], "additionalProperties": False}
+
+
+def test_format_schema_is_enforced(client: ollama.Client, server: ServerThread) -> None:
+    chat = client.chat(model="tiny", messages=[{"role": "user", "content": "a pet"}], format=PET,
+                       options={"seed": 7, "num_predict": 120})
+    assert chat.done_reason == "stop", chat.message.content
+    jsonschema.validate(json.loads(chat.message.content), PET)
+    lines = check_stream("generate", stream_lines(server, "/api/generate", {
+        "model": "tiny", "prompt": "Pet:", "raw": True, "format": PET, "options": {"seed": 2, "num_predict": 120}}))
+    assert lines[-1]["done_reason"] == "stop"
+    jsonschema.validate(json.loads("".join(line["response"] for line in lines)), PET)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "days": {"type": "integer"}},
+                                               "required": ["city"]}}}]
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def scripted(serve_module: Servers) -> ServerThread:
+    """The scripted backend says what the prompt asks (a random model never writes a tool call)."""
+    return serve_module(models={"tiny": {"context_length": 2048}}, backend_factory=scripted_factory)
+
+
+def test_tool_calls_in_chat(scripted: ServerThread) -> None:
+    client = ollama.Client(host=scripted.root, timeout=60)
+    messages = [{"role": "user", "content": say("Let me look. " + HERMES_CALL)}]
+    whole = client.chat(model="tiny", messages=messages, tools=TOOLS)
+    assert whole.message.content == "Let me look." and whole.done_reason == "stop"
+    [call] = whole.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris", "days": 3}
+    raw = check("chat_final", httpx.post(f"{scripted.root}/api/chat", timeout=60, json={
+        "model": "tiny", "messages": messages, "tools": TOOLS, "stream": False}).json())
+    assert raw["message"]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "days": 3}
+    lines = check_stream("chat", stream_lines(scripted, "/api/chat", {"model": "tiny", "messages": messages,
+                                                                       "tools": TOOLS}))
+    calls = [c for line in lines for c in line["message"].get("tool_calls", ())]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert "<tool_call>" not in "".join(line["message"]["content"] for line in lines)
+    # without tools the same text is content, and the call's result goes back as a tool message
+    plain = client.chat(model="tiny", messages=messages)
+    assert "<tool_call>" in plain.message.content and not plain.message.tool_calls
+    history = [*messages, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+               {"role": "tool", "content": "11 degrees", "tool_name": "get_weather"},
+               {"role": "user", "content": say("It is 11 degrees.")}]
+    assert client.chat(model="tiny", messages=history, tools=TOOLS).message.content == "It is 11 degrees."

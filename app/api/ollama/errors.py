@@ -30,6 +30,12 @@ def engine_status(exc: EngineError) -> int:
     return 400
 
 
+def _ollama_words(exc: EngineError) -> str:
+    """An engine error in the request's own words (its ``format`` is the engine's response_format)."""
+    message = str(exc)
+    return message.replace("response_format", "format") if exc.param == "response_format" else message
+
+
 def _http_message(request: web.Request, exc: web.HTTPException) -> str:
     return {404: f"unknown path {request.path}", 405: f"method {request.method} not allowed on {request.path}",
             413: "request body too large"}.get(exc.status, exc.reason)
@@ -45,7 +51,7 @@ async def ollama_error_middleware(request: web.Request, handler: Handler) -> web
     except ApiError as exc:
         return error_response(exc.status, exc.message)
     except EngineError as exc:
-        return error_response(engine_status(exc), str(exc))
+        return error_response(engine_status(exc), _ollama_words(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

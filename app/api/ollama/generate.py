@@ -10,6 +10,7 @@ from aiohttp import web
 from app.api.body import read_json_body
 from app.api.keys import ENGINE
 from app.api.ollama.lifecycle import load_or_unload
+from app.api.ollama.output import GenerateOutput
 from app.api.ollama.streaming import Answer, respond
 from app.api.ollama.wire import GenerateRequest, parse
 from app.engine.facade import ChatRequest, CompletionRequest, Engine, JobHandle, Message
@@ -23,7 +24,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     req: GenerateRequest = parse(GenerateRequest, await read_json_body(request))
     keep_alive = req.keep_alive_s()
-    answer = Answer(req.model, started, lambda text: {"response": text})
+    answer = Answer(req.model, started, GenerateOutput())
     if not req.prompt and not req.suffix:
         return await load_or_unload(engine, req.model, keep_alive, answer)
     handle = await _submit(engine, req)
@@ -36,8 +37,9 @@ async def _submit(engine: Engine, req: GenerateRequest) -> JobHandle:
     prompt = req.prompt or ""
     if req.raw or req.suffix:  # raw: the prompt as it is; suffix: the model's fill-in-the-middle form
         return await engine.submit_completion(CompletionRequest(
-            model=req.model, prompt=prompt, settings=settings, suffix=req.suffix or None, stream=stream))
+            model=req.model, prompt=prompt, settings=settings, suffix=req.suffix or None, stream=stream,
+            response_format=req.response_format()))
     messages = [Message("system", req.system)] if req.system else []
     messages.append(Message("user", prompt))
     return await engine.submit_chat(ChatRequest(model=req.model, messages=messages, settings=settings,
-                                                stream=stream))
+                                                stream=stream, response_format=req.response_format()))

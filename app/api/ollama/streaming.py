@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from aiohttp import web
 
@@ -32,29 +32,41 @@ def line(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
+class Output(Protocol):
+    """How model text becomes parts of the answer's objects (see output.py)."""
+
+    def feed(self, text: str) -> list[dict[str, Any]]: ...
+
+    def finish(self) -> list[dict[str, Any]]: ...
+
+    def whole(self, text: str) -> dict[str, Any]: ...
+
+    def empty(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class Answer:
     """How one generation is answered: the model name as the client sent it, when the request came in
-    (``time.perf_counter``), and how a piece of text sits in the body (``response`` or ``message``)."""
+    (``time.perf_counter``), and how its text sits in the body."""
 
     model: str
     started: float
-    carry: Callable[[str], dict[str, Any]]
+    output: Output
 
     def head(self) -> dict[str, Any]:
         return {"model": self.model, "created_at": created_at()}
 
-    def final(self, handle: JobHandle, finished: JobFinished, text: str) -> dict[str, Any]:
+    def final(self, handle: JobHandle, finished: JobFinished, part: dict[str, Any]) -> dict[str, Any]:
         usage = finished.usage
         first = finished.ttft_s if finished.ttft_s is not None else finished.duration_s
-        return {**self.head(), **self.carry(text), "done": True, "done_reason": done_reason(finished),
+        return {**self.head(), **part, "done": True, "done_reason": done_reason(finished),
                 "total_duration": ns(time.perf_counter() - self.started), "load_duration": ns(handle.prepare_s),
                 "prompt_eval_count": usage.prompt_tokens, "prompt_eval_duration": ns(first),
                 "eval_count": usage.completion_tokens, "eval_duration": ns(finished.duration_s - first)}
 
     def empty(self, reason: str) -> web.Response:
         """The one object of a load or unload request (no generation)."""
-        return web.json_response({**self.head(), **self.carry(""), "done": True, "done_reason": reason})
+        return web.json_response({**self.head(), **self.output.empty(), "done": True, "done_reason": reason})
 
 
 def done_reason(finished: JobFinished) -> str:
@@ -81,19 +93,21 @@ async def _whole(handle: JobHandle, answer: Answer) -> dict[str, Any]:
         handle.cancel()
     if finished.finish_reason in ("error", "cancelled"):
         raise ApiError(500, finished.error or "generation failed")
-    return answer.final(handle, finished, finished.text)
+    return answer.final(handle, finished, answer.output.whole(finished.text))
 
 
 async def _lines(handle: JobHandle, answer: Answer) -> AsyncIterator[bytes]:
     async for event in handle:
         if isinstance(event, TextDelta):
-            if event.text:
-                yield line({**answer.head(), **answer.carry(event.text), "done": False})
+            for part in answer.output.feed(event.text):
+                yield line({**answer.head(), **part, "done": False})
         elif isinstance(event, JobFinished):
             if event.finish_reason in ("error", "cancelled"):
                 yield line({"error": event.error or f"generation ended: {event.finish_reason}"})
                 return
-            yield line(answer.final(handle, event, ""))
+            for part in answer.output.finish():
+                yield line({**answer.head(), **part, "done": False})
+            yield line(answer.final(handle, event, answer.output.empty()))
 
 
 async def _stream(request: web.Request, handle: JobHandle, lines: AsyncIterator[bytes]) -> web.StreamResponse:

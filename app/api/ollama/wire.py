@@ -1,8 +1,7 @@
 """Wire types of Ollama's API that the server accepts (pydantic, strict types, unknown fields tolerated).
 
-A request converts itself to engine input here; what this app does not do (images, ``think``,
-constrained ``format``, the deprecated ``context``) is refused with a 400 that says so rather than
-being ignored, so a client never gets an answer to a question it did not ask.
+A request converts itself to engine input here; what this app does not do (images, ``think``, the
+deprecated ``context``) is refused with a 400 that says so rather than being ignored, so a client never gets an answer to a question it did not ask.
 """
 
 from __future__ import annotations
@@ -67,10 +66,19 @@ class GenerationFields(WireModel):
     def streaming(self) -> bool:
         return self.stream is not False
 
+    def response_format(self) -> dict[str, Any] | None:
+        """``format`` as the engine's response_format: "json" any JSON object, an object a JSON schema
+        (enforced as far as the grammar engine can, as Ollama does)."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return {"type": "json_object"}
+        if isinstance(self.format, dict):
+            return {"type": "json_schema", "json_schema": {"name": "format", "schema": self.format}}
+        raise ApiError(400, f"format must be \"json\" or a JSON schema object, not {str(self.format)[:40]!r}")
+
     def check_supported(self) -> None:
-        if self.format not in (None, ""):
-            raise ApiError(400, "format (JSON mode and JSON-schema structured outputs) is not supported by this "
-                                "server yet: it needs constrained decoding, which is not built")
+        self.response_format()
         if self.think not in (None, False):
             raise ApiError(400, f"model '{self.model}' does not support thinking (think)")
 
