@@ -47,11 +47,11 @@ WORDS = (
 ).split()
 
 
-def corpus(seed: int, lines: int = 4000) -> list[str]:
+def corpus(seed: int, lines: int = 4000, pseudo_words: int = 3000) -> list[str]:
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
     # pseudo-words give the BPE trainer enough merges to fill larger vocabularies exactly
-    pseudo = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    pseudo = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(pseudo_words)]
     words = WORDS + pseudo
     out = []
     for _ in range(lines):
@@ -73,7 +73,9 @@ def build_tokenizer(seed: int, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    # a large vocabulary (a real model's 32,000) needs a corpus with that many merges in it
+    text = corpus(seed) if vocab_size <= 8192 else corpus(seed, lines=vocab_size, pseudo_words=2 * vocab_size)
+    tok.train_from_iterator(text, trainer=trainer)
     return tok
 
 

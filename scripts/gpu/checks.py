@@ -30,6 +30,11 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent.parent
 WORK = Path("/tmp/gpu-work")
 SAVED_MEASUREMENT = ROOT / ".gpu" / "measurement.json"  # the quantizer's measuring pass, from an earlier run
+# the TinyLlama-shaped model's measuring pass (minutes), kept in the repo
+TINYLLAMA_MEASUREMENT = ROOT / "scripts" / "gpu" / "measurements" / "tinyllama-shape.json.xz"
+# TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32,000), random weights
+TINYLLAMA = ["--hidden", "2048", "--heads", "32", "--kv-heads", "4", "--layers", "22", "--intermediate", "5632",
+             "--init-std", "0.02"]
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
 BAN = {"2": -100, "5": -100}  # </s> and <|im_end|> of the generated tokenizer: keep random models talking
@@ -255,6 +260,8 @@ def make_models(rep: Report) -> None:
                               "--intermediate", str(WIDE["intermediate"])]
     if "quantize" in rep.skip:  # only the quantizer reads it
         specs.pop("small-fp16")
+    if "tinyllama" not in rep.skip:
+        specs["tinyllama-fp16"] = [*TINYLLAMA, "--vocab", "32000"]
     # made side by side: each is mostly its own imports and the writing of its files
     procs = {}
     for name, extra in specs.items():
@@ -274,29 +281,60 @@ def make_models(rep: Report) -> None:
     rep.data["models"] = {n: sum(f.stat().st_size for f in (WORK / n).iterdir()) for n in specs}
 
 
-def quantize(rep: Report) -> None:
-    work, out = WORK / "exl2-work", WORK / "small-exl2"
+def quantize_model(rep: Report, src: str, dst: str, saved: Path | None, keep_as: str, timeout_s: float) -> dict:
+    """``src`` (FP16) to EXL2 4.0 bpw in ``dst`` with exllamav2's converter; the measuring pass is read from
+    ``saved`` (plain or .xz) when there is one, else written to OUT/``keep_as`` (also when the quantizing
+    after it runs out of time) for the next runs to reuse."""
+    work, out = WORK / f"{dst}-work", WORK / dst
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(WORK / "small-fp16"),
+    cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(WORK / src),
            "-o", str(work), "-cf", str(out), "-b", "4.0", "-hb", "6", "-r", "4", "-mr", "4", "-l", "512",
            "-ml", "512"]
-    saved = SAVED_MEASUREMENT
-    if saved.exists():
+    reused = saved is not None and saved.exists()
+    if reused and saved.suffix == ".xz":
+        plain = WORK / f"{dst}-measurement.json"
+        subprocess.run(f"xz -dc '{saved}' > '{plain}'", shell=True, check=True)
+        saved = plain
+    if reused:
         cmd += ["-m", str(saved)]
+    t0 = time.perf_counter()
+    try:
+        res = sh(cmd, timeout_s)
+        print(res.stdout[-1500:], res.stderr[-1500:], flush=True)
+    finally:
+        if (work / "measurement.json").exists() and not reused:
+            shutil.copy(work / "measurement.json", rep.out / keep_as)
+    res.check_returncode()
+    cfg = json.loads((out / "config.json").read_text())
+    return {"reused_measurement": reused, "seconds": round(time.perf_counter() - t0, 1),
+            "quantization_config": cfg.get("quantization_config"),
+            "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+
+
+def quantize(rep: Report) -> None:
     # started only when it should fit with the stages that use its model (main's needs_s); here it may
     # use all but the time to write the report
-    res = sh(cmd, min(max(rep.left() - 20, 60), 3600))
-    print(res.stdout[-1500:], res.stderr[-1500:], flush=True)
-    res.check_returncode()
-    if (work / "measurement.json").exists() and not saved.exists():
-        shutil.copy(work / "measurement.json", rep.out / "measurement.json")
-    cfg = json.loads((out / "config.json").read_text())
-    rep.data["quantized"] = {"reused_measurement": saved.exists(), "quantization_config": cfg.get("quantization_config"),
-                             "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+    rep.data["quantized"] = quantize_model(rep, "small-fp16", "small-exl2", SAVED_MEASUREMENT, "measurement.json",
+                                           min(max(rep.left() - 20, 60), 3600))
     # the server is already serving the FP16 models: it reads the registry again when the file changes
     register("small-exl2", "small-exl2", ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH)],
              served=True)
+
+
+def tinyllama(rep: Report) -> None:
+    """A random Llama of TinyLlama-1.1B's shape at EXL2 4.0 bpw: quantized (its measuring pass kept in the
+    repo), then the paged levels (direct vs HTTP at 1, 8, 32) on it."""
+    q = quantize_model(rep, "tinyllama-fp16", "tinyllama-exl2", TINYLLAMA_MEASUREMENT, "measurement-tinyllama.json",
+                       max(rep.left() - 60, 60))
+    rep.data["quantized_tinyllama"] = q
+    register("tinyllama-exl2", "tinyllama-exl2", ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH)],
+             served=True)
+    import httpx
+
+    for name in ("small-exl2", "tiny-fp16"):
+        httpx.post(f"{BASE}/admin/unload", json={"model": name}, timeout=120)
+    paged(rep, "tinyllama-exl2", 2048, PAGED_BATCH, ["levels", "ttft", "stream_vs_whole"])
 
 
 def profile_first_token(rep: Report) -> None:
@@ -886,7 +924,8 @@ def write_markdown(rep: Report) -> None:
 # seconds a stage needs to be started (the H100/H200 runs took about two thirds of these); the order is
 # what the goals need first, so a short budget drops the benchmark, then switching, then the EXL2 stages
 NEEDS_S = {"serve": 15, "e2e-fp16": 40, "load-failures": 80, "direct-bench": 30, "e2e-exl2": 30,
-           "switching": 60, "http-bench": 110, "multi-gpu": 60, "paged": 150}
+           "switching": 60, "http-bench": 110, "multi-gpu": 60, "paged": 150,
+           "tinyllama": 200}
 QUANTIZE_S = {"measured before": 90, "measuring": 130}
 
 
@@ -898,6 +937,7 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
     rep.stage("quantize", lambda: quantize(rep), quantize_s + NEEDS_S["direct-bench"] + NEEDS_S["e2e-exl2"])
     exl2 = [("direct-bench", lambda: direct_bench(rep)), ("e2e-exl2", lambda: e2e(rep, "small-exl2")),
             ("paged", lambda: paged(rep, "small-exl2", 2048, PAGED_BATCH)),
+            ("tinyllama", lambda: tinyllama(rep)),
             ("switching", lambda: switching(rep)), ("http-bench", lambda: http_bench(rep)),
             ("multi-gpu", lambda: multi_gpu(rep))]
     if args.profile:

@@ -22,6 +22,12 @@ class StreamResult:
     gaps: list[float] = field(default_factory=list)
     error: str = ""
     finish: str | None = None
+    sent_at: float = 0.0  # perf_counter() when the request went out
+    stamps: list[float] = field(default_factory=list)  # perf_counter() of each text chunk
+
+    def gaps_during(self, start: float, end: float) -> list[float]:
+        """The gaps between this stream's chunks that overlap [start, end]."""
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:]) if b >= start and a <= end]
 
 
 async def one_stream(session: Any, url: str, body: dict, t0: float, timeout_s: float,
@@ -29,7 +35,7 @@ async def one_stream(session: Any, url: str, body: dict, t0: float, timeout_s: f
     """A streamed request; with ``cancel_after`` the connection is dropped after that many text chunks."""
     import aiohttp
 
-    res = StreamResult(ok=False)
+    res = StreamResult(ok=False, sent_at=time.perf_counter())
     last = None
     try:
         async with session.post(url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
@@ -51,6 +57,7 @@ async def one_stream(session: Any, url: str, body: dict, t0: float, timeout_s: f
                         res.finish = ch["finish_reason"]
                     if ch.get("text") or (ch.get("delta") or {}).get("content"):
                         now = time.perf_counter()
+                        res.stamps.append(now)
                         if last is None:
                             res.ttft_s = now - t0
                         else:
