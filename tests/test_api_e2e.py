@@ -208,7 +208,7 @@ def test_bad_inputs_get_openai_errors(server: ServerThread, client: openai.OpenA
     post(json.dumps({"model": "tiny"}), 400, "messages")
     post(json.dumps({"model": "tiny", "messages": MSGS, "max_tokens": -1}), 400, "max_tokens")
     post(json.dumps({"model": "tiny", "messages": MSGS, "temperature": "hot"}), 400, "temperature")
-    post(json.dumps({"model": "tiny", "messages": MSGS, "n": 2}), 400, "n")
+    post(json.dumps({"model": "tiny", "messages": MSGS, "n": 0}), 400, "n")
     post('{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400)
     unknown = post(json.dumps({"model": "nope", "messages": MSGS}), 404, "model")
     assert unknown["error"]["code"] == "model_not_found"

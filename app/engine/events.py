@@ -26,6 +26,16 @@ class SamplingParams:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the distribution it was sampled from (after the
+    sampling settings), and the most likely alternatives there as (token text, log-probability)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class BackendJob:
     """One generation job as a backend sees it."""
@@ -39,6 +49,8 @@ class BackendJob:
     job_id: int = field(default_factory=lambda: next(_ids))
     #: a grammar the output must follow (llguidance grammar text; compiled by the backend), or None
     grammar: str | None = None
+    #: report each token's log-probability and this many alternatives (None: no log-probabilities)
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,8 @@ class StepEvent:
     error: str | None = None
     #: on a finished job's last event, from backends in a model process
     decode_times: DecodeTimes | None = None
+    #: one per new token, for jobs that asked for log-probabilities
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,8 @@ class TextDelta:
     """A piece of generated text (only sent to streaming jobs)."""
 
     text: str
+    #: the log-probabilities of the tokens that gave this text (jobs that asked for them)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,8 @@ class JobFinished:
     ttft_s: float | None
     duration_s: float
     error: str | None = None
+    #: log-probabilities not sent with a TextDelta (all of them for non-streaming jobs)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 JobEvent = TextDelta | JobFinished

@@ -54,6 +54,8 @@ class ChatRequest:
     #: "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    #: report each token's log-probability and this many alternatives (None: none)
+    logprobs: int | None = None
 
 
 @dataclass
@@ -65,6 +67,7 @@ class CompletionRequest:
     stream: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     response_format: dict[str, Any] | None = None
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Wire types of the OpenAI API that the server accepts (pydantic; unknown extra fields tolerated).
 
 Each request model converts itself to engine parameters (``to_settings``); values that would
-change the result and are not supported yet (``n > 1``, ``logprobs``, ``echo``) are refused with a
-clear message instead of being silently ignored.
+change the result and are not supported yet (``echo``, ``best_of > 1``) are refused with a clear
+message instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -121,8 +121,7 @@ class SamplingFields(WireModel):
         return value
 
     def check_supported(self) -> None:
-        if self.n is not None and self.n > 1:
-            raise UnsupportedValue("n > 1 is not supported yet; send n=1 or leave it out", "n")
+        """Values accepted by the wire model that this server does not do (a 400 saying so)."""
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -166,15 +165,15 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise UnsupportedValue("logprobs are not supported yet", "logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise UnsupportedValue("top_logprobs needs logprobs: true", "top_logprobs")
 
     @model_validator(mode="after")
     def _tools(self) -> "ChatCompletionRequest":
@@ -196,7 +195,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
 
     @model_validator(mode="after")
@@ -210,8 +209,6 @@ class CompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise UnsupportedValue("logprobs are not supported yet", "logprobs")
         if self.echo:
             raise UnsupportedValue("echo is not supported yet", "echo")
         if self.best_of is not None and self.best_of > 1:

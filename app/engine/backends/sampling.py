@@ -29,6 +29,27 @@ def sample(logits: "torch.Tensor", params: SamplingParams, history: list[int], c
     Order: logit bias, repetition penalty (over prompt and output), presence/frequency penalties
     (over the output), then greedy or temperature -> top_k -> top_p -> min_p -> typical.
     """
+    return sample_with_probs(logits, params, history, counts, generator, want_probs=False)[0]
+
+
+def sample_with_probs(logits: "torch.Tensor", params: SamplingParams, history: list[int], counts: Counter,
+                      generator: "torch.Generator", *, want_probs: bool = True
+                      ) -> tuple[int, "torch.Tensor | None"]:
+    """:func:`sample`, and the distribution the token was drawn from (after every sampling setting;
+    for greedy decoding, the softmax of the penalised logits)."""
+    import torch
+
+    logits = _penalised(logits, params, history, counts)
+    if params.temperature > 0:
+        probs = _filtered(logits / params.temperature, params)
+        total = probs.sum()
+        if torch.isfinite(total) and total > 0:
+            probs = probs / total
+            return int(torch.multinomial(probs, 1, generator=generator)), probs if want_probs else None
+    return int(torch.argmax(logits)), torch.softmax(logits, dim=-1) if want_probs else None
+
+
+def _penalised(logits: "torch.Tensor", params: SamplingParams, history: list[int], counts: Counter) -> "torch.Tensor":
     import torch
 
     logits = logits.detach().to("cpu", torch.float32).clone()
@@ -46,9 +67,14 @@ def sample(logits: "torch.Tensor", params: SamplingParams, history: list[int], c
         freq = torch.tensor(list(counts.values()), dtype=torch.float32)
         keep = idx < vocab
         logits[idx[keep]] -= params.presence_penalty + params.frequency_penalty * freq[keep]
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    return logits
+
+
+def _filtered(logits: "torch.Tensor", params: SamplingParams) -> "torch.Tensor":
+    """Probabilities after top_k, top_p, min_p and typical (not normalised)."""
+    import torch
+
+    vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits[logits < kth] = float("-inf")
@@ -72,7 +98,4 @@ def sample(logits: "torch.Tensor", params: SamplingParams, history: list[int], c
         mask = torch.zeros_like(probs, dtype=torch.bool)
         mask[order[:cutoff]] = True
         probs = torch.where(mask, probs, torch.zeros_like(probs))
-    total = probs.sum()
-    if not torch.isfinite(total) or total <= 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(probs / total, 1, generator=generator))
+    return probs

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn, StepFailed
-from app.engine.backends.sampling import make_generator, sample
-from app.engine.events import BackendJob, StepEvent
+from app.engine.backends.sampling import make_generator, sample_with_probs
+from app.engine.events import BackendJob, StepEvent, TokenLogprob
 from app.engine.backends.text_stream import TextStream
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
 from app.engine.constraints.masks import ConstraintCompiler
@@ -333,7 +333,10 @@ class TransformersBackend(BackendBase):
 
         if job.constraint is not None:  # this row only: the other jobs of the batch sample freely
             logits = job.constraint.mask(logits.detach().to("cpu", torch.float32).clone())
-        token = sample(logits, job.job.sampling, job.history, job.counts, job.generator)
+        want = job.job.logprobs is not None
+        token, probs = sample_with_probs(logits, job.job.sampling, job.history, job.counts, job.generator,
+                                         want_probs=want)
+        logprobs = (self._logprob(token, probs, job.job.logprobs or 0),) if want else ()
         if job.constraint is not None and not job.constraint.accept(token):
             events.append(StepEvent(job.job.job_id, job.stream.finish(), 1, True, "error",
                                     f"constraint: {job.constraint.error}"))
@@ -344,18 +347,28 @@ class TransformersBackend(BackendBase):
         job.counts[token] += 1
         job.last_token = token
         if token in job.job.stop_token_ids:
-            events.append(StepEvent(job.job.job_id, job.stream.finish(), 1, True, "stop"))
+            events.append(StepEvent(job.job.job_id, job.stream.finish(), 1, True, "stop", logprobs=logprobs))
             self._running.remove(job)
             return
         text, stopped = job.stream.push(token)
         if stopped or (job.constraint is not None and job.constraint.done):
             text += "" if stopped else job.stream.finish()
-            events.append(StepEvent(job.job.job_id, text, 1, True, "stop"))
+            events.append(StepEvent(job.job.job_id, text, 1, True, "stop", logprobs=logprobs))
             self._running.remove(job)
             return
         out_of_room = job.kv.length + 1 >= self.context_length
         if job.generated >= job.job.max_new_tokens or out_of_room:
-            events.append(StepEvent(job.job.job_id, text + job.stream.finish(), 1, True, "length"))
+            events.append(StepEvent(job.job.job_id, text + job.stream.finish(), 1, True, "length", logprobs=logprobs))
             self._running.remove(job)
             return
-        events.append(StepEvent(job.job.job_id, text, 1))
+        events.append(StepEvent(job.job.job_id, text, 1, logprobs=logprobs))
+
+    def _logprob(self, token: int, probs: Any, top: int) -> TokenLogprob:
+        """``token``'s log-probability under ``probs`` and the ``top`` most likely tokens there."""
+        import torch
+
+        logp = torch.where(probs > 0, torch.log(probs.clamp_min(1e-38)), torch.full_like(probs, -9999.0))
+        best = torch.topk(logp, min(top, logp.shape[0])) if top else None
+        alternatives = () if best is None else tuple(
+            (self.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices))
+        return TokenLogprob(self.decode([token]), float(logp[token]), alternatives)

@@ -32,10 +32,13 @@ class OutputRules:
 
     tool_format: str | None = None
     grammar: str | None = None
+    #: log-probabilities with this many alternatives per token (None: none)
+    logprobs: int | None = None
 
     def apply(self, handle: "JobHandle") -> "JobHandle":
         handle.tool_format = self.tool_format
         handle.job.grammar = self.grammar
+        handle.job.logprobs = self.logprobs
         return handle
 
 
@@ -85,9 +88,10 @@ async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> Outpu
     else:
         build = response_format_grammar(request.response_format)
         grammar = await _built(build, len(json.dumps(request.response_format or {})), "response_format")
-    return OutputRules(fmt, grammar)
+    return OutputRules(fmt, grammar, request.logprobs)
 
 
 async def completion_rules(request: "CompletionRequest") -> OutputRules:
     build = response_format_grammar(request.response_format)
-    return OutputRules(None, await _built(build, len(json.dumps(request.response_format or {})), "response_format"))
+    grammar = await _built(build, len(json.dumps(request.response_format or {})), "response_format")
+    return OutputRules(None, grammar, request.logprobs)

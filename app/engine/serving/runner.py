@@ -48,6 +48,8 @@ class _Tracked:
     last_token: float | None = None
     tokens: int = 0
     text: list[str] = field(default_factory=list)
+    #: log-probabilities not yet handed on (jobs that asked for them)
+    logprobs: list = field(default_factory=list)
 
 
 class RunnerBase:
@@ -108,6 +110,12 @@ class RunnerBase:
     def _first_text(self, tracked: _Tracked) -> None:
         """A job's first visible text has just come (a hook for the subclasses)."""
 
+    @staticmethod
+    def _take_logprobs(tracked: _Tracked) -> tuple:
+        out = tuple(tracked.logprobs)
+        tracked.logprobs.clear()
+        return out
+
     def _deliver(self, tracked: _Tracked, event: StepEvent) -> None:
         now = time.monotonic()
         if event.text and tracked.first_text is None:
@@ -121,12 +129,13 @@ class RunnerBase:
             tracked.last_token = now
             tracked.tokens += event.new_tokens
             self._metrics.record_tokens(event.new_tokens)
+        tracked.logprobs.extend(event.logprobs)
         if event.finished:
             self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error,
                          decode=event.decode_times)
         elif event.text:
             if tracked.job.stream:
-                self._post(tracked, TextDelta(event.text))
+                self._post(tracked, TextDelta(event.text, self._take_logprobs(tracked)))
             else:
                 tracked.text.append(event.text)
 
@@ -136,12 +145,13 @@ class RunnerBase:
         self._tracked.pop(tracked.job.job_id, None)
         now = time.monotonic()
         if tracked.job.stream and text:
-            self._post(tracked, TextDelta(text))
+            self._post(tracked, TextDelta(text, self._take_logprobs(tracked)))
             text = ""
         full = "".join(tracked.text) + text
         ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
         usage = Usage(len(tracked.job.prompt_ids), tracked.tokens)
-        self._post(tracked, JobFinished(reason, usage, full, ttft, now - tracked.submitted, error))  # type: ignore[arg-type]
+        self._post(tracked, JobFinished(reason, usage, full, ttft, now - tracked.submitted, error,  # type: ignore[arg-type]
+                                        self._take_logprobs(tracked)))
         self._metrics.running.dec()
         gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
         tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None

@@ -1,0 +1,94 @@
+"""``n`` choices as ``n`` jobs (submitted together, so they share the batch), their events merged by
+choice index, their usage summed; and log-probabilities in OpenAI's two wire shapes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from app.engine.facade import JobFinished, JobHandle
+from app.engine.events import JobEvent, TokenLogprob
+
+
+class HandleGroup:
+    """The jobs of one request's choices, as the streaming response sees a job."""
+
+    def __init__(self, handles: list[JobHandle]) -> None:
+        self.handles = handles
+        self.job = handles[0].job
+        self.prepare_s = max(h.prepare_s for h in handles)
+
+    def start_early(self) -> None:
+        for h in self.handles:
+            h.start_early()
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+
+async def submit_choices(n: int, submit: Callable[[int], Awaitable[JobHandle]]) -> list[JobHandle]:
+    """``submit(i)`` for each choice; if one is refused, the ones already submitted are cancelled."""
+    handles: list[JobHandle] = []
+    try:
+        for i in range(n):
+            handles.append(await submit(i))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice ``index`` samples with ``seed + index``: reproducible, and not n copies of one answer."""
+    return None if seed is None else (seed + index) % (2**63)
+
+
+async def merged(handles: list[JobHandle]) -> AsyncIterator[tuple[int, JobEvent]]:
+    """Every choice's events as they come, with the choice's index; ends when all have finished."""
+    queue: asyncio.Queue[tuple[int, JobEvent]] = asyncio.Queue()
+
+    async def pump(index: int, handle: JobHandle) -> None:
+        async for event in handle:
+            await queue.put((index, event))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    left = len(handles)
+    try:
+        while left:
+            index, event = await queue.get()
+            if isinstance(event, JobFinished):
+                left -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def summed_usage(finished: list[JobFinished]) -> dict[str, int]:
+    """One prompt (the choices share it), every choice's completion tokens."""
+    prompt = finished[0].usage.prompt_tokens
+    completion = sum(f.usage.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob], top: int) -> dict[str, Any]:
+    """A chat choice's ``logprobs``: ``content`` with each token, its bytes and ``top_logprobs``."""
+    return {"content": [{**_entry(t.token, t.logprob), "top_logprobs": [_entry(a, lp) for a, lp in t.top[:top]]}
+                        for t in items], "refusal": None}
+
+
+def completion_logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """A text completion choice's ``logprobs`` (the legacy shape); ``offset``: where its text starts."""
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [dict(t.top) for t in items], "text_offset": offsets}
