@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 _ids = itertools.count(1)
@@ -34,6 +35,16 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+
+
+def token_logprobs(ids: list[int], probs: list[float], top_ids: list[list[int]], top_probs: list[list[float]],
+                   decode: Callable[[list[int]], str]) -> tuple[TokenLogprob, ...]:
+    """Log-probabilities from a backend's probabilities of the tokens drawn (and of the top ones)."""
+    def log(p: float) -> float:
+        return math.log(p) if p > 0 else -9999.0
+
+    return tuple(TokenLogprob(decode([t]), log(p), tuple((decode([a]), log(q)) for a, q in zip(alts, qs)))
+                 for t, p, alts, qs in zip(ids, probs, top_ids or [[]] * len(ids), top_probs or [[]] * len(ids)))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
-from app.engine.events import BackendJob, SamplingParams, StepEvent
+from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
 
@@ -331,7 +331,8 @@ class ExLlamaV2Backend(BackendBase):
         gen_job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long), max_new_tokens=job.max_new_tokens,
             gen_settings=self.gen_settings(job.sampling), seed=job.sampling.seed, stop_conditions=stops,
-            identifier=job.job_id, decode_special_tokens=False, filters=filters)
+            identifier=job.job_id, decode_special_tokens=False, filters=filters,
+            return_top_tokens=job.logprobs or 0, return_probs=job.logprobs is not None)
         self._jobs[job.job_id] = gen_job
         self._generator.enqueue(gen_job)
 
@@ -360,12 +361,16 @@ class ExLlamaV2Backend(BackendBase):
             ids = r.get("token_ids")
             n = int(ids.shape[-1]) if ids is not None else 0
             text = r.get("text", "")
+            probs = r.get("token_probs")  # for jobs that asked for log-probabilities
+            lp = () if probs is None or ids is None else token_logprobs(
+                ids[0].tolist(), probs[0].tolist(), r["top_k_tokens"][0].tolist() if "top_k_tokens" in r else [],
+                r["top_k_probs"][0].tolist() if "top_k_probs" in r else [], self.decode)
             if r.get("eos"):
                 self._jobs.pop(job_id, None)
                 reason = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
-                events.append(StepEvent(job_id, text, n, True, reason))  # type: ignore[arg-type]
+                events.append(StepEvent(job_id, text, n, True, reason, logprobs=lp))  # type: ignore[arg-type]
             elif text or n:
-                events.append(StepEvent(job_id, text, n))
+                events.append(StepEvent(job_id, text, n, logprobs=lp))
         self.last_step_batch = len(streaming)
         return events
 
