@@ -25,9 +25,10 @@ class StreamResult:
     sent_at: float = 0.0  # perf_counter() when the request went out
     stamps: list[float] = field(default_factory=list)  # perf_counter() of each text chunk
 
-    def gaps_during(self, start: float, end: float) -> list[float]:
-        """The gaps between this stream's chunks that overlap [start, end]."""
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:]) if b >= start and a <= end]
+    def waits_after(self, start: float, end: float) -> list[float]:
+        """For each gap between this stream's chunks that overlaps [start, end]: how long after ``start``
+        (or the gap's own start, if later) the next chunk came, i.e. the wait that began in that window."""
+        return [b - max(a, start) for a, b in zip(self.stamps, self.stamps[1:]) if b >= start and a <= end]
 
 
 async def one_stream(session: Any, url: str, body: dict, t0: float, timeout_s: float,
@@ -113,7 +114,7 @@ async def timed_requests(base: str, bodies: list[dict], pause_s: float = 0.05) -
     return out
 
 
-async def under_load(base: str, load: list[dict], probes: list[dict], settle_s: float = 0.5) -> tuple[
+async def under_load(base: str, load: list[dict], probes: list[dict], settle_s: float = 1.0) -> tuple[
         list[StreamResult], list[StreamResult]]:
     """``probes`` sent one after another while the ``load`` streams run; (probe results, load results)."""
     import aiohttp

@@ -51,6 +51,19 @@ def load(model_dir: str, context: int, batch: int) -> tuple[Any, Any, Any]:
     return config, tokenizer, gen
 
 
+GC_PAUSES: list[float] = []  # seconds of each full (generation 2) collection, for the stall diagnosis
+_gc_started = [0.0]
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    if info.get("generation") != 2:
+        return
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append(time.perf_counter() - _gc_started[0])
+
+
 def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
     from exllamav2.generator import ExLlamaV2DynamicJob
 
@@ -64,10 +77,14 @@ def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
     first: dict[int, float] = {}
     last: dict[int, float] = {}
     gaps: list[float] = []
+    steps: list[float] = []  # each iterate()'s duration
     tokens = 0
+    GC_PAUSES.clear()
     while gen.num_remaining_jobs():
+        t_step = time.perf_counter()
         results = gen.iterate()
         now = time.perf_counter()
+        steps.append(now - t_step)
         for r in results:
             if r.get("stage") != "streaming" or r.get("token_ids") is None:
                 continue
@@ -85,7 +102,9 @@ def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
     return {"n": len(jobs), "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
             "ttft_s": [first.get(i, float("nan")) for i in range(len(jobs))],
             "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),
-            "itl_max_s": max(gaps, default=float("nan"))}
+            "itl_max_s": max(gaps, default=float("nan")),
+            "steps": len(steps), "step_max_s": max(steps, default=float("nan")),
+            "steps_over_50ms": sum(t > 0.05 for t in steps), "gc_full": len(GC_PAUSES), "gc_full_s": sum(GC_PAUSES)}
 
 
 def main() -> int:
@@ -96,8 +115,12 @@ def main() -> int:
     parser.add_argument("--ban", type=int, nargs="*", default=[], help="token ids biased by -100 (EOS)")
     args = parser.parse_args()
 
+    import gc
+
     import torch
     from exllamav2.generator import ExLlamaV2Sampler
+
+    gc.callbacks.append(_gc_timer)
 
     config, tokenizer, gen = load(args.model_dir, args.context, args.batch)
     settings = ExLlamaV2Sampler.Settings()
