@@ -334,7 +334,7 @@ def tinyllama(rep: Report) -> None:
 
     for name in ("small-exl2", "tiny-fp16"):
         httpx.post(f"{BASE}/admin/unload", json={"model": name}, timeout=120)
-    paged(rep, "tinyllama-exl2", 2048, PAGED_BATCH, ["levels", "ttft", "stream_vs_whole"])
+    paged(rep, "tinyllama-exl2", 2048, PAGED_BATCH, ["levels", "ttft", "stream_vs_whole", "mixed", "prefill"])
 
 
 def profile_first_token(rep: Report) -> None:
