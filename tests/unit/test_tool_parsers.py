@@ -163,3 +163,23 @@ def test_format_from_the_jinja_template(fmt: str) -> None:
 def test_a_template_without_tool_calls_gets_the_fallback() -> None:
     assert detect_tool_format("{{ .Prompt }}", go=True) == "hermes"
     assert detect_tool_format(None, go=False) == "hermes"
+
+
+# -- any text at all ---------------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+PIECES = st.sampled_from(["<tool_call>", "</tool_call>", "<function=f>", "<parameter=a>", "</parameter>",
+                          "</function>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '{"name": "f", ',
+                          '"arguments": {}}', "{", "}", "[", "]", '"', "\n", " ", "text", "é🙂"])
+TEXTS = st.lists(st.one_of(PIECES, st.text(max_size=8)), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(["hermes", "qwen3_coder", "mistral", "llama3"]), text=TEXTS, at=st.integers(0, 200))
+def test_any_text_parses_without_error_and_splits_alike(fmt: str, text: str, at: int) -> None:
+    content, calls = parse_tool_calls(text, fmt)  # type: ignore[arg-type]
+    if not calls:
+        assert content == text  # nothing is lost when nothing is a call
+    for call in calls:
+        assert isinstance(json.loads(call.arguments), dict) and call.name
+    assert _joined(_split_feed(fmt, text, min(at, len(text)))) == (content, calls)

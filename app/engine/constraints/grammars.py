@@ -32,7 +32,7 @@ def json_schema_grammar(schema: dict[str, Any], *, strict: bool = False) -> str:
     options = {**LAYOUT, "lenient": not strict}
     try:
         grammar = _llg().LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # the engine's own exceptions say what is wrong with the schema
         raise GrammarError(f"invalid JSON schema: {exc}") from None
     check_grammar(grammar)
     return grammar
@@ -82,7 +82,9 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]], *, name: str | None
         raise GrammarError(f"no tool named {name!r}")
     several = parallel and name is None
     wrap = "parameters" if fmt == "llama3" else "arguments"
-    schema = {**_hoisted(chosen, wrap), "x-guidance": LAYOUT}
+    # as OpenAI's function "strict": every keyword enforced only when each tool asks for it
+    strict = all(t["function"].get("strict") is True for t in chosen)
+    schema = {**_hoisted(chosen, wrap), "x-guidance": {**LAYOUT, "lenient": not strict}}
     if fmt in ("hermes", "qwen3_coder"):
         block = _lark_string("<tool_call>\n") + " call " + _lark_string("\n</tool_call>")
         sep = _lark_string("\n")

@@ -76,6 +76,8 @@ async def _built(build: Callable[[], str] | None, size: int, param: str) -> str 
         return build() if size < INLINE_SCHEMA_CHARS else await asyncio.to_thread(build)
     except GrammarError as exc:
         raise InvalidRequest(f"{param}: {exc}", param) from None
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a schema shaped unlike any schema
+        raise InvalidRequest(f"{param}: cannot use this schema ({type(exc).__name__}: {exc})", param) from None
 
 
 async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> OutputRules:
