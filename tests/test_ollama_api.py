@@ -4,6 +4,7 @@ every response is checked against the shapes Ollama documents (tests/helpers/oll
 from __future__ import annotations
 
 import json
+import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -384,3 +385,41 @@ def test_tool_calls_in_chat(scripted: ServerThread) -> None:
                {"role": "tool", "content": "11 degrees", "tool_name": "get_weather"},
                {"role": "user", "content": say("It is 11 degrees.")}]
     assert client.chat(model="tiny", messages=history, tools=TOOLS).message.content == "It is 11 degrees."
+
+
+# -- also on Ollama's port ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_also_on_ollamas_port_unless_ollama_is_there(serve: Servers) -> None:
+    port = _free_port()
+    first = serve(config=ServerConfig(port=0, ollama_port=port))
+    assert first.listener.ollama_port == port and first.listener.ollama_error is None
+    assert [m.model for m in ollama.Client(host=f"http://127.0.0.1:{port}").list().models] == ["tiny:latest"]
+    # something speaking Ollama's API answers there now: a second server says so and serves on its own port
+    second = serve(config=ServerConfig(port=0, ollama_port=port))
+    assert second.listener.ollama_port is None
+    assert "already answers there" in second.listener.ollama_error and "0.9.0" in second.listener.ollama_error
+    check("version", httpx.get(f"{second.root}/api/version").json())
+
+
+def test_ollamas_port_has_the_same_access_control(serve: Servers) -> None:
+    port = _free_port()
+    serve(config=ServerConfig(port=0, ollama_port=port, api_key="sesame"))
+    keyed = ollama.Client(host=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer sesame"})
+    assert [m.model for m in keyed.list().models] == ["tiny:latest"]
+    assert httpx.get(f"http://127.0.0.1:{port}/api/tags").status_code == 401
+
+
+def test_ollamas_port_taken_by_something_else(serve: Servers) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        server = serve(config=ServerConfig(port=0, ollama_port=port))
+    assert server.listener.ollama_port is None and f"cannot listen on Ollama's port {port}" in \
+        server.listener.ollama_error
+    assert httpx.get(f"{server.root}/api/version").status_code == 200

@@ -20,7 +20,7 @@ async def run_server(args: argparse.Namespace, registry: Registry, settings: Set
     registry.check_on_start()  # a broken models.json: clear error, a backup copy, never a silent reset
     engine = Engine(registry, server_settings=settings, max_loaded=args.max_loaded)
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                          cors_origins=tuple(args.cors_origin or ()))
+                          cors_origins=tuple(args.cors_origin or ()), ollama_port=getattr(args, "ollama_port", None))
     listener = Listener(engine, config)
     last: dict[str, str] = {}
 
@@ -43,6 +43,9 @@ async def run_server(args: argparse.Namespace, registry: Registry, settings: Set
         await engine.close()
         return 2
     print(f"serving the OpenAI API at {listener.url} (models from {registry.path})", file=sys.stderr, flush=True)
+    if listener.ollama_port or listener.ollama_error:
+        print(listener.ollama_error or f"serving the Ollama API on port {listener.ollama_port} too", file=sys.stderr,
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    #: also serve the same app on this port (Ollama's 11434), None: not
+    ollama_port: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -132,6 +134,9 @@ class Listener:
         self.engine = engine
         self.config = config
         self._runner: web.AppRunner | None = None
+        #: why the Ollama port is not served (Ollama itself there, port taken), None when it is or is off
+        self.ollama_error: str | None = None
+        self.ollama_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -161,8 +166,29 @@ class Listener:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}") from None
         self._runner = runner
         log.info("OpenAI API listening on %s", self.url)
+        if self.config.ollama_port and self.config.ollama_port != self.port:
+            await self._start_ollama_site(runner, self.config.ollama_port)
+
+    async def _start_ollama_site(self, runner: web.AppRunner, port: int) -> None:
+        """The same app on Ollama's port too; a failure leaves the main port serving and says why."""
+        from app.api.ollama.port import ollama_running_message, ollama_version_at
+
+        self.ollama_error, self.ollama_port = None, None
+        version = await ollama_version_at(self.config.host, port)
+        if version is not None:
+            self.ollama_error = ollama_running_message(port, version)
+        else:
+            try:
+                await web.TCPSite(runner, self.config.host, port).start()
+                self.ollama_port = port
+                log.info("Ollama API also listening on port %d", port)
+                return
+            except OSError as exc:
+                self.ollama_error = f"cannot listen on Ollama's port {port} too: {exc.strerror or exc}"
+        log.warning("%s", self.ollama_error)
 
     async def stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
+            self.ollama_port = None
             await runner.cleanup()

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("EXLLAMA_TRAY_API_KEY"),
                    help="require this API key (Authorization: Bearer); default $EXLLAMA_TRAY_API_KEY")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow CORS from this origin")
+    p.add_argument("--ollama-port", type=port_number, nargs="?", const=11434, default=None, metavar="PORT",
+                   help="also serve on Ollama's port (default 11434) unless Ollama itself answers there")
     add_setting_options(p)
 
     p = sub.add_parser("add-model", help="register a model folder under NAME[:TAG]", parents=[common])
