@@ -4,7 +4,9 @@ every response is checked against the shapes Ollama documents (tests/helpers/oll
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -423,3 +425,31 @@ def test_ollamas_port_taken_by_something_else(serve: Servers) -> None:
     assert server.listener.ollama_port is None and f"cannot listen on Ollama's port {port}" in \
         server.listener.ollama_error
     assert httpx.get(f"{server.root}/api/version").status_code == 200
+
+
+# -- a real client that speaks only Ollama's API ------------------------------------------------------
+CN = Path(os.environ.get("EXLLAMA_TRAY_CN", Path(__file__).resolve().parent.parent / ".cache" / "node" /
+                         "node_modules" / ".bin" / "cn"))
+
+
+def test_continue_cli_with_the_ollama_provider(serve: Servers, tmp_path: Path) -> None:
+    if not CN.exists():
+        pytest.skip(f"Continue CLI not installed at {CN} (scripts/dev.py test installs it when npm is present)")
+    # agents send long system prompts and tool lists: room for them, short answers
+    server = serve(models={"tiny": {"context_length": 32768, "max_tokens": 12}})
+    home, work = tmp_path / "home", tmp_path / "project"
+    home.mkdir()
+    work.mkdir()
+    (work / "README.md").write_text("# scratch project\n")
+    config = work / "config.yaml"
+    config.write_text("name: exllama-tray-test\nversion: 0.0.1\nschema: v1\nmodels:\n"
+                      f"  - name: tiny\n    provider: ollama\n    model: tiny\n    apiBase: {server.root}\n"
+                      "    roles:\n      - chat\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "CONTINUE", "OLLAMA"))}
+    env.update(HOME=str(home), CI="true", NO_COLOR="1")
+    res = subprocess.run([str(CN), "-p", "Say hello in one word", "--config", str(config)], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout[-1000:], res.stderr[-1000:])
+    assert res.stdout.strip()
+    [done] = server.engine.recent_requests()
+    assert done.completion_tokens >= 1 and done.prompt_tokens > 100  # Continue's own system prompt came along
