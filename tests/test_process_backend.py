@@ -573,3 +573,34 @@ def test_a_step_of_the_model_process_is_waited_for_not_polled_empty(tiny_model_d
         assert [len(s) for s in steps] == [1, 1, 1] and steps[-1][0].finished
     finally:
         backend.unload()
+
+
+def test_cpu_model_processes_fork_from_a_fork_server_that_ends_with_the_last_spare(tmp_path: Path) -> None:
+    """A CPU model's process forks from a server with torch imported (no import per load); when the
+    spare expires after the last CPU model, the fork server ends too and its memory goes back."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1])\n"
+            "from multiprocessing import forkserver\n"
+            "from app.engine.backends.model_process.spares import SparePool\n"
+            "pool = SparePool(idle_s=0.5)\n"
+            f"pool.loaded({TARGET!r}); pool.refill({TARGET!r})\n"
+            "(spare,) = pool.describe()\n"
+            "import psutil; parent = psutil.Process(spare['pid']).ppid()\n"
+            "print(spare['pid'], forkserver._forkserver._forkserver_pid, parent, flush=True)\n"
+            f"t = time.perf_counter(); pool.refill({TARGET!r}); pool.take({TARGET!r})[0].kill()\n"
+            f"pool.refill({TARGET!r})\n"
+            "print(time.perf_counter() - t, flush=True)\n"
+            f"pool.unloaded({TARGET!r})\n"
+            "time.sleep(3)\n"
+            "print(pool.describe(), forkserver._forkserver._forkserver_pid, flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second, third = out.stdout.strip().splitlines()
+    spare, server, parent = map(int, first.split())
+    assert parent == server  # forked from the fork server, not spawned by the server's process
+    assert float(second) < 1.0  # a fresh spare without importing torch again (~2.5 s when spawned)
+    assert third == "[] None" and process_gone(spare) and process_gone(server)
+

@@ -16,6 +16,8 @@ from PySide6.QtWidgets import (
 from app.engine.facade import Engine
 
 RANGES = {"1 min": 60, "5 min": 300, "30 min": 1800}
+#: the memory plot's line per key of the engine's memory report (others: "cuda:N reserved")
+MEMORY_LABELS = {"rss": "app process RAM", "model-process-rss": "model process RAM", "cpu": "model on CPU"}
 PALETTE = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2"]
 
 
@@ -127,7 +129,7 @@ class StatusWindow(QWidget):
         devices = sorted({d for s in history for d in s.memory if not d.endswith(":allocated")})
         for device in devices:
             if device not in self.memory_curves:
-                label = {"rss": "process RAM", "cpu": "model on CPU"}.get(device, f"{device} reserved")
+                label = MEMORY_LABELS.get(device, f"{device} reserved")
                 color = PALETTE[len(self.memory_curves) % len(PALETTE)]
                 self.memory_curves[device] = self.memory_plot.plot(name=label, pen=pg.mkPen(color, width=2))
             self.memory_curves[device].setData(xs, [s.memory.get(device, 0) / 2**20 for s in history])

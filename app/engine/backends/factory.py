@@ -15,6 +15,7 @@ from app.engine.settings.layers import EffectiveSettings
 
 log = logging.getLogger(__name__)
 EXLLAMAV2_TARGET = "app.engine.backends.exllamav2_backend:ExLlamaV2Backend"
+TRANSFORMERS_TARGET = "app.engine.backends.transformers_backend:TransformersBackend"
 
 
 @lru_cache(maxsize=1)
@@ -57,19 +58,37 @@ def choose_backend(entry: ModelEntry, settings: EffectiveSettings) -> str:
 
 
 def create_backend(entry: ModelEntry, settings: EffectiveSettings) -> Backend:
-    """A backend for ``entry``, not yet loaded."""
-    if not Path(entry.model_dir).is_dir():
-        raise BackendLoadError(f"model folder {entry.model_dir} does not exist any more")
-    choice = choose_backend(entry, settings)
-    if choice == "exllamav2":
-        # in a process of its own: its step loop must not share the GIL with the server (see model_process)
-        from app.engine.backends.model_process.client import ProcessBackend
+    """A backend for ``entry``, not yet loaded, in a model process of its own.
 
+    Both backends run there: the step loop does not share the GIL with the server (see
+    model_process), and unloading ends the process, which gives back every byte its libraries kept
+    (torch is never imported in the server's process: a CPU model left the app at ~570 MB after
+    unload when it ran here)."""
+    from app.engine.backends.model_process.client import ProcessBackend
+
+    choice = _checked_choice(entry, settings)
+    if choice == "exllamav2":
         return ProcessBackend(EXLLAMAV2_TARGET, "exllamav2", entry.model_dir,
                               context_length=settings.context_length, max_batch=settings.batch_size,
                               cache_type=settings.cache_type, gpu_split=settings.gpu_split,
                               rope_scale=settings.rope_scale, rope_alpha=settings.rope_alpha)
+    return ProcessBackend(TRANSFORMERS_TARGET, "transformers", entry.model_dir,
+                          context_length=settings.context_length, max_batch=settings.batch_size,
+                          rope_scale=settings.rope_scale)
+
+
+def create_backend_in_process(entry: ModelEntry, settings: EffectiveSettings) -> Backend:
+    """The transformers backend in the server's own process (a debugger sees its internals; its memory
+    stays with the server after unload). exllamav2 models always get a model process."""
+    if _checked_choice(entry, settings) == "exllamav2":
+        return create_backend(entry, settings)
     from app.engine.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(entry.model_dir, context_length=settings.context_length,
                                max_batch=settings.batch_size, rope_scale=settings.rope_scale)
+
+
+def _checked_choice(entry: ModelEntry, settings: EffectiveSettings) -> str:
+    if not Path(entry.model_dir).is_dir():
+        raise BackendLoadError(f"model folder {entry.model_dir} does not exist any more")
+    return choose_backend(entry, settings)

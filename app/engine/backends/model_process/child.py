@@ -22,6 +22,8 @@ from app.engine.events import BackendJob, StepEvent
 
 log = logging.getLogger(__name__)
 MEMORY_EVERY_S = 1.0
+#: the model process's own resident memory in its memory report (the app's is "rss")
+RSS_KEY = "model-process-rss"
 
 
 def child_main(conn: Any, target: str) -> None:
@@ -81,7 +83,7 @@ def _load(backend: Backend, conn: Any) -> Backend | None:
         send(p.LoadFailed(False, f"{type(exc).__name__}: {exc}"))
         return None
     send(p.Loaded(p.LoadedInfo(backend.batching, backend.notice, backend.vocab_size, set(backend.eos_token_ids()),
-                               backend.encoder_spec(), backend.memory_used())))
+                               backend.encoder_spec(), memory_report(backend).memory)))
     listener.join()  # it ends on Serve: from here on this thread reads the pipe itself
     return backend
 
@@ -197,7 +199,7 @@ def serve(backend: Backend, conn: Any) -> None:
         return bool(conn.poll(0 if busy else None))
 
     while True:
-        busy = backend.has_work()
+        busy = was_busy = backend.has_work()
         try:
             while has_command(busy):
                 if not handle(backend, conn, p.unpack(conn.recv()), outbox):
@@ -207,6 +209,8 @@ def serve(backend: Backend, conn: Any) -> None:
             backend.unload()
             return
         if not busy:
+            if was_busy:  # its last jobs were cancelled: say it holds none
+                conn.send(p.pack(memory_report(backend)))
             continue
         _step(backend, conn, outbox)
         now = time.monotonic()
@@ -215,7 +219,20 @@ def serve(backend: Backend, conn: Any) -> None:
             outbox.flush()
         if done or now - memory_at >= MEMORY_EVERY_S:
             memory_at = now
-            conn.send(p.pack(p.Memory(backend.memory_used())))
+            conn.send(p.pack(memory_report(backend)))
+
+
+def memory_report(backend: Backend) -> p.Memory:
+    """The backend's memory figures with this process's RSS, and how many jobs it holds."""
+    memory = dict(backend.memory_used())
+    try:
+        import psutil
+
+        memory[RSS_KEY] = psutil.Process().memory_info().rss
+    except (ImportError, OSError):
+        pass
+    count = getattr(backend, "active_jobs", None)
+    return p.Memory(memory, int(count()) if callable(count) else 0)
 
 
 def _step(backend: Backend, conn: Any, outbox: Outbox) -> None:

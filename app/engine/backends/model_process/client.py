@@ -75,6 +75,7 @@ class ProcessBackend(BackendBase):
         self._inbox: deque[p.StepMessage] = deque()
         self._eos: set[int] = set()
         self._memory: dict[str, int] = {}
+        self._active_jobs = 0
         self._encoder: FolderTokenizer | None = None
         self._encoder_bos: int | None = None
         self._replies: dict[int, Future] = {}
@@ -174,6 +175,12 @@ class ProcessBackend(BackendBase):
                 self._read_lock.release()
         return dict(self._memory)
 
+    def active_jobs(self) -> int:
+        """The jobs the model process held at its last report (it reports once a second while it works
+        and whenever it runs out of work); read off the pipe here when nobody else reads it."""
+        self.memory_used()
+        return self._active_jobs
+
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
@@ -228,7 +235,7 @@ class ProcessBackend(BackendBase):
             self._mark_dead()
             return
         if isinstance(msg, p.Memory):
-            self._memory = msg.memory
+            self._memory, self._active_jobs = msg.memory, msg.active_jobs
         elif isinstance(msg, p.Reply):
             future = self._replies.pop(msg.request_id, None)
             if future is not None and isinstance(msg.answer, Exception):

@@ -121,8 +121,12 @@ class StepError(NamedTuple):
 
 
 class Memory(NamedTuple):
+    """What the model process holds: its backend's memory figures (plus its own RSS) and jobs."""
+
     KIND = "memory"
     memory: dict[str, int]
+    #: the jobs its backend holds (pending or running)
+    active_jobs: int = 0
 
 
 class Reply(NamedTuple):
