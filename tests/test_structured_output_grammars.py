@@ -82,3 +82,31 @@ def test_defs_of_a_tool_still_resolve(compiler) -> None:
         "required": ["a"], "additionalProperties": False}}}]
     job = walk(comp, tok, tool_call_grammar("hermes", tools), '<tool_call>\n{"name": "f", "arguments": {"a": ')
     assert job.allowed()[tok.token_to_id("5")] and not job.allowed()[tok.token_to_id('"')]
+
+
+def test_the_backend_masks_one_row_and_a_bad_grammar_ends_only_its_job(tmp_path_factory) -> None:
+    import threading
+
+    from app.engine.backends.transformers_backend import TransformersBackend
+    from app.engine.events import BackendJob, SamplingParams
+
+    folder = make_tiny(tmp_path_factory.mktemp("grammar-backend") / "tiny", 1234)
+    backend = TransformersBackend(folder, context_length=256, max_batch=4)
+    backend.load(lambda *_: None, threading.Event())
+    prompt = backend.encode("Answer:")
+    enum = json_schema_grammar({"enum": ["yes", "no"]})
+    jobs = [BackendJob(list(prompt), 20, SamplingParams(seed=1), [], backend.eos_token_ids(), grammar=g)
+            for g in (None, enum, "%%% not a grammar")]
+    for job in jobs:
+        backend.submit(job)
+    text: dict[int, str] = {j.job_id: "" for j in jobs}
+    ends: dict[int, tuple] = {}
+    while backend.has_work():
+        for event in backend.step():
+            text[event.job_id] += event.text
+            if event.finished:
+                ends[event.job_id] = (event.finish_reason, event.error)
+    free, constrained, bad = jobs
+    assert ends[constrained.job_id][0] == "stop" and text[constrained.job_id] in ('"yes"', '"no"')
+    assert ends[bad.job_id][0] == "error" and "constraint" in ends[bad.job_id][1]
+    assert ends[free.job_id][0] in ("length", "stop") and ends[free.job_id][1] is None and text[free.job_id]

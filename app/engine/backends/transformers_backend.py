@@ -13,6 +13,7 @@ import inspect
 import logging
 import threading
 from collections import Counter, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,7 +73,7 @@ class _Job:
     last_token: int | None = None
     history: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
-    #: the job's grammar state (JobConstraint) when it has one
+    #: the job's grammar state (JobConstraint) when it has one; a Future while it is compiled
     constraint: Any = None
 
 
@@ -97,8 +98,6 @@ class TransformersBackend(BackendBase):
         #: events of the jobs that did not fail in a step that raised StepFailed
         self._failed_events: list[StepEvent] = []
         self._constraints: ConstraintCompiler | None = None
-        #: jobs refused at submit (a grammar that does not compile), ended at the next step
-        self._refused: list[StepEvent] = []
 
     # -- lifecycle ----------------------------------------------------------
     @staticmethod
@@ -197,12 +196,8 @@ class TransformersBackend(BackendBase):
         assert self._tok is not None and self._constraints is not None
         entry = _Job(job=job, stream=TextStream(self._tok, job.stop_strings),
                      generator=make_generator(job.sampling, self._device))
-        if job.grammar is not None:
-            try:  # compiled here, on the stepping thread: never on the event loop
-                entry.constraint = self._constraints.compile(job.grammar)
-            except Exception as exc:  # the grammar engine's reason ends this job only
-                self._refused.append(StepEvent(job.job_id, "", 0, True, "error", f"constraint: {exc}"))
-                return
+        if job.grammar is not None:  # compiled beside the stepping thread while the prompt is prefilled
+            entry.constraint = self._constraints.compile_soon(job.grammar)
         self._pending.append(entry)
 
     def cancel(self, job_id: int) -> None:
@@ -210,7 +205,7 @@ class TransformersBackend(BackendBase):
         self._running = [j for j in self._running if j.job.job_id != job_id]
 
     def has_work(self) -> bool:
-        return bool(self._pending or self._running or self._refused)
+        return bool(self._pending or self._running)
 
     def take_surviving_events(self) -> list[StepEvent]:
         """After StepFailed: the events of the jobs the failure did not affect."""
@@ -223,7 +218,7 @@ class TransformersBackend(BackendBase):
     def step(self) -> list[StepEvent]:
         import torch
 
-        events, self._refused = self._refused, []
+        events: list[StepEvent] = []
         failed: list[int] = []
         errors: list[str] = []
         with torch.inference_mode():
@@ -331,6 +326,13 @@ class TransformersBackend(BackendBase):
         """Sample one token for ``job`` and turn it into an event."""
         import torch
 
+        if isinstance(job.constraint, Future):
+            try:
+                job.constraint = job.constraint.result()
+            except Exception as exc:  # the grammar engine's reason ends this job only
+                events.append(StepEvent(job.job.job_id, "", 0, True, "error", f"constraint: {exc}"))
+                self._running.remove(job)
+                return
         if job.constraint is not None:  # this row only: the other jobs of the batch sample freely
             logits = job.constraint.mask(logits.detach().to("cpu", torch.float32).clone())
         want = job.job.logprobs is not None

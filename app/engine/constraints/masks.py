@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 from app.engine.constraints.grammars import GrammarError
 
 log = logging.getLogger(__name__)
+#: compiles grammars beside the stepping thread (llguidance drops the GIL while it builds)
+_COMPILER_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
 
 class ConstraintCompiler:
@@ -46,6 +49,11 @@ class ConstraintCompiler:
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         return JobConstraint(matcher, self.vocab_size)
+
+    def compile_soon(self, grammar: str) -> "Future[JobConstraint]":
+        """:meth:`compile` on a worker thread, so that the backend's other jobs step meanwhile (the first
+        grammar also builds the tokenizer's view: about a second for a large vocabulary)."""
+        return _COMPILER_POOL.submit(self.compile, grammar)
 
 
 class JobConstraint:
