@@ -23,12 +23,6 @@ def sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage_body(finished: JobFinished) -> dict[str, int]:
-    u = finished.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
-
-
 def finish_reason(finished: JobFinished) -> str:
     return "length" if finished.finish_reason == "length" else "stop"
 
