@@ -1,7 +1,8 @@
 """Wire types of Ollama's API that the server accepts (pydantic, strict types, unknown fields tolerated).
 
-A request converts itself to engine input here; what this app does not do (images, ``think``, the
-deprecated ``context``) is refused with a 400 that says so rather than being ignored, so a client never gets an answer to a question it did not ask.
+A request converts itself to engine input here (``format`` as the engine's response_format); what this
+app does not do (images, ``think``, the deprecated ``context``) is refused with a 400 that says so
+rather than being ignored, so a client never gets an answer to a question it did not ask.
 """
 
 from __future__ import annotations
