@@ -434,3 +434,55 @@ def test_a_settings_field_says_at_once_what_is_wrong_with_what_was_typed(tray, t
     dlg.set_value("temperature", "9")
     assert not dlg.errors["temperature"].isHidden() and "less than or equal to 5" in dlg.errors["temperature"].text()
     dlg.close()
+
+
+def _menu_rows(menu) -> list[str]:
+    """The menu as shown: '---' for a separator, 'name ▸' for a submenu, '(off)' after a disabled entry."""
+    rows = []
+    for a in menu.actions():
+        if a.isSeparator():
+            rows.append("---")
+        else:
+            rows.append(a.text() + (" ▸" if a.menu() else "") + ("" if a.isEnabled() else " (off)"))
+    return rows
+
+
+def test_the_tray_menu_has_the_state_on_top_and_models_one_level_down(tray, qloop, tiny_model_dir: Path) -> None:
+    """Issue #15 item 8: the menu was three levels deep (Models ▸ name ▸ Load) with no status line."""
+    from tests.server_harness import register
+
+    rows = _menu_rows(tray.menu)
+    assert rows[0].startswith("Serving at http://127.0.0.1:") and rows[0].endswith("— no model loaded (off)")
+    assert rows[1:] == ["---", "No models yet — Add model…", "---", "Add model…", "Server settings…",
+                        "Status window", "Copy API URL", "Open log folder", "---", "Quit"]
+    tray.menu.actions()[2].trigger()  # the empty list's entry opens the add-model dialog
+    assert type(tray.dialogs[-1]).__name__ == "AddModelDialog"
+    tray.dialogs[-1].close()
+    register(tray.controller.registry, "alpha", tiny_model_dir, context_length=256, batch_size=3)
+    register(tray.controller.registry, "beta", tiny_model_dir)
+    tray.bridge.notify_registry_changed()
+    rows = _menu_rows(tray.menu)
+    assert rows[1:5] == ["---", "alpha ▸", "beta ▸", "---"] and "Models ▸" not in rows
+    for entry in tray.menu.actions()[2:4]:  # two levels: each model's actions have no submenu
+        assert _menu_rows(entry.menu()) == ["Load", "Unload (off)", "Settings…"]
+    tray.menu.actions()[2].menu().actions()[0].trigger()  # alpha ▸ Load
+    port = tray.controller.listener.port
+    run(qloop, until(lambda: tray.menu.actions()[0].text().endswith("ready, continuous batching (3)"), 120))
+    assert tray.menu.actions()[0].text() == (
+        f"Serving at http://127.0.0.1:{port}/v1 — model alpha ready, continuous batching (3)")
+    assert _menu_rows(tray.menu)[2] == "● alpha ▸"
+    assert _menu_rows(tray.model_actions["alpha:latest"]["menu"].menu()) == ["Load (off)", "Unload", "Settings…"]
+    tray.model_actions["alpha:latest"]["Unload"].trigger()
+    run(qloop, until(lambda: tray.menu.actions()[0].text().endswith("— no model loaded"), 60))
+    assert _menu_rows(tray.menu)[2] == "alpha ▸"
+
+
+def test_the_status_line_says_when_the_api_server_is_not_running() -> None:
+    from app.engine.facade import ModelState
+    from app.ui.tray_menu import MenuState, status_line
+
+    loading = ModelState("tiny:latest", "loading", 0.4, "loading weights", "transformers", "continuous", 0)
+    assert status_line(MenuState("http://127.0.0.1:8000/v1", False, "port 8000 is in use", [loading], None)) == (
+        "API server not running: port 8000 is in use — loading tiny 40%")
+    assert status_line(MenuState("http://127.0.0.1:8000/v1", True, None, [], "model x failed to load: no")) == (
+        "Serving at http://127.0.0.1:8000/v1 — error: model x failed to load: no")

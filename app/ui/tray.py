@@ -17,7 +17,7 @@ from typing import TypeVar
 import shiboken6
 from PySide6.QtCore import QCoreApplication, QObject, Qt, QUrl
 from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
-from PySide6.QtWidgets import QApplication, QDialog, QMenu, QMenuBar, QMessageBox, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QDialog, QMenuBar, QMessageBox, QSystemTrayIcon
 
 from app.engine.catalog.registry import RegistryError, display_name
 from app.engine.facade import ModelNotFound
@@ -29,6 +29,7 @@ from app.ui.icons import state_icon
 from app.ui.model_settings_dialog import ModelSettingsDialog
 from app.ui.server_settings_dialog import ServerSettingsDialog
 from app.ui.status_window import StatusWindow
+from app.ui.tray_menu import APP_ACTIONS, MenuState, TrayMenu
 
 log = logging.getLogger(__name__)
 Dialog = TypeVar("Dialog", bound=QDialog)
@@ -41,16 +42,11 @@ class TrayApp(QObject):
         self.controller = controller
         self.registry_url = registry_url
         self.bridge = EngineBridge(controller.engine, self)
-        self.menu = QMenu()
-        self.models_menu = self.menu.addMenu("Models")
-        self.models_menu.triggered.connect(self._model_action)  # the actions of every model's submenu
-        self.actions: dict[str, QAction] = {}
-        for label, slot in (("Add model…", self.open_add_model), ("Status…", self.show_status),
-                            ("Copy API URL", self.copy_url), ("Server settings…", self.open_server_settings),
-                            ("Open log folder", self.open_log_folder)):
-            self.actions[label] = self.menu.addAction(label, slot)
-        self.menu.addSeparator()
-        self.actions["Quit"] = self.menu.addAction("Quit", self.quit)
+        slots = {label: getattr(self, name) for label, name in APP_ACTIONS}
+        self.tray_menu = TrayMenu({**slots, "Quit": self.quit}, self._model_action)
+        self.menu = self.tray_menu.menu
+        self.models_menu = self.tray_menu.models_menu  # the window-first mode's "Models" menu
+        self.actions = self.tray_menu.actions
         self.status_window = StatusWindow(controller.engine, lambda: controller.url)
         self.tray: QSystemTrayIcon | None = None
         if QSystemTrayIcon.isSystemTrayAvailable():
@@ -66,8 +62,6 @@ class TrayApp(QObject):
         self.bridge.sampled.connect(self.on_sample)
         #: the dialogs opened and not yet deleted (they delete themselves when closed)
         self.dialogs: list[QDialog] = []
-        self.model_actions: dict[str, dict[str, QAction]] = {}
-        self._model_menus: list[QMenu] = []
         self.quitting: asyncio.Future | None = None
         self.shut_down = False
         self._icon_key: tuple | None = None
@@ -80,7 +74,7 @@ class TrayApp(QObject):
 
     def _make_window_menu(self) -> None:
         bar = QMenuBar()
-        bar.addMenu(self.models_menu)  # the same menu the tray shows: one set of model actions
+        bar.addMenu(self.models_menu)  # the tray menu's model entries: one set of model actions
         app_menu = bar.addMenu("App")
         for label in ("Add model…", "Copy API URL", "Server settings…", "Open log folder"):
             app_menu.addAction(self.actions[label])
@@ -96,6 +90,7 @@ class TrayApp(QObject):
 
     # -- showing ---------------------------------------------------------------------------
     def show(self) -> None:
+        self.refresh()  # the listener has started (or failed) by now: the menu's first line says so
         if self.tray is not None:
             self.tray.show()
         else:  # no system tray here: the status window is the main window
@@ -135,66 +130,36 @@ class TrayApp(QObject):
             self.tray.setToolTip(tip)
         self.tooltip = tip
         self.icon_state = state.state
-        marks = tuple((m.name, m.state, round(m.progress, 2)) for m in self.controller.engine.model_states())
+        models = self.controller.engine.model_states()
+        self.tray_menu.set_status(MenuState(state.url, self.controller.listener is not None,
+                                            self.controller.listen_error, models, state.error))
+        marks = tuple((m.name, m.state, round(m.progress, 2)) for m in models)
         if marks != self._marks:
             self._marks = marks
-            self._mark_models(state.loaded)
+            self.tray_menu.mark(models)
 
     # -- models menu ----------------------------------------------------------------------
-    def rebuild_models_menu(self) -> None:
-        for sub in self._model_menus:  # clear() deletes the menu's own actions, not its submenus
-            sub.deleteLater()
-        self._model_menus = []
-        self.models_menu.clear()
-        self.model_actions = {}
-        try:
-            names = self.controller.registry.names()
-        except RegistryError as exc:
-            broken = self.models_menu.addAction(f"models.json is broken: {str(exc)[:80]}…")
-            broken.setEnabled(False)
-            return
-        if not names:
-            empty = self.models_menu.addAction("No models yet — Add model…")
-            empty.setData(("add", ""))
-            return
-        for key in names:
-            sub = self.models_menu.addMenu(display_name(key))
-            self._model_menus.append(sub)
-            acts = {}
-            for label, verb in (("Load", "load"), ("Unload", "unload"), ("Settings…", "settings")):
-                acts[label] = sub.addAction(label)
-                acts[label].setData((verb, key))
-            acts["menu"] = sub.menuAction()
-            self.model_actions[key] = acts
-        self._mark_models(self.controller.tray_state().loaded)
+    @property
+    def model_actions(self) -> dict[str, dict[str, QAction]]:
+        """Per registered model: its "Load", "Unload", "Settings…" actions and its "menu" entry."""
+        return self.tray_menu.model_actions
 
-    def _model_action(self, action: QAction) -> None:
-        """An action of the models menu was triggered; its data says what to do, with which model."""
-        data = action.data()
-        if not isinstance(data, tuple) or len(data) != 2:
-            return
-        verb, key = data
+    def rebuild_models_menu(self) -> None:
+        try:
+            names: list[str] | RegistryError = self.controller.registry.names()
+        except RegistryError as exc:
+            names = exc
+        self.tray_menu.rebuild(names)
+        self.tray_menu.mark(self.controller.engine.model_states())
+
+    def _model_action(self, verb: str, key: str) -> None:
+        """A model's Load / Unload / Settings… was chosen."""
         if verb == "load":
             self.controller.spawn(self.controller.load(key))
         elif verb == "unload":
             self.controller.spawn(self.controller.unload(key))
         elif verb == "settings":
             self.open_model_settings(key)
-        elif verb == "add":
-            self.open_add_model()
-
-    def _mark_models(self, loaded: list[str]) -> None:
-        states = {s.name: s for s in self.controller.engine.model_states()}
-        for key, acts in self.model_actions.items():
-            s = states.get(key)
-            label = display_name(key)
-            if s is not None and s.state == "ready":
-                label = "● " + label
-            elif s is not None and s.state == "loading":
-                label = f"◌ {label} ({s.progress * 100:.0f}%)"
-            acts["menu"].setText(label)
-            acts["Load"].setEnabled(s is None)
-            acts["Unload"].setEnabled(s is not None and s.state == "ready")
 
     # -- dialogs --------------------------------------------------------------------------
     def open_add_model(self) -> AddModelDialog:
