@@ -198,6 +198,10 @@ def test_client_leaving_a_stream_cancels_its_job(server: ServerThread) -> None:
         first = json.loads(next(resp.iter_lines()))
         check("generate_chunk", first)
     assert wait_until(lambda: all(s.active_jobs == 0 for s in server.engine.model_states()), timeout=30)
+    # one body (stream false): the client giving up cancels the job too (400 tokens take ~15 s)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.root}/api/generate", json={**body, "stream": False}, timeout=1.5)
+    assert wait_until(lambda: all(s.active_jobs == 0 for s in server.engine.model_states()), timeout=5)
     after = httpx.post(f"{server.root}/api/generate", json={**body, "stream": False,
                                                             "options": {"num_predict": 1}}, timeout=60)
     assert after.status_code == 200 and check("generate_final", after.json())
