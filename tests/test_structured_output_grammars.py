@@ -110,3 +110,26 @@ def test_the_backend_masks_one_row_and_a_bad_grammar_ends_only_its_job(tmp_path_
     assert ends[constrained.job_id][0] == "stop" and text[constrained.job_id] in ('"yes"', '"no"')
     assert ends[bad.job_id][0] == "error" and "constraint" in ends[bad.job_id][1]
     assert ends[free.job_id][0] in ("length", "stop") and ends[free.job_id][1] is None and text[free.job_id]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_penalty_brings_back_a_token_the_grammar_forbids(tmp_path_factory, temperature: float) -> None:
+    """A repetition penalty that is 0 in float32 once made -inf x 0 = NaN of a masked token in the
+    prompt, and argmax chose it (found by the Ollama API's fuzzing)."""
+    import threading
+
+    from app.engine.backends.transformers_backend import TransformersBackend
+    from app.engine.events import BackendJob, SamplingParams
+
+    folder = make_tiny(tmp_path_factory.mktemp("grammar-penalty") / "tiny", 1234)
+    backend = TransformersBackend(folder, context_length=128, max_batch=2)
+    backend.load(lambda *_: None, threading.Event())
+    prompt = [6, 7, 8, *backend.encode("Answer:")]  # FIM special tokens: in the history, never allowed
+    job = BackendJob(prompt, 6, SamplingParams(temperature=temperature, repetition_penalty=1e-119, top_k=1,
+                                              seed=0), [], backend.eos_token_ids(),
+                     grammar=json_schema_grammar({"type": "object"}))
+    backend.submit(job)
+    ends = []
+    while backend.has_work():
+        ends += [e for e in backend.step() if e.finished]
+    assert [(e.finish_reason, e.error) for e in ends] in ([("length", None)], [("stop", None)])

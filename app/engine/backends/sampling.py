@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from app.engine.events import SamplingParams
 
@@ -33,13 +33,17 @@ def sample(logits: "torch.Tensor", params: SamplingParams, history: list[int], c
 
 
 def sample_with_probs(logits: "torch.Tensor", params: SamplingParams, history: list[int], counts: Counter,
-                      generator: "torch.Generator", *, want_probs: bool = True
+                      generator: "torch.Generator", *, want_probs: bool = True,
+                      mask: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
                       ) -> tuple[int, "torch.Tensor | None"]:
     """:func:`sample`, and the distribution the token was drawn from (after every sampling setting;
-    for greedy decoding, the softmax of the penalised logits)."""
+    for greedy decoding, the softmax of the penalised logits). ``mask`` (a grammar's) sets the tokens it
+    forbids to -inf after the penalties, so that no penalty can bring one back (-inf x 0 is NaN)."""
     import torch
 
     logits = _penalised(logits, params, history, counts)
+    if mask is not None:
+        logits = mask(logits)
     if params.temperature > 0:
         probs = _filtered(logits / params.temperature, params)
         total = probs.sum()

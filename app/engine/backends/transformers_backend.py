@@ -324,8 +324,6 @@ class TransformersBackend(BackendBase):
 
     def _accept(self, job: _Job, logits: Any, events: list[StepEvent]) -> None:
         """Sample one token for ``job`` and turn it into an event."""
-        import torch
-
         if isinstance(job.constraint, Future):
             try:
                 job.constraint = job.constraint.result()
@@ -333,11 +331,9 @@ class TransformersBackend(BackendBase):
                 events.append(StepEvent(job.job.job_id, "", 0, True, "error", f"constraint: {exc}"))
                 self._running.remove(job)
                 return
-        if job.constraint is not None:  # this row only: the other jobs of the batch sample freely
-            logits = job.constraint.mask(logits.detach().to("cpu", torch.float32).clone())
-        want = job.job.logprobs is not None
+        want = job.job.logprobs is not None  # the mask: this row only, the batch's other jobs sample freely
         token, probs = sample_with_probs(logits, job.job.sampling, job.history, job.counts, job.generator,
-                                         want_probs=want)
+                                         want_probs=want, mask=None if job.constraint is None else job.constraint.mask)
         logprobs = (self._logprob(token, probs, job.job.logprobs or 0),) if want else ()
         if job.constraint is not None and not job.constraint.accept(token):
             events.append(StepEvent(job.job.job_id, job.stream.finish(), 1, True, "error",
