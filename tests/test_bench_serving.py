@@ -1,0 +1,59 @@
+"""The serving benchmark (scripts/bench_serving.py) against the real server on the tiny CPU model: one
+small level of each workload, checking the report's shape and that its counts add up (not its speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from tests.helpers.tiny import KEEP_TALKING
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_serving.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_level_of_each_workload_gives_a_complete_report(serve, tmp_path: Path) -> None:
+    bench = load_bench()
+    server = serve()
+    out = tmp_path / "bench"
+    rc = bench.main(["--base-url", f"{server.root}/v1", "--model", "tiny", "--out", str(out),
+                     "--levels", "2", "--requests-per-client", "2", "--chat-prompt", "48", "--chat-output", "6",
+                     "--long-prompt", "200", "--long-output", "4", "--burst-s", "1.0", "--burst-ms", "40",
+                     "--logit-bias", json.dumps(KEEP_TALKING)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["workloads"]) == {"chat", "long", "autocomplete"}
+    assert 0 < report["words_per_token"] < 10
+    for name, want_tokens in (("chat", 6), ("long", 4)):
+        row = report["workloads"][name]["2"]
+        assert row["requests"] == row["completed"] == 4, row  # 2 clients x 2 requests, all answered
+        assert row["errors"] == row["dropped_streams"] == row["cancelled"] == 0, row
+        assert row["output_tokens"] == 4 * want_tokens  # EOS kept away: every request ran to max_tokens
+        assert row["output_tok_s"] > 0 and row["requests_per_s"] > 0
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+    burst = report["workloads"]["autocomplete"]["2"]
+    assert burst["errors"] == burst["dropped_streams"] == 0, burst
+    assert burst["completed"] + burst["cancelled"] == burst["requests"] >= 2
+    table = (out / "report.md").read_text()
+    assert "## chat" in table and "| 2 |" in table
+    # every request the editors dropped was let go by the server too
+    assert server.metric("exllama_tray_requests_running") == 0
+
+
+def test_bad_arguments_are_refused_readably(capsys) -> None:
+    bench = load_bench()
+    try:
+        bench.parse_args(["--base-url", "http://x/v1", "--model", "m", "--out", "o", "--levels", "0"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "levels and --requests-per-client must be positive" in capsys.readouterr().err
