@@ -25,3 +25,27 @@ def test_model_input_buffers_hold_a_whole_decode_batch() -> None:
         sizes = cache_sizes(context, batch, True)
         assert sizes.config_batch * sizes.chunk >= batch * 8
         assert sizes.config_batch == 1 or (sizes.config_batch - 1) * sizes.chunk < batch * 8
+
+
+def test_out_of_memory_advice_names_what_the_cache_is_sized_by() -> None:
+    from app.engine.backends.exllamav2_backend import ExLlamaV2Backend
+
+    backend = ExLlamaV2Backend("/models/x", context_length=32768, max_batch=16, cache_type="FP16")
+    backend.paged = True  # flash-attn present: the cache holds context x batch
+    paged = backend.out_of_memory_message()
+    assert "context 32768, batch 16" in paged and "lower context_length or batch_size" in paged
+    backend.paged = False  # without flash-attn: one job's context, whatever batch_size says
+    unpaged = backend.out_of_memory_message()
+    assert "unpaged: one job at a time" in unpaged and "batch_size" not in unpaged
+    assert "Q4/Q8 cache" in unpaged and "gpu_split" in unpaged
+
+
+def test_a_backend_says_how_it_batches_before_and_after_flash_attn_is_known() -> None:
+    from app.engine.backends.exllamav2_backend import ExLlamaV2Backend
+    from app.engine.serving.manager import ModelState
+
+    backend = ExLlamaV2Backend("/models/x", context_length=2048, max_batch=32)
+    assert backend.batching == "single"  # until load() finds flash-attn
+    state = ModelState("m", "ready", 1.0, "", "exllamav2", "continuous", 0, max_batch=32)
+    assert state.batching_summary == "continuous batching (32)"
+    assert ModelState("m", "ready", 1.0, "", "exllamav2", "single", 0).batching_summary == "one request at a time"
