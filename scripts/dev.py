@@ -70,7 +70,7 @@ def ensure_venv(extras: list[str]) -> None:
     index = os.environ.get("EXLLAMA_TRAY_TORCH_INDEX")
     if index:
         torch_args += ["--index-url", index]
-    if "transformers" in wanted or "exllamav2" in wanted:
+    if {"transformers", "exllamav2", "exllamav3"} & set(wanted):
         pip("install", "-q", *torch_args)
     spec = f".[{','.join(wanted)}]" if wanted else "."
     pip("install", "-q", "-e", spec)
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
         step("running the test suite")
         # one pytest run over tests/ (the Qt tests included) unless other arguments are given
         return _pytest_rc(subprocess.call([str(venv_python()), "-m", "pytest", *(rest or ["tests"])], env=env))
-    extras = ["transformers"] + (["exllamav2"] if has_nvidia_gpu() else [])
+    extras = ["transformers"] + (["exllamav2", "exllamav3"] if has_nvidia_gpu() else [])
     on_x11 = bool(os.environ.get("DISPLAY")) and os.environ.get("QT_QPA_PLATFORM", "xcb").startswith("xcb")
     ensure_qt_system_libs(QT_APT_PACKAGES + (QT_XCB_APT_PACKAGES if on_x11 else []))
     ensure_venv(extras)
