@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run Open WebUI headless against this server and chat through it (stream and non-stream).
 
-Usage: python scripts/clients/open_webui_check.py [--venv /tmp/open-webui-venv] [--report docs/clients.md]
+Usage: python scripts/clients/open_webui_check.py [--venv /tmp/open-webui-venv] [--report docs/clients.md] [--ollama]
 
 Installs open-webui in its own virtual environment (heavy: ~3 GB; torch is pinned to the CPU build
 first so it does not pull CUDA), starts this server with a tiny random model, starts Open WebUI pointed
@@ -49,6 +49,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=Path("/tmp/open-webui-venv"))
     parser.add_argument("--report", type=Path)
+    parser.add_argument("--ollama", action="store_true",
+                        help="connect Open WebUI through its Ollama connection (this server's /api/) instead")
     args = parser.parse_args()
     lines: list[str] = []
 
@@ -83,6 +85,11 @@ def main() -> int:
            "WEBUI_SECRET_KEY": "test-secret", "ENABLE_SIGNUP": "false", "PORT": str(ui_port),
            "ENABLE_TITLE_GENERATION": "false", "ENABLE_FOLLOW_UP_GENERATION": "false",
            "ENABLE_TAGS_GENERATION": "false"}
+    if args.ollama:  # Open WebUI's Ollama connection only; it names models as Ollama does (name:tag)
+        env.update(ENABLE_OLLAMA_API="true", OLLAMA_BASE_URL=f"http://127.0.0.1:{api_port}", ENABLE_OPENAI_API="false")
+    model = "tiny:latest" if args.ollama else "tiny"
+    connection = f"its Ollama connection, http://127.0.0.1:{api_port}" if args.ollama else \
+        f"http://127.0.0.1:{api_port}/v1"
     owui = args.venv / "bin" / "open-webui"
     ui = subprocess.Popen([str(owui), "serve", "--host", "127.0.0.1", "--port", str(ui_port)], env=env, cwd=work,
                           stdout=open(work / "open-webui.log", "w"), stderr=subprocess.STDOUT)
@@ -91,7 +98,7 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{api_port}/health", 60)
         t0 = time.monotonic()
         wait_http(f"http://127.0.0.1:{ui_port}/health", 400)
-        note(f"- Open WebUI {version} up in {time.monotonic() - t0:.0f} s, pointed at http://127.0.0.1:{api_port}/v1")
+        note(f"- Open WebUI {version} up in {time.monotonic() - t0:.0f} s, pointed at {connection}")
         ui_url = f"http://127.0.0.1:{ui_port}"
         token = httpx.post(f"{ui_url}/api/v1/auths/signin", json={"email": "admin@example.com",
                                                                   "password": "test-password-123"},
@@ -101,8 +108,8 @@ def main() -> int:
         listed = httpx.get(f"{ui_url}/api/models", headers=auth, timeout=60).json()
         ids = [m["id"] for m in listed.get("data", [])]
         note(f"- GET /api/models through Open WebUI: {ids}")
-        ok &= "tiny" in ids
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello from Open WebUI"}]}
+        ok &= model in ids
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello from Open WebUI"}]}
         full = httpx.post(f"{ui_url}/api/chat/completions", headers=auth, json={**body, "stream": False},
                           timeout=120)
         content = full.json()["choices"][0]["message"]["content"] if full.status_code == 200 else full.text
