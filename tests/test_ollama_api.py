@@ -326,8 +326,6 @@ def test_fuzzed_bodies_never_500(server: ServerThread, request: tuple[tuple[str,
             assert objects and "error" not in objects[-1], (body[:300], objects[-1:])
 
 
-@pytest.mark.xfail(strict=True, reason="llguidance panics (a pyo3 PanicException, which is no Exception) while "
-                   "cutting a non-ASCII error text at byte 100; the connection drops, on /v1 as on /api")
 def test_a_schema_the_grammar_engine_panics_on(server: ServerThread) -> None:
     schema = {"pattern": [{"\u00eb" * 60: False}]}
     resp = httpx.post(f"{server.root}/api/generate", json={"model": "fuzz", "prompt": "x", "format": schema,
@@ -457,3 +455,16 @@ def test_continue_cli_with_the_ollama_provider(serve: Servers, tmp_path: Path) -
     assert res.stdout.strip()
     [done] = server.engine.recent_requests()
     assert done.completion_tokens >= 1 and done.prompt_tokens > 100  # Continue's own system prompt came along
+
+
+def test_a_loaded_model_removed_from_the_registry(serve: Servers) -> None:
+    server = serve()
+    client = ollama.Client(host=server.root, timeout=60)
+    client.generate(model="tiny")  # loaded
+    assert [m.model for m in client.ps().models] == ["tiny:latest"]
+    server.registry.remove("tiny")
+    assert check("ps", httpx.get(f"{server.root}/api/ps").json())["models"] == []
+    assert check("tags", httpx.get(f"{server.root}/api/tags").json())["models"] == []
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="tiny", prompt="hi")
+    assert err.value.status_code == 404

@@ -15,6 +15,7 @@ from app.api.body import read_json_body
 from app.api.keys import ENGINE
 from app.api.ollama.wire import ShowRequest, parse
 from app.engine.catalog.registry import ModelEntry, normalize_name
+from app.engine.errors import EngineError
 from app.engine.facade import Engine
 from app.engine.settings.schema import SCHEMA
 
@@ -43,7 +44,9 @@ async def tags(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     models = []
     for view in engine.list_models():
-        entry = engine.model_entry(view.name)
+        entry = _entry(engine, view.name)
+        if entry is None:
+            continue
         key = normalize_name(view.name)
         models.append({"name": key, "model": key, "modified_at": modified_at(entry),
                        "size": int(entry.info.get("size_bytes") or 0), "digest": digest(key, entry),
@@ -85,15 +88,23 @@ async def ps(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     models = []
     for state in engine.model_states():
-        if state.state != "ready":
+        entry = _entry(engine, state.name) if state.state == "ready" else None
+        if entry is None:
             continue
-        entry = engine.model_entry(state.name)
         size = int(entry.info.get("size_bytes") or 0)
         models.append({"name": state.name, "model": state.name, "size": size, "digest": digest(state.name, entry),
                        "details": details(entry), "expires_at": expires_at(engine, state.name),
                        "size_vram": size if state.backend in _GPU_BACKENDS else 0,
                        "context_length": engine.resolve(state.name).effective.context_length})
     return web.json_response({"models": models})
+
+
+def _entry(engine: Engine, name: str) -> ModelEntry | None:
+    """A listed model's entry, or None when it was removed from the registry meanwhile."""
+    try:
+        return engine.model_entry(name)
+    except EngineError:
+        return None
 
 
 def rfc3339(when: datetime) -> str:
