@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Render the tray menu, each dialog and the status window (after a few seconds of real traffic from
-the tiny CPU model) offscreen to PNG files.
+"""Render each dialog and the status window (after a few seconds of real traffic from the tiny CPU
+model) offscreen to PNG files.
 
 Usage: QT_QPA_PLATFORM=offscreen python scripts/screenshots.py OUT_DIR
+
+The tray menu and the window-first mode are taken from the real app on an X server instead (menus
+are popups that only a real screen shows as they are): ``bash scripts/ui/drive_app.sh``.
 
 The Ollama metadata shown in the add-model dialog comes from a loopback server that speaks the
 registry protocol (the one the tests use), so nothing is downloaded.
@@ -78,8 +81,6 @@ def main() -> int:
         tray.rebuild_models_menu()
         await controller.load("tinychat")
         tray.refresh()
-        shot(tray.menu, "tray-menu.png")
-        shot(tray.model_actions["tinychat:latest"]["menu"].menu(), "tray-menu-model.png")
         client = openai.OpenAI(base_url=controller.url, api_key="x", max_retries=0, timeout=60)
 
         def traffic(i: int) -> None:

@@ -109,4 +109,5 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
         loop.run_forever()  # until Quit: TrayApp.shutdown has asked Qt to delete the windows
     server.close()
     QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)  # delete them now, not at exit
+    log.info("the event loop has ended: exiting")
     return 0

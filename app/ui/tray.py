@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TypeVar
 
 import shiboken6
@@ -229,8 +230,11 @@ class TrayApp(QObject):
             self.quitting = self.controller.spawn(self._quit())
 
     async def _quit(self) -> None:
+        started = time.perf_counter()
+        log.info("quitting")
         try:
             await self.controller.stop()
+            log.info("engine and API server stopped in %.2f s", time.perf_counter() - started)
         finally:
             self.shutdown()
             QApplication.instance().quit()
