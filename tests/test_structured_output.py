@@ -184,3 +184,11 @@ def test_a_keyword_it_cannot_enforce_is_ignored_unless_strict(client: openai.Ope
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=60,
                                          seed=1, response_format=json_schema_format(schema, strict=False))
     assert len(json.loads(out.choices[0].message.content)["d"]) <= 4
+
+
+def test_a_schema_the_grammar_engine_panics_on_is_a_400(client: openai.OpenAI) -> None:
+    """llguidance 1.9 panics (a pyo3 PanicException, no Exception) cutting a non-ASCII message at byte 100."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       response_format=json_schema_format({"pattern": [{"\u00eb" * 60: False}]}))
+    assert "grammar engine failed" in caught.value.message

@@ -25,14 +25,30 @@ def _llg() -> Any:
     return llguidance
 
 
+def engine_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` of the grammar engine, its failures as GrammarError: also a Rust panic,
+    which pyo3 raises as a BaseException (llguidance 1.9 panics on some schemas with non-ASCII text)."""
+    try:
+        return fn(*args, **kwargs)
+    except GrammarError:
+        raise
+    except Exception as exc:  # the engine's own exceptions say what is wrong
+        raise GrammarError(str(exc)) from None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        reason = str(exc).splitlines()[0][:200] if str(exc) else "internal error"
+        raise GrammarError(f"the grammar engine failed on this schema ({reason})") from None
+
+
 def json_schema_grammar(schema: dict[str, Any], *, strict: bool = False) -> str:
     """The grammar of JSON text valid against ``schema``."""
     if not isinstance(schema, dict):
         raise GrammarError("the schema must be a JSON object")
     options = {**LAYOUT, "lenient": not strict}
     try:
-        grammar = _llg().LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
-    except Exception as exc:  # the engine's own exceptions say what is wrong with the schema
+        grammar = engine_call(_llg().LLMatcher.grammar_from_json_schema, json.dumps(schema), overrides=options)
+    except GrammarError as exc:
         raise GrammarError(f"invalid JSON schema: {exc}") from None
     check_grammar(grammar)
     return grammar
@@ -45,7 +61,7 @@ def json_object_grammar() -> str:
 
 def check_grammar(grammar: str) -> None:
     """Raise GrammarError with the engine's reason when ``grammar`` is not valid."""
-    error = _llg().LLMatcher.validate_grammar(grammar, None)
+    error = engine_call(_llg().LLMatcher.validate_grammar, grammar, None)
     if error and not error.startswith("WARNING"):
         raise GrammarError(error)
 
@@ -95,6 +111,6 @@ def tool_call_grammar(fmt: str, tools: list[dict[str, Any]], *, name: str | None
     calls = f"block ({sep} block)*" if several else "block"
     start = f'"[" {calls} "]"' if fmt == "mistral" else calls
     lark = f"start: {start}\nblock: {block}\ncall: %json {json.dumps(schema)}\n"
-    grammar = _llg().LLMatcher.grammar_from_lark(lark)
+    grammar = engine_call(_llg().LLMatcher.grammar_from_lark, lark)
     check_grammar(grammar)
     return grammar

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.engine.constraints.grammars import GrammarError
+from app.engine.constraints.grammars import GrammarError, engine_call
 
 log = logging.getLogger(__name__)
 #: compiles grammars beside the stepping thread (llguidance drops the GIL while it builds)
@@ -45,7 +45,7 @@ class ConstraintCompiler:
     def compile(self, grammar: str) -> "JobConstraint":
         import llguidance
 
-        matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
+        matcher = engine_call(llguidance.LLMatcher, self.tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         return JobConstraint(matcher, self.vocab_size)
