@@ -65,7 +65,7 @@ def test_the_schema_declares_every_setting_once() -> None:
     assert sorted(n for names in GROUPS.values() for n in names) == sorted(SCHEMA)
     assert list(GROUPS) == ["Model & memory", "Sampling", "Prompt", "Lifecycle"]
     assert LOAD_TIME_FIELDS == {"context_length", "batch_size", "cache_type", "gpu_split", "rope_scale",
-                                "rope_alpha", "backend"}
+                                "rope_alpha", "backend", "gpu_split_mode"}
     assert OLLAMA_PARAM_MAP["num_ctx"] == "context_length" and OLLAMA_PARAM_MAP["repeat_penalty"] == \
         "repetition_penalty" and OLLAMA_PARAM_MAP["num_predict"] == "max_tokens" and len(OLLAMA_PARAM_MAP) == 12
     assert DEFAULTS.set_fields().keys() == {n for n, i in SCHEMA.items() if i.default is not None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -12,10 +13,15 @@ from app.engine.backends.contract import Backend, BackendLoadError
 from app.engine.catalog.model_folder import ModelFolderError, inspect_model_folder
 from app.engine.catalog.registry import ModelEntry
 from app.engine.settings.layers import EffectiveSettings
+from app.engine.settings.schema import backend_fit_problem
 
 log = logging.getLogger(__name__)
 EXLLAMAV2_TARGET = "app.engine.backends.exllamav2_backend:ExLlamaV2Backend"
+EXLLAMAV3_TARGET = "app.engine.backends.exllamav3_backend:ExLlamaV3Backend"
 TRANSFORMERS_TARGET = "app.engine.backends.transformers_backend:TransformersBackend"
+#: the folder formats each backend loads (exllamav3 cannot load EXL2 or GPTQ, exllamav2 cannot load EXL3)
+LOADS = {"exllamav3": ("EXL3", "FP16"), "exllamav2": ("EXL2", "GPTQ", "FP16"), "transformers": ("FP16",)}
+GPU_BACKENDS = ("exllamav3", "exllamav2")
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +43,28 @@ def nvidia_gpu_present() -> bool:
     return False
 
 
+def installed_gpu_backend() -> str | None:
+    """The GPU backend whose library is installed, exllamav3 first, or None; asked with find_spec, which
+    imports nothing (the library and torch are imported only in the model process)."""
+    for name in GPU_BACKENDS:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):  # a broken install: as good as none
+            continue
+    return None
+
+
+def auto_backend(fmt: str) -> str:
+    """What ``backend: auto`` picks for a folder of format ``fmt``: exllamav3 for EXL3, exllamav2 for EXL2
+    and GPTQ, and for FP16 the installed GPU backend on an NVIDIA machine (exllamav3 first), else transformers."""
+    if fmt == "EXL3":
+        return "exllamav3"
+    if fmt in ("EXL2", "GPTQ"):
+        return "exllamav2"
+    return (installed_gpu_backend() if nvidia_gpu_present() else None) or "transformers"
+
+
 def choose_backend(entry: ModelEntry, settings: EffectiveSettings) -> str:
     fmt = entry.info.get("format")
     if fmt is None:
@@ -44,16 +72,22 @@ def choose_backend(entry: ModelEntry, settings: EffectiveSettings) -> str:
             fmt = inspect_model_folder(entry.model_dir).format
         except ModelFolderError as exc:
             raise BackendLoadError(str(exc)) from None
-    choice: str = settings.backend
-    if choice == "auto":
-        choice = "exllamav2" if fmt in ("EXL2", "GPTQ") else "transformers"
-    if choice == "transformers" and fmt in ("EXL2", "GPTQ", "EXL3"):
-        raise BackendLoadError(f"{fmt} models need the exllamav2 backend and an NVIDIA GPU; the CPU "
-                               "backend can only serve FP16 Hugging Face folders")
-    if choice == "exllamav2" and not nvidia_gpu_present():
+    explicit = settings.backend != "auto"
+    choice: str = settings.backend if explicit else auto_backend(fmt)
+    if fmt not in LOADS.get(choice, ("FP16",)):
+        needs = "exllamav3" if fmt == "EXL3" else "exllamav2"
+        if choice == "transformers":
+            raise BackendLoadError(f"{fmt} models need the {needs} backend and an NVIDIA GPU; the CPU "
+                                   "backend can only serve FP16 Hugging Face folders")
+        raise BackendLoadError(f"the {choice} backend cannot load {fmt} models ({entry.model_dir}); "
+                               f"set backend to {needs} or auto")
+    if choice in GPU_BACKENDS and not nvidia_gpu_present():
         raise BackendLoadError(
-            f"{entry.model_dir} is an {fmt} model, which needs an NVIDIA GPU with CUDA (none was found). "
-            "The CPU (transformers) backend can serve FP16 Hugging Face folders.")
+            f"{entry.model_dir} is an {fmt} model for the {choice} backend, which needs an NVIDIA GPU with CUDA "
+            "(none was found). The CPU (transformers) backend can serve FP16 Hugging Face folders.")
+    problem = backend_fit_problem(choice, settings.cache_type, settings.gpu_split_mode, explicit=explicit)
+    if problem:
+        raise BackendLoadError(problem)
     return choice
 
 
@@ -72,6 +106,12 @@ def create_backend(entry: ModelEntry, settings: EffectiveSettings) -> Backend:
                               context_length=settings.context_length, max_batch=settings.batch_size,
                               cache_type=settings.cache_type, gpu_split=settings.gpu_split,
                               rope_scale=settings.rope_scale, rope_alpha=settings.rope_alpha)
+    if choice == "exllamav3":
+        return ProcessBackend(EXLLAMAV3_TARGET, "exllamav3", entry.model_dir,
+                              context_length=settings.context_length, max_batch=settings.batch_size,
+                              cache_type=settings.cache_type, gpu_split=settings.gpu_split,
+                              split_mode=settings.gpu_split_mode, rope_scale=settings.rope_scale,
+                              rope_alpha=settings.rope_alpha)
     return ProcessBackend(TRANSFORMERS_TARGET, "transformers", entry.model_dir,
                           context_length=settings.context_length, max_batch=settings.batch_size,
                           rope_scale=settings.rope_scale)
@@ -79,8 +119,8 @@ def create_backend(entry: ModelEntry, settings: EffectiveSettings) -> Backend:
 
 def create_backend_in_process(entry: ModelEntry, settings: EffectiveSettings) -> Backend:
     """The transformers backend in the server's own process (a debugger sees its internals; its memory
-    stays with the server after unload). exllamav2 models always get a model process."""
-    if _checked_choice(entry, settings) == "exllamav2":
+    stays with the server after unload). GPU models (exllamav2, exllamav3) always get a model process."""
+    if _checked_choice(entry, settings) in GPU_BACKENDS:
         return create_backend(entry, settings)
     from app.engine.backends.transformers_backend import TransformersBackend
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from app.engine.settings.schema import (
     DEFAULTS, LAYER_ORDER, OLLAMA_PARAM_MAP, SETTING_NAMES, BackendChoice, CacheType, LayerName, Settings,
-    TemplateChoice, format_validation_error,
+    SplitMode, TemplateChoice, format_validation_error,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class EffectiveSettings:
     stop: tuple[str, ...]
     custom_template: str
     idle_unload_minutes: float
+    gpu_split_mode: SplitMode = "layers"
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class ResolvedSettings:
             float(v["top_p"]), float(v["min_p"]), float(v["typical"]), float(v["repetition_penalty"]),
             float(v["presence_penalty"]), float(v["frequency_penalty"]),
             None if v["seed"] is None else int(v["seed"]), int(v["max_tokens"]), v["template"],
-            str(v["system_prompt"]), tuple(v["stop"]), str(v["custom_template"]), float(v["idle_unload_minutes"]))
+            str(v["system_prompt"]), tuple(v["stop"]), str(v["custom_template"]), float(v["idle_unload_minutes"]),
+            gpu_split_mode=v["gpu_split_mode"])
 
     def source(self, name: str) -> LayerName:
         return self.sources[name]

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,13 @@ LAYER_ORDER: tuple[LayerName, ...] = ("default", "folder", "ollama", "model", "s
 
 CacheType = Literal["FP16", "Q8", "Q6", "Q4"]
 TemplateChoice = Literal["auto", "ollama", "jinja", "custom"]
-BackendChoice = Literal["auto", "transformers", "exllamav2"]
+BackendChoice = Literal["auto", "transformers", "exllamav2", "exllamav3"]
+#: how a model spreads over several GPUs: whole layers per GPU, or (exllamav3 only) every layer split across them
+SplitMode = Literal["layers", "tensor"]
+#: the cache_type values each backend takes (exllamav3 maps Q8/Q6/Q4 to 8/6/4-bit keys and values;
+#: the transformers backend keeps an FP16 cache)
+CACHE_TYPES_BY_BACKEND: dict[str, tuple[str, ...]] = {
+    "exllamav2": ("FP16", "Q8", "Q6", "Q4"), "exllamav3": ("FP16", "Q8", "Q6", "Q4"), "transformers": ("FP16",)}
 ToolFormatChoice = Literal["auto", "hermes", "qwen3_coder", "mistral", "llama3", "none"]
 Group = Literal["Model & memory", "Sampling", "Prompt", "Lifecycle"]
 
@@ -58,7 +64,11 @@ class Settings(BaseModel):
     rope_alpha: float | None = setting(1.0, group="Model & memory", load_time=True, gt=0, le=64,
                                        description="NTK RoPE alpha")
     backend: BackendChoice | None = setting("auto", group="Model & memory", load_time=True,
-                                            description="Backend: auto, transformers or exllamav2")
+                                            description="Backend: auto, transformers, exllamav2 or exllamav3")
+    gpu_split_mode: SplitMode | None = setting(
+        "layers", group="Model & memory", load_time=True,
+        description="Several GPUs: 'layers' (gpu_split: whole layers per GPU) or 'tensor' (exllamav3's "
+                    "tensor-parallel mode: every layer split across the GPUs)")
     # sampling defaults
     temperature: float | None = setting(0.8, group="Sampling", ollama="temperature", ge=0, le=5,
                                         allow_inf_nan=False)
@@ -99,6 +109,15 @@ class Settings(BaseModel):
             return "auto"
         parse_gpu_split(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_backend_fit(self) -> "Settings":
+        """A multi-GPU mode the layer's own backend cannot run (across layers, and cache types: at load,
+        so that a models.json written before the check stays readable)."""
+        problem = backend_fit_problem(self.backend, None, self.gpu_split_mode)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -161,6 +180,20 @@ def parse_gpu_split(value: str) -> list[float]:
     if not split or any(not (0 <= x < 10_000) for x in split) or sum(split) <= 0:
         raise ValueError(f"gpu_split values must be non-negative GiB with a positive sum, not {value!r}")
     return split
+
+
+def backend_fit_problem(backend: str | None, cache_type: str | None, split_mode: str | None,
+                        *, explicit: bool = True) -> str | None:
+    """Why ``backend`` cannot run with this cache type or multi-GPU mode, or None (None values: not set).
+    With ``explicit`` False (the backend was picked by ``auto``) only the multi-GPU mode is held against it."""
+    if backend is None or backend == "auto":
+        return None
+    if split_mode == "tensor" and backend != "exllamav3":
+        return f"gpu_split_mode 'tensor' (tensor-parallel) needs the exllamav3 backend, not {backend}"
+    valid = CACHE_TYPES_BY_BACKEND.get(backend, ())
+    if explicit and cache_type is not None and cache_type not in valid:
+        return f"cache_type {cache_type} does not fit the {backend} backend (it takes {', '.join(valid)})"
+    return None
 
 
 #: the built-in defaults, the lowest layer
