@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from app.api.body import read_json_body
+from app.api.errors import ApiError
 from app.api.keys import ENGINE
 from app.api.ollama.lifecycle import load_or_unload
 from app.api.ollama.output import GenerateOutput
@@ -35,6 +36,8 @@ async def _submit(engine: Engine, req: GenerateRequest) -> JobHandle:
     settings = req.settings()
     stream = req.streaming()
     prompt = req.prompt or ""
+    if req.suffix and not engine.has_fill_in_middle(req.model):
+        raise ApiError(400, f"\"{req.model}\" does not support insert (suffix): it has no fill-in-the-middle form")
     if req.raw or req.suffix:  # raw: the prompt as it is; suffix: the model's fill-in-the-middle form
         return await engine.submit_completion(CompletionRequest(
             model=req.model, prompt=prompt, settings=settings, suffix=req.suffix or None, stream=stream,

@@ -97,6 +97,8 @@ class GenerateRequest(GenerationFields):
         super().check_supported()
         if self.images:
             raise ApiError(400, "images are not supported: this server serves text-only models")
+        if self.raw and (self.template or self.system or self.context):
+            raise ApiError(400, "raw mode does not support template, system, or context")
         if self.context:
             raise ApiError(400, "context (deprecated) is not supported: send the conversation to /api/chat as "
                                 "messages, or the whole prompt with raw")
