@@ -6,7 +6,8 @@ Stages (each timed; a failed check is recorded and the run goes on), in the orde
   process; serve (`python -m app serve`); end-to-end checks through the openai SDK on the FP16 model;
   load failures (out of GPU memory at load, a cancelled load); quantize (EXL2 with exllamav2's
   converter); direct benchmark; end-to-end checks on the EXL2 model; model switching; HTTP benchmark
-  with VRAM figures; multi-GPU.
+  with VRAM figures; multi-GPU; exl3 (the exllamav3 backend: scripts/gpu/exl3_stage.py, skipped when
+  exllamav3 is not importable).
 The time budget (`--budget-s`, counted from run_checks.sh's start) drops the last stages first: on a
 fresh machine (extension build, quantizer's measuring pass) the HTTP benchmark is the one left out.
 Writes OUT/gpu-report.json and OUT/gpu-report.md, and OUT/exllamav2_ext.so.xz and
@@ -16,6 +17,7 @@ OUT/measurement.json when they were made in this run (carry them in .gpu/ next t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -891,6 +893,13 @@ def multi_gpu(rep: Report) -> None:
     rep.data["multi_gpu"] = results
 
 
+def exl3(rep: Report) -> None:
+    """The exllamav3 backend's stage (scripts/gpu/exl3_stage.py), given this module's helpers."""
+    import exl3_stage
+
+    exl3_stage.run(rep, sys.modules[__name__])
+
+
 def write_markdown(rep: Report) -> None:
     d = rep.data
     lines = ["# GPU results", "", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -913,6 +922,8 @@ def write_markdown(rep: Report) -> None:
         lines += ["", "## Paged (continuous batching)", "", "```", json.dumps(d["paged"], indent=1), "```"]
     if "multi_gpu" in d:
         lines += ["", "## Multi-GPU", "", "```", json.dumps(d["multi_gpu"], indent=1), "```"]
+    if "exl3" in d:
+        lines += ["", "## EXL3 (exllamav3 backend)", "", "```", json.dumps(d["exl3"], indent=1), "```"]
     if "load_failures" in d:
         lines += ["", "## Load failures", "", "```", json.dumps(d["load_failures"], indent=1), "```"]
     lines += ["", "## Benchmark (EXL2 model)", "", "```", json.dumps(d["bench"], indent=1), "```", "",
@@ -951,6 +962,10 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
             wait_packing(rep)  # the extension's xz off the CPU before anything is timed
         needs = NEEDS_S.get(name, 0) if name != "multi-gpu" or rep.data.get("env", {}).get("gpus", 2) > 1 else 0
         rep.stage(name, fn, needs)
+    if importlib.util.find_spec("exllamav3") is None:  # its wheels were not carried (docs/gpu-results.md)
+        rep.skip.add("exl3")
+        rep.data["exl3"] = {"skipped": "exllamav3 is not importable"}
+    rep.stage("exl3", lambda: exl3(rep), 240)
 
 
 def main() -> int:

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""The reference for the EXL3 concurrency checks: exllamav3's Generator in a process of its own (as the
+server's model process is), fed the same batches of jobs as the server's HTTP clients.
+
+The model is loaded by the app's own ExLlamaV3Backend (same cache size, chunk, kernel warm-up and
+generator settings as the server's model process); the jobs are plain exllamav3 Jobs enqueued at once
+and the loop is bare ``iterate()``. Same protocol as paged_direct.py: prints one JSON line when ready,
+then answers one JSON line per command on stdin:
+  {"op": "batch", "prompts": [...], "tokens": 256, "seed": 1}
+    -> {"n", "tokens", "wall_s", "agg_tok_s", "ttft_s": [...], "itl_p50_s", "itl_p99_s", "itl_max_s", ...}
+  {"op": "quit"}
+Sampling as the checks use it (temperature 0.8, top_k 40, top_p 0.9) with the ids in --ban biased by
+-100 (EOS), so lengths match.
+Usage: python scripts/gpu/exl3_direct.py MODEL_DIR --context 2048 --batch 32 --ban 2 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from paged_direct import GC_PAUSES, _gc_timer, percentile  # noqa: E402
+
+
+def run_batch(backend: Any, sampler_for: Any, cmd: dict) -> dict:
+    import torch
+    from exllamav3 import Job
+
+    gen = backend._generator
+    jobs = [Job(input_ids=torch.tensor([backend.encode(p, add_bos=True)], dtype=torch.long),
+                max_new_tokens=cmd["tokens"], sampler=sampler_for(), seed=cmd["seed"] + i, stop_conditions=[],
+                identifier=i, decode_special_tokens=False)
+            for i, p in enumerate(cmd["prompts"])]
+    t0 = time.perf_counter()
+    for job in jobs:
+        gen.enqueue(job)
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    gaps: list[float] = []
+    steps: list[float] = []
+    tokens = 0
+    GC_PAUSES.clear()
+    while gen.num_remaining_jobs():
+        t_step = time.perf_counter()
+        results = gen.iterate()
+        now = time.perf_counter()
+        steps.append(now - t_step)
+        for r in results:
+            if r.get("stage") != "streaming" or r.get("token_ids") is None:
+                continue
+            n = int(r["token_ids"].shape[-1])
+            if not n:
+                continue
+            i = r["identifier"]
+            tokens += n
+            if i in last:
+                gaps.append(now - last[i])
+            else:
+                first[i] = now - t0
+            last[i] = now
+    wall = time.perf_counter() - t0
+    return {"n": len(jobs), "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
+            "ttft_s": [first.get(i, float("nan")) for i in range(len(jobs))],
+            "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),
+            "itl_max_s": max(gaps, default=float("nan")),
+            "steps": len(steps), "step_max_s": max(steps, default=float("nan")),
+            "steps_over_50ms": sum(t > 0.05 for t in steps), "gc_full": len(GC_PAUSES), "gc_full_s": sum(GC_PAUSES)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--ban", type=int, nargs="*", default=[], help="token ids biased by -100 (EOS)")
+    args = parser.parse_args()
+
+    from app.engine.backends.exllamav3_backend import ExLlamaV3Backend
+    from app.engine.events import SamplingParams
+
+    gc.callbacks.append(_gc_timer)
+    backend = ExLlamaV3Backend(args.model_dir, context_length=args.context, max_batch=args.batch)
+    backend.load(lambda f, m: None, threading.Event())
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, logit_bias={t: -100.0 for t in args.ban})
+
+    def sampler_for() -> Any:
+        return backend.sampler(params)
+
+    run_batch(backend, sampler_for, {"prompts": ["warm up"] * min(args.batch, 8), "tokens": 32, "seed": 0})
+    gen = backend._generator
+    print(json.dumps({"ready": True, "paged": True, "max_batch": gen.max_batch_size,
+                      "cache_tokens": gen.max_total_tokens}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("op") != "batch":
+            break
+        print(json.dumps(run_batch(backend, sampler_for, cmd)), flush=True)
+    backend.unload()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
