@@ -7,6 +7,9 @@ and does what the random model writes under it validate).
 
 Then the transformers backend's batched decode step with 9 free jobs against 8 free + 1 constrained.
 
+The other two libraries are not dependencies: `pip install formatron lm-format-enforcer` first (a
+library that is missing is reported and skipped).
+
 Usage: python scripts/bench_constraints.py [--tokens 64] [--vocabs 1024,8192,32000] [--out DIR]
 Results are written to docs/structured-output.md by hand.
 """
