@@ -56,7 +56,8 @@ class Settings(BaseModel):
     batch_size: int | None = setting(8, group="Model & memory", load_time=True, cli=("--max-batch-size",),
                                      ge=1, le=256, description="Maximum concurrent jobs")
     cache_type: CacheType | None = setting("FP16", group="Model & memory", load_time=True,
-                                           description="KV cache precision")
+                                           description="KV cache precision (FP16, Q8, Q6, Q4 on exllamav2 and "
+                                                       "exllamav3; the CPU backend keeps FP16)")
     gpu_split: str | None = setting("auto", group="Model & memory", load_time=True,
                                     description="'auto' or comma-separated GiB per GPU, e.g. '20,24'")
     rope_scale: float | None = setting(1.0, group="Model & memory", load_time=True, gt=0, le=64,
