@@ -589,11 +589,13 @@ def test_cpu_model_processes_fork_from_a_fork_server_that_ends_with_the_last_spa
             "(spare,) = pool.describe()\n"
             "import psutil; parent = psutil.Process(spare['pid']).ppid()\n"
             "print(spare['pid'], forkserver._forkserver._forkserver_pid, parent, flush=True)\n"
-            f"t = time.perf_counter(); pool.refill({TARGET!r}); pool.take({TARGET!r})[0].kill()\n"
-            f"pool.refill({TARGET!r})\n"
+            f"taken = pool.take({TARGET!r})[0]; taken.kill(); taken.join()\n"
+            f"t = time.perf_counter(); pool.refill({TARGET!r})\n"
             "print(time.perf_counter() - t, flush=True)\n"
             f"pool.unloaded({TARGET!r})\n"
-            "time.sleep(3)\n"
+            "deadline = time.monotonic() + 30\n"
+            "while forkserver._forkserver._forkserver_pid is not None and time.monotonic() < deadline:\n"
+            "    time.sleep(0.1)\n"
             "print(pool.describe(), forkserver._forkserver._forkserver_pid, flush=True)\n")
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
                          capture_output=True, text=True, timeout=120)

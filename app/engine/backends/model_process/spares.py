@@ -13,14 +13,18 @@ log = logging.getLogger(__name__)
 #: backends whose model processes fork from a fork server that has done their imports: a new one is
 #: ready in ~10 ms instead of ~2.5 s (torch and transformers on the 2-core CI machine), so a model
 #: switch costs only the load. The value is the module the fork server imports (see preload.py).
-#: exllamav2's processes are spawned: its CUDA extension is not set up for a fork.
+#: exllamav2's processes are spawned: its CUDA extension is not set up for a fork. On a machine with
+#: an NVIDIA GPU every model process is spawned: CUDA cannot be used in a process forked from one
+#: where anything (an import asking whether CUDA is there, say) has initialised the driver.
 FORKED = {"app.engine.backends.transformers_backend:TransformersBackend":
           "app.engine.backends.model_process.preload"}
 
 
 def _context(target: str) -> Any:
+    from app.engine.backends.factory import nvidia_gpu_present
+
     preload = FORKED.get(target)
-    if preload is None or "forkserver" not in multiprocessing.get_all_start_methods():
+    if preload is None or "forkserver" not in multiprocessing.get_all_start_methods() or nvidia_gpu_present():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload])  # read when the fork server starts (the first such process)
@@ -56,7 +60,7 @@ def start_process(target: str) -> tuple[Any, Any]:
     ctx = _context(target)
     here, there = ctx.Pipe()
     proc = ctx.Process(target=child_main, args=(there, target), name=f"model-process:{target}", daemon=True)
-    if target in FORKED:
+    if ctx.get_start_method() == "forkserver":
         with _forked_lock:  # not stopped between its start and its record
             proc.start()
             _forked.append(proc)
@@ -110,7 +114,7 @@ class SparePool:
         if spare is not None:
             log.info("no %s model loaded for %.0f s: the spare model process ends", target, self.idle_s)
             _end(*spare)
-        if target in FORKED and not forked_in_use:
+        if target in FORKED and not forked_in_use and _context(target).get_start_method() == "forkserver":
             stop_fork_server()
 
     def take(self, target: str) -> tuple[Any, Any] | None:
