@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.backends.exllamav2_backend import split_problem
+from app.engine.backends.gpu_common import split_problem
 from app.engine.settings.schema import Settings, parse_gpu_split
 
 
@@ -33,7 +33,7 @@ def test_split_syntax() -> None:
 
 def test_the_extension_build_is_announced_only_when_it_will_happen(tmp_path, monkeypatch) -> None:
     """exllamav2's CUDA extension compiles at first import (minutes); later starts find torch's build."""
-    from app.engine.backends.exllamav2_backend import extension_needs_build
+    from app.engine.backends.exllamav2_setup import extension_needs_build
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert extension_needs_build()  # no exllamav2 here, nothing built
@@ -46,7 +46,7 @@ def test_the_extension_build_is_announced_only_when_it_will_happen(tmp_path, mon
 
 
 def test_out_of_memory_at_load_is_told_apart_from_other_load_errors() -> None:
-    from app.engine.backends.exllamav2_backend import is_out_of_memory
+    from app.engine.backends.gpu_common import is_out_of_memory
 
     # the words exllamav2's autosplit and CUDA's allocator use (the first measured on an H100)
     assert is_out_of_memory(ValueError("Insufficient VRAM for model and cache"))

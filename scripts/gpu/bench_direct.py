@@ -32,7 +32,7 @@ def main() -> int:
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
-    from app.engine.backends.exllamav2_backend import MAX_CHUNK, flash_attn_ok
+    from app.engine.backends.exllamav2_setup import MAX_CHUNK, flash_attn_ok
 
     paged = flash_attn_ok()
     config = ExLlamaV2Config(args.model_dir)

@@ -2,7 +2,7 @@
 """The reference for the paged stage: exllamav2's dynamic generator in a process of its own (as the
 server's model process is), fed the same batches of jobs as the server's HTTP clients.
 
-Loads the model with the server's sizes (app.engine.backends.exllamav2_backend.cache_sizes), prints
+Loads the model with the server's sizes (app.engine.backends.exllamav2_setup.cache_sizes), prints
 READY, then answers one JSON line per command on stdin:
   {"op": "batch", "prompts": [...], "tokens": 256, "seed": 1}
     -> {"n", "tokens", "wall_s", "agg_tok_s", "ttft_s": [...], "itl_p50_s", "itl_p99_s", "itl_max_s"}
@@ -32,7 +32,7 @@ def load(model_dir: str, context: int, batch: int) -> tuple[Any, Any, Any]:
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
     from exllamav2.generator import ExLlamaV2DynamicGenerator
 
-    from app.engine.backends.exllamav2_backend import cache_sizes, flash_attn_ok
+    from app.engine.backends.exllamav2_setup import cache_sizes, flash_attn_ok
 
     paged = flash_attn_ok()
     sizes = cache_sizes(context, batch, paged)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.engine.backends.exllamav2_backend import PAGE, cache_sizes
+from app.engine.backends.exllamav2_setup import PAGE, cache_sizes
 
 
 @pytest.mark.parametrize("context,batch,paged,cache,chunk", [

@@ -9,14 +9,13 @@ CUDA extension (minutes); that is reported as a load step of its own.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
-import sys
 import threading
-from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
+from app.engine.backends.exllamav2_setup import announce_extension_build, cache_sizes, flash_attn_ok
+from app.engine.backends.gpu_common import PROBE_TEXT, check_split, is_out_of_memory
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
@@ -25,45 +24,6 @@ log = logging.getLogger(__name__)
 
 CACHE_CLASSES = {"FP16": "ExLlamaV2Cache", "Q8": "ExLlamaV2Cache_Q8", "Q6": "ExLlamaV2Cache_Q6",
                  "Q4": "ExLlamaV2Cache_Q4"}
-MAX_CHUNK = 2048
-PAGE = 256  # exllamav2's page: its cache length (paged or not) and, paged, its prefill chunk are multiples
-MAX_Q = 8  # tokens a job may pass in one decode step (the generator's default max_q_size)
-PROBE_TEXT = "Héllo wörld, 1234 ✓ 你好 🙂\n\tdef f(x):  return x"
-
-
-def flash_attn_ok() -> bool:
-    """Whether flash-attn >= 2.5.7 is importable (paged mode needs it)."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:
-        import flash_attn
-    except Exception:  # a broken flash-attn build raises all sorts of errors
-        return False
-    parts = [int(p) for p in flash_attn.__version__.split(".")[:3] if p.isdigit()]
-    return tuple(parts) >= (2, 5, 7)
-
-
-def extension_needs_build() -> bool:
-    """Whether importing exllamav2 will compile its CUDA extension (minutes): not installed prebuilt
-    and not in torch's JIT build cache from an earlier start."""
-    if "exllamav2" in sys.modules or importlib.util.find_spec("exllamav2_ext") is not None:
-        return False
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # where torch keeps JIT builds
-
-        folder = Path(_get_build_directory("exllamav2_ext", verbose=False))
-        return not any(folder.glob("exllamav2_ext*.so")) and not any(folder.glob("exllamav2_ext*.pyd"))
-    except Exception:  # noqa: BLE001 - torch's private helper moved: assume the worst, say "first time"
-        return True
-
-
-def announce_extension_build(progress: ProgressFn) -> bool:
-    """Say so (progress and log) when importing exllamav2 is about to build its extension."""
-    if not extension_needs_build():
-        return False
-    progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
-    log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
-    return True
 
 
 class ExLlamaV2Backend(BackendBase):
@@ -373,47 +333,3 @@ class ExLlamaV2Backend(BackendBase):
                 events.append(StepEvent(job_id, text, n, logprobs=lp))
         self.last_step_batch = len(streaming)
         return events
-
-
-class CacheSizes(NamedTuple):
-    cache_tokens: int  # the cache's length: one job's context, or context x batch in paged mode
-    chunk: int  # the most prompt tokens one prefill step takes (the model's max_input_len)
-    config_batch: int  # the model config's max_batch_size, so that batch x MAX_Q fits its input buffers
-
-
-def cache_sizes(context_length: int, max_batch: int, paged: bool) -> CacheSizes:
-    """exllamav2's sizes for a context and batch: whole pages (its generator asserts multiples of 256)."""
-    per_job = -(-context_length // PAGE) * PAGE
-    chunk = min(MAX_CHUNK, per_job)
-    batch = max_batch if paged else 1
-    return CacheSizes(per_job * batch, chunk, max(1, -(-batch * MAX_Q // chunk)))
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether a load error is the GPU running out of memory (exllamav2's autosplit raises a plain
-    error saying "Insufficient VRAM for model and cache"; CUDA's allocator says "out of memory")."""
-    text = str(exc).lower()
-    return "insufficient vram" in text or "out of memory" in text
-
-
-def check_split(split: list[float]) -> None:
-    """A manual split must not name more GPUs than exist nor ask for more memory than they have."""
-    import torch
-
-    totals = [torch.cuda.get_device_properties(i).total_memory / 1024**3 for i in range(torch.cuda.device_count())]
-    problem = split_problem(split, totals)
-    if problem:
-        raise BackendLoadError(problem)
-
-
-def split_problem(split: list[float], gpu_gib: list[float]) -> str | None:
-    """Why ``split`` (GiB per GPU) cannot work on GPUs with ``gpu_gib`` GiB each, or None when it can."""
-    if len(split) > len(gpu_gib):
-        return (f"gpu_split names {len(split)} GPUs but {len(gpu_gib)} "
-                f"{'is' if len(gpu_gib) == 1 else 'are'} present")
-    for i, (want, have) in enumerate(zip(split, gpu_gib)):
-        if want > have:
-            return f"gpu_split asks {want:g} GiB of GPU {i}, which has {have:.1f} GiB"
-    if sum(split) > sum(gpu_gib):
-        return f"gpu_split asks {sum(split):g} GiB in all; the GPUs have {sum(gpu_gib):.1f} GiB"
-    return None

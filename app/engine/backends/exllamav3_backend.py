@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
-from app.engine.backends.exllamav2_backend import PROBE_TEXT, check_split, is_out_of_memory
+from app.engine.backends.gpu_common import PROBE_TEXT, check_split, is_out_of_memory
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split

@@ -1,0 +1,67 @@
+"""exllamav2's set-up, apart from the backend: whether paged mode is possible (flash-attn), whether the
+first import will build its CUDA extension, and the cache and prefill sizes in whole pages."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from app.engine.backends.contract import ProgressFn
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK = 2048
+PAGE = 256  # exllamav2's page: its cache length (paged or not) and, paged, its prefill chunk are multiples
+MAX_Q = 8  # tokens a job may pass in one decode step (the generator's default max_q_size)
+
+
+def flash_attn_ok() -> bool:
+    """Whether flash-attn >= 2.5.7 is importable (paged mode needs it)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn
+    except Exception:  # a broken flash-attn build raises all sorts of errors
+        return False
+    parts = [int(p) for p in flash_attn.__version__.split(".")[:3] if p.isdigit()]
+    return tuple(parts) >= (2, 5, 7)
+
+
+def extension_needs_build() -> bool:
+    """Whether importing exllamav2 will compile its CUDA extension (minutes): not installed prebuilt
+    and not in torch's JIT build cache from an earlier start."""
+    if "exllamav2" in sys.modules or importlib.util.find_spec("exllamav2_ext") is not None:
+        return False
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where torch keeps JIT builds
+
+        folder = Path(_get_build_directory("exllamav2_ext", verbose=False))
+        return not any(folder.glob("exllamav2_ext*.so")) and not any(folder.glob("exllamav2_ext*.pyd"))
+    except Exception:  # noqa: BLE001 - torch's private helper moved: assume the worst, say "first time"
+        return True
+
+
+def announce_extension_build(progress: ProgressFn) -> bool:
+    """Say so (progress and log) when importing exllamav2 is about to build its extension."""
+    if not extension_needs_build():
+        return False
+    progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
+    log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
+    return True
+
+
+class CacheSizes(NamedTuple):
+    cache_tokens: int  # the cache's length: one job's context, or context x batch in paged mode
+    chunk: int  # the most prompt tokens one prefill step takes (the model's max_input_len)
+    config_batch: int  # the model config's max_batch_size, so that batch x MAX_Q fits its input buffers
+
+
+def cache_sizes(context_length: int, max_batch: int, paged: bool) -> CacheSizes:
+    """exllamav2's sizes for a context and batch: whole pages (its generator asserts multiples of 256)."""
+    per_job = -(-context_length // PAGE) * PAGE
+    chunk = min(MAX_CHUNK, per_job)
+    batch = max_batch if paged else 1
+    return CacheSizes(per_job * batch, chunk, max(1, -(-batch * MAX_Q // chunk)))
