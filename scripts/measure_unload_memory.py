@@ -5,7 +5,7 @@ Starts the headless server (``python -m app serve``) on a loopback port with a r
 by scripts/make_tiny_model.py, then reads the RSS of the server's process and of its model processes
 before the load, once loaded and after one request, and after unloading (POST /admin/load, /admin/unload).
 
-Usage: python scripts/measure_unload_memory.py [--hidden 512] [--layers 8] [--settle 2]
+Usage: python scripts/measure_unload_memory.py [--hidden 512] [--layers 8] [--settle 2] [--tray]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def get(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def start_server(env: dict[str, str], models: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--models", str(models), "serve", "--port", "0"],
+def start_server(env: dict[str, str], models: Path, command: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--models", str(models), command, "--port", "0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each reading")
+    parser.add_argument("--tray", action="store_true", help="the tray app (offscreen Qt) instead of `serve`")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="unload-measure-"))
     model_dir = home / "model"
@@ -101,12 +102,12 @@ def main() -> int:
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / MiB
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
            "XDG_STATE_HOME": str(home / "state"), "XDG_CACHE_HOME": str(home / "cache"),
-           "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}
+           "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring", "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
     models = home / "models.json"
     subprocess.run([sys.executable, "-m", "app", "--models", str(models), "add-model", "--no-ollama",
                     "--model-dir", str(model_dir), "--context-length", "512", "m"], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)
-    proc, url = start_server(env, models)
+    proc, url = start_server(env, models, "tray" if args.tray else "serve")
     base = url.rsplit("/v1", 1)[0]
     server = psutil.Process(proc.pid)
     print(f"model: hidden {args.hidden}, {args.layers} layers, {weights:.0f} MiB of weights on disk")
