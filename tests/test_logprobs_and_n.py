@@ -18,18 +18,11 @@ from tests.server_harness import ServerThread
 MSGS = [{"role": "user", "content": "Say something."}]
 
 
-def in_process(entry, settings):
-    """The transformers backend in the server's process (log-probabilities are not on the model
-    process's pipe yet)."""
-    from app.engine.backends.transformers_backend import TransformersBackend
-
-    return TransformersBackend(entry.model_dir, context_length=settings.context_length,
-                               max_batch=settings.batch_size)
-
-
 @pytest.fixture(scope="module")
 def server(serve_module: Servers) -> ServerThread:
-    return serve_module(models={"tiny": {"context_length": 512}}, backend_factory=in_process)
+    # the engine's own backend: the transformers backend in a model process, so the log-probabilities
+    # cross its pipe as every user's do
+    return serve_module(models={"tiny": {"context_length": 512}})
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Union
 
 from app.engine.catalog.tokenizer import EncoderSpec
-from app.engine.events import BackendJob, DecodeTimes, StepEvent
+from app.engine.events import BackendJob, DecodeTimes, StepEvent, TokenLogprob
 
 
 @dataclass
@@ -167,7 +167,8 @@ def events_wire(events: list[tuple], batch: int, t_start: float, t_end: float) -
 def event_tuple(e: StepEvent, decode: tuple[int, float, float] | None = None) -> tuple:
     """One event as a plain tuple (a dataclass costs ten times as much to pickle and unpickle, on the
     path of every token); ``decode``: a finished job's (steps, time in them, span), see DecodeTimes."""
-    return (e.job_id, e.text, e.new_tokens, e.finished, e.finish_reason, e.error, decode)
+    logprobs = tuple((t.token, t.logprob, t.top) for t in e.logprobs) if e.logprobs else ()
+    return (e.job_id, e.text, e.new_tokens, e.finished, e.finish_reason, e.error, decode, logprobs)
 
 
 def to_wire(events: list[StepEvent]) -> list[tuple]:
@@ -175,8 +176,9 @@ def to_wire(events: list[StepEvent]) -> list[tuple]:
 
 
 def from_wire(items: list[tuple]) -> list[StepEvent]:
-    return [StepEvent(job_id, text, n, finished, reason, error, None if times is None else DecodeTimes(*times))
-            for job_id, text, n, finished, reason, error, times in items]
+    return [StepEvent(job_id, text, n, finished, reason, error, None if times is None else DecodeTimes(*times),
+                      tuple(TokenLogprob(*t) for t in logprobs))
+            for job_id, text, n, finished, reason, error, times, logprobs in items]
 
 
 def pipe_writer(conn: Any) -> Callable[[tuple], None]:
