@@ -100,21 +100,24 @@ def create_backend(entry: ModelEntry, settings: EffectiveSettings) -> Backend:
     unload when it ran here)."""
     from app.engine.backends.model_process.client import ProcessBackend
 
+    from app.engine.runtime.launcher import launcher_for
+
     choice = _checked_choice(entry, settings)
+    launcher = launcher_for(choice)  # this interpreter's .venv, or the installed runtime's Python
     if choice == "exllamav2":
         return ProcessBackend(EXLLAMAV2_TARGET, "exllamav2", entry.model_dir,
                               context_length=settings.context_length, max_batch=settings.batch_size,
                               cache_type=settings.cache_type, gpu_split=settings.gpu_split,
-                              rope_scale=settings.rope_scale, rope_alpha=settings.rope_alpha)
+                              rope_scale=settings.rope_scale, rope_alpha=settings.rope_alpha, launcher=launcher)
     if choice == "exllamav3":
         return ProcessBackend(EXLLAMAV3_TARGET, "exllamav3", entry.model_dir,
                               context_length=settings.context_length, max_batch=settings.batch_size,
                               cache_type=settings.cache_type, gpu_split=settings.gpu_split,
                               split_mode=settings.gpu_split_mode, rope_scale=settings.rope_scale,
-                              rope_alpha=settings.rope_alpha)
+                              rope_alpha=settings.rope_alpha, launcher=launcher)
     return ProcessBackend(TRANSFORMERS_TARGET, "transformers", entry.model_dir,
                           context_length=settings.context_length, max_batch=settings.batch_size,
-                          rope_scale=settings.rope_scale)
+                          rope_scale=settings.rope_scale, launcher=launcher)
 
 
 def create_backend_in_process(entry: ModelEntry, settings: EffectiveSettings) -> Backend:

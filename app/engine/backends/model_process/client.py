@@ -48,7 +48,8 @@ class ProcessBackend(BackendBase):
     (see :class:`SparePool`).
     """
 
-    def __init__(self, target: str, name: str, model_dir: str, *, keep_spare: bool = True, **kwargs: Any) -> None:
+    def __init__(self, target: str, name: str, model_dir: str, *, keep_spare: bool = True,
+                 launcher: Any = None, **kwargs: Any) -> None:
         self.target = target
         self.name = name
         self.model_dir = model_dir
@@ -66,7 +67,9 @@ class ProcessBackend(BackendBase):
         #: the event loop reads the pipe (see PipeRunner): nobody else may, callers wait for it
         self.loop_reads = False
         self._kwargs = kwargs
-        self._keep_spare = keep_spare
+        #: starts the model process (another interpreter's: a runtime's, see app.engine.runtime); no spares then
+        self._start = launcher or start_process
+        self._keep_spare = keep_spare and launcher is None
         self._counted = False  # SPARES knows this backend as loaded
         self._proc: Any = None
         self._conn: Any = None
@@ -87,12 +90,12 @@ class ProcessBackend(BackendBase):
     def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
         spare = SPARES.take(self.target) if self._keep_spare else None
         progress(0.0, "starting the model process" if spare is None else "handing the model to a ready process")
-        self._proc, self._conn = spare or start_process(self.target)
+        self._proc, self._conn = spare or self._start(self.target)
         try:
             self._send(p.Load(self.model_dir, self._kwargs))
         except (BrokenPipeError, OSError):  # a spare that ended in the meantime: start a fresh one
             self._reap()
-            self._proc, self._conn = start_process(self.target)
+            self._proc, self._conn = self._start(self.target)
             self._send(p.Load(self.model_dir, self._kwargs))
         cancel_deadline: float | None = None
         while True:
