@@ -60,14 +60,15 @@ def _role(proc: psutil.Process, server: psutil.Process, spares: set[int]) -> str
 
 
 def figures(server: psutil.Process, spares: set[int]) -> list[tuple[str, float, float]]:
-    """(role, RSS, PSS) in MiB of the server's process and of each of its descendants. PSS counts a
-    page shared by n processes as 1/n in each (forked processes share torch's pages)."""
+    """(role, RSS, USS) in MiB of the server's process and of each of its descendants. USS counts only
+    the pages no other process shares (RSS counts every page, so a forked process shows torch's pages
+    again); PSS would depend on what else runs on the machine with the same libraries."""
     out = []
     for proc in [server, *server.children(recursive=True)]:
         try:
             mem = proc.memory_full_info()
             role = "app" if proc.pid == server.pid else _role(proc, server, spares)
-            out.append((role, mem.rss / MiB, getattr(mem, "pss", mem.rss) / MiB))
+            out.append((role, mem.rss / MiB, getattr(mem, "uss", mem.rss) / MiB))
         except psutil.Error:
             pass
     return out
@@ -75,9 +76,9 @@ def figures(server: psutil.Process, spares: set[int]) -> list[tuple[str, float, 
 
 def show(label: str, fig: list[tuple[str, float, float]]) -> None:
     app = fig[0]
-    others = ", ".join(f"{role} {rss:.0f}/{pss:.0f}" for role, rss, pss in fig[1:]) or "none"
-    total = sum(pss for _, _, pss in fig)
-    print(f"{label:<30} app {app[1]:4.0f}/{app[2]:4.0f}   others: {others}   all (PSS): {total:.0f}")
+    others = ", ".join(f"{role} {rss:.0f}/{uss:.0f}" for role, rss, uss in fig[1:]) or "none"
+    total = sum(uss for _, _, uss in fig)
+    print(f"{label:<30} app {app[1]:4.0f}/{app[2]:4.0f}   others: {others}   all (USS): {total:.0f}")
 
 
 def spare_pids(base: str) -> set[int]:
@@ -111,7 +112,7 @@ def main() -> int:
     base = url.rsplit("/v1", 1)[0]
     server = psutil.Process(proc.pid)
     print(f"model: hidden {args.hidden}, {args.layers} layers, {weights:.0f} MiB of weights on disk")
-    print("figures: RSS/PSS in MiB")
+    print("figures: RSS/USS in MiB")
     try:
         time.sleep(args.settle)
         show("before load", figures(server, spare_pids(base)))
@@ -124,7 +125,7 @@ def main() -> int:
         post(f"{base}/admin/unload", {"model": "m"})
         time.sleep(args.settle)
         show("after unload", figures(server, spare_pids(base)))
-        print("a spare (and the fork server) end 10 minutes after the last model of their backend was unloaded")
+        print("the fork server (CPU) or a spare (GPU) ends 10 minutes after the last model of its backend was unloaded")
     finally:
         proc.terminate()
         proc.wait(30)

@@ -27,6 +27,8 @@ from tests.openai_schema import validate
 from tests.server_harness import ServerThread, register
 
 TARGET = "app.engine.backends.transformers_backend:TransformersBackend"
+#: a backend whose model processes are spawned (as exllamav2's are), so kept with a spare
+SPAWNED = "tests.fixed_step_backend:FixedStepBackend"
 GREEDY = SamplingParams(temperature=0.0, logit_bias=KEEP_TALKING_IDS)
 
 
@@ -392,35 +394,44 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_started(server: ServerThread) -> None:
-    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+@pytest.fixture(scope="module")
+def spare_server(serve_module: Servers) -> ServerThread:
+    """Model processes of a spawned backend, with a spare kept (how exllamav2's run)."""
+    def factory(entry: ModelEntry, settings: ResolvedSettings) -> ProcessBackend:
+        return ProcessBackend(SPAWNED, "fixed-step", entry.model_dir, context_length=256, max_batch=1, step_s=0.001)
+
+    return serve_module(models={"tiny": {"context_length": 256}}, backend_factory=factory)
+
+
+def test_a_load_after_the_first_takes_the_spare_process_and_a_new_spare_is_started(spare_server: ServerThread) -> None:
+    httpx.post(f"{spare_server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
 
     def spare_pid() -> int | None:
-        spares = httpx.get(f"{server.root}/health", timeout=10).json()["spare_processes"]
+        spares = httpx.get(f"{spare_server.root}/health", timeout=10).json()["spare_processes"]
         return next((s["pid"] for s in spares if s["alive"]), None)
 
     assert wait_until(lambda: spare_pid() is not None, 60)
-    spare, serving = spare_pid(), model_pid(server)
+    spare, serving = spare_pid(), model_pid(spare_server)
     assert spare != serving
-    httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
+    httpx.post(f"{spare_server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
     assert wait_until(lambda: process_gone(serving), 60)
-    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
-    assert model_pid(server) == spare  # the model went to the process that was ready
+    httpx.post(f"{spare_server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert model_pid(spare_server) == spare  # the model went to the process that was ready
     assert wait_until(lambda: spare_pid() not in (None, spare), 60)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=spare_server.base_url, api_key="unused", max_retries=0, timeout=120)
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_spare_that_died_is_replaced_by_a_fresh_process(server: ServerThread) -> None:
-    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
-    assert wait_until(lambda: any(s["alive"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]), 60)
-    (spare,) = [s["pid"] for s in httpx.get(f"{server.root}/health").json()["spare_processes"]]
+def test_a_spare_that_died_is_replaced_by_a_fresh_process(spare_server: ServerThread) -> None:
+    httpx.post(f"{spare_server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert wait_until(lambda: any(s["alive"] for s in httpx.get(f"{spare_server.root}/health").json()["spare_processes"]), 60)
+    (spare,) = [s["pid"] for s in httpx.get(f"{spare_server.root}/health").json()["spare_processes"]]
     os.kill(spare, signal.SIGKILL)
-    httpx.post(f"{server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
-    httpx.post(f"{server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
-    assert model_pid(server) not in (None, spare)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    httpx.post(f"{spare_server.root}/admin/unload", json={"model": "tiny"}, timeout=120).raise_for_status()
+    httpx.post(f"{spare_server.root}/admin/load", json={"model": "tiny"}, timeout=120).raise_for_status()
+    assert model_pid(spare_server) not in (None, spare)
+    client = openai.OpenAI(base_url=spare_server.base_url, api_key="unused", max_retries=0, timeout=120)
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert out.choices[0].finish_reason in ("stop", "length")
 
@@ -429,14 +440,14 @@ def test_spares_end_with_the_pool_and_by_themselves_when_the_server_process_dies
     from app.engine.backends.model_process.spares import SparePool
 
     pool = SparePool()
-    pool.refill(TARGET)
+    pool.refill(SPAWNED)
     (spare,) = pool.describe()
     pool.close()
     assert process_gone(spare["pid"]) and pool.describe() == []
     # a server that dies without closing anything (the tray app leaves without finalization)
     code = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
             "from app.engine.backends.model_process.spares import SPARES\n"
-            f"SPARES.refill({TARGET!r})\n"
+            f"SPARES.refill({SPAWNED!r})\n"
             "print(SPARES.describe()[0]['pid'], flush=True)\n"
             "os._exit(0)\n")
     import subprocess
@@ -528,14 +539,14 @@ def test_a_spare_ends_a_while_after_the_last_model_of_its_backend_is_unloaded() 
 
     pool = SparePool(idle_s=0.5)
     try:
-        pool.loaded(TARGET)
-        pool.refill(TARGET)
+        pool.loaded(SPAWNED)
+        pool.refill(SPAWNED)
         (first,) = pool.describe()
-        pool.unloaded(TARGET)
-        pool.loaded(TARGET)  # loaded again in time (a model switch): the spare stays
+        pool.unloaded(SPAWNED)
+        pool.loaded(SPAWNED)  # loaded again in time (a model switch): the spare stays
         time.sleep(1.0)
         assert [s["pid"] for s in pool.describe()] == [first["pid"]] and not process_gone(first["pid"])
-        pool.unloaded(TARGET)  # nothing of this backend loaded any more
+        pool.unloaded(SPAWNED)  # nothing of this backend loaded any more
         assert wait_until(lambda: pool.describe() == [], 10) and wait_until(lambda: process_gone(first["pid"]), 10)
     finally:
         pool.close()
@@ -580,34 +591,35 @@ def test_a_step_of_the_model_process_is_waited_for_not_polled_empty(tiny_model_d
         backend.unload()
 
 
-def test_cpu_model_processes_fork_from_a_fork_server_that_ends_with_the_last_spare(tmp_path: Path) -> None:
-    """A CPU model's process forks from a server with torch imported (no import per load); when the
-    spare expires after the last CPU model, the fork server ends too and its memory goes back."""
+def test_cpu_model_processes_fork_from_a_fork_server_that_ends_a_while_after_the_last_unload(tmp_path: Path) -> None:
+    """A CPU model's process forks from a server with torch imported (no import per load, no spare
+    kept); a while after the last CPU model is unloaded the fork server ends and its memory goes back."""
     import subprocess
     import sys
 
     code = ("import sys, time; sys.path.insert(0, sys.argv[1])\n"
+            "import psutil\n"
             "from multiprocessing import forkserver\n"
-            "from app.engine.backends.model_process.spares import SparePool\n"
+            "from app.engine.backends.model_process.spares import SparePool, start_process\n"
             "pool = SparePool(idle_s=0.5)\n"
-            f"pool.loaded({TARGET!r}); pool.refill({TARGET!r})\n"
-            "(spare,) = pool.describe()\n"
-            "import psutil; parent = psutil.Process(spare['pid']).ppid()\n"
-            "print(spare['pid'], forkserver._forkserver._forkserver_pid, parent, flush=True)\n"
-            f"taken = pool.take({TARGET!r})[0]; taken.kill(); taken.join()\n"
-            f"t = time.perf_counter(); pool.refill({TARGET!r})\n"
+            f"first, conn = start_process({TARGET!r})\n"
+            "print(psutil.Process(first.pid).ppid(), forkserver._forkserver._forkserver_pid, flush=True)\n"
+            f"t = time.perf_counter(); second, conn2 = start_process({TARGET!r})\n"
             "print(time.perf_counter() - t, flush=True)\n"
+            "for proc in (first, second): proc.kill(); proc.join()\n"
+            f"pool.loaded({TARGET!r}); pool.refill({TARGET!r})\n"
+            "print(pool.describe(), flush=True)\n"
             f"pool.unloaded({TARGET!r})\n"
             "deadline = time.monotonic() + 30\n"
             "while forkserver._forkserver._forkserver_pid is not None and time.monotonic() < deadline:\n"
             "    time.sleep(0.1)\n"
-            "print(pool.describe(), forkserver._forkserver._forkserver_pid, flush=True)\n")
+            "print(forkserver._forkserver._forkserver_pid, flush=True)\n")
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    first, second, third = out.stdout.strip().splitlines()
-    spare, server, parent = map(int, first.split())
+    parents, second, spares, after = out.stdout.strip().splitlines()
+    parent, server = map(int, parents.split())
     assert parent == server  # forked from the fork server, not spawned by the server's process
-    assert float(second) < 1.0  # a fresh spare without importing torch again (~2.5 s when spawned)
-    assert third == "[] None" and process_gone(spare) and process_gone(server)
-
+    assert float(second) < 1.0  # no import of torch again (~2.5 s when spawned)
+    assert spares == "[]"  # no spare: the fork server is the process with the imports done
+    assert after == "None" and process_gone(server)

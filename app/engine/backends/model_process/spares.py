@@ -20,6 +20,12 @@ FORKED = {"app.engine.backends.transformers_backend:TransformersBackend":
           "app.engine.backends.model_process.preload"}
 
 
+def forks(target: str) -> bool:
+    """Whether ``target``'s model processes fork from the fork server (then no spare is kept: the fork
+    server is the process with the imports done, and a fork takes milliseconds)."""
+    return _context(target).get_start_method() == "forkserver"
+
+
 def _context(target: str) -> Any:
     from app.engine.backends.factory import nvidia_gpu_present
 
@@ -71,14 +77,16 @@ def start_process(target: str) -> tuple[Any, Any]:
 
 
 class SparePool:
-    """At most one started, model-less model process per backend, kept from a first load on.
+    """At most one started, model-less model process per spawned backend, kept from a first load on.
 
     A model process spends seconds importing torch and the backend's library before it can load
     anything (about 10 s for exllamav2 on the GPU test machine), which every model switch would pay.
     The spare has done those imports and waits for a model; it costs that process's memory and no GPU
     memory (nothing touches CUDA before a model is loaded). It ends with the server, by itself when
     the server's end of its pipe closes, or ``idle_s`` after the last model of its backend was
-    unloaded (an app left idle gives the memory back).
+    unloaded (an app left idle gives the memory back). A forked backend (:data:`FORKED`) has no spare:
+    the fork server is its process with the imports done, and it ends ``idle_s`` after the last model
+    of a forked backend was unloaded.
     """
 
     def __init__(self, idle_s: float = 600.0) -> None:
@@ -97,10 +105,11 @@ class SparePool:
             timer.cancel()
 
     def unloaded(self, target: str) -> None:
-        """A model of ``target`` is gone; with none left, its spare ends after ``idle_s``."""
+        """A model of ``target`` is gone; with none left, its spare (or the fork server) ends after ``idle_s``."""
+        forked = forks(target)
         with self._lock:
             self._loaded[target] = max(self._loaded.get(target, 0) - 1, 0)
-            if self._loaded[target] or target not in self._spares or target in self._timers:
+            if self._loaded[target] or (target not in self._spares and not forked) or target in self._timers:
                 return
             timer = self._timers[target] = threading.Timer(self.idle_s, self._expire, [target])
         timer.daemon = True
@@ -114,7 +123,7 @@ class SparePool:
         if spare is not None:
             log.info("no %s model loaded for %.0f s: the spare model process ends", target, self.idle_s)
             _end(*spare)
-        if target in FORKED and not forked_in_use and _context(target).get_start_method() == "forkserver":
+        if target in FORKED and not forked_in_use and forks(target):
             stop_fork_server()
 
     def take(self, target: str) -> tuple[Any, Any] | None:
@@ -127,6 +136,9 @@ class SparePool:
         return None
 
     def refill(self, target: str) -> None:
+        """Have a spare of ``target`` ready (none for a forked target: the fork server is ready)."""
+        if forks(target):
+            return
         with self._lock:
             if target in self._spares and self._spares[target][0].is_alive():
                 return
