@@ -36,6 +36,8 @@ from app.engine.serving.manager import LoadFailure, ModelManager, ModelState, Re
 from app.engine.settings.layers import EffectiveSettings, ResolvedSettings, SettingsLayers
 from app.engine.settings.schema import Settings
 from app.engine.constraints.requested import chat_rules, completion_rules
+from app.engine.tools import ParsedToolCall, ToolCallStream  # noqa: F401 - the API layers' tool-call parser
+from app.engine.tools.formats import format_for_prepared
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0
@@ -126,27 +128,21 @@ class Engine:
         Applies from now on (the next request without one goes back to the setting); call it while a
         job of the request holds the model, or after a load."""
         prepared = self.prepared.get(name)
-        resident = self.manager.resident(prepared.key)
-        if resident is None:
-            return
         if seconds is None:
-            resident.idle_minutes = prepared.base.effective.idle_unload_minutes
+            minutes = prepared.base.effective.idle_unload_minutes
         else:
-            resident.idle_minutes = UNLOAD_WHEN_IDLE if seconds == 0 else max(seconds, 0.0) / 60
-        if resident.active == 0:  # idle already: its timer was armed with the old figure
-            if resident.idle_timer is not None:
-                resident.idle_timer.cancel()
-                resident.idle_timer = None
-            self.manager._arm_idle_timer(resident)
+            minutes = UNLOAD_WHEN_IDLE if seconds == 0 else max(seconds, 0.0) / 60
+        self.manager.set_idle_minutes(prepared.key, minutes)
 
     def unload_deadline(self, name: str) -> float | None:
-        """When (``time.time()``) an idle ``name`` will be unloaded if nothing uses it; None: never or
-        not loaded. A model with running jobs counts from now."""
-        resident = self.manager.resident(normalize_name(name))
-        if resident is None or resident.idle_minutes <= 0:
-            return None
-        idle_s = 0.0 if resident.active else time.monotonic() - resident.last_used
-        return time.time() + max(resident.idle_minutes * 60 - idle_s, 0.0)
+        """When (``time.time()``) an idle ``name`` will be unloaded if nothing uses it (None: never, or not
+        loaded)."""
+        return self.manager.unload_deadline(normalize_name(name))
+
+    def tool_format(self, name: str) -> str | None:
+        """The format ``name`` writes tool calls in (its ``tool_format`` setting or its template's), or
+        None when its setting is ``none`` (tool calls are left as text)."""
+        return format_for_prepared(self.prepared.get(name), Settings())
 
     def has_fill_in_middle(self, name: str) -> bool:
         """Whether a completion with a suffix is a real fill-in-the-middle prompt for ``name``."""

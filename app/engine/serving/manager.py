@@ -313,6 +313,28 @@ class ModelManager:
                 waiter.future.set_exception(ModelLoadError(reason))
         self._waiters = deque(w for w in self._waiters if not w.future.done())
 
+    def set_idle_minutes(self, name: str, minutes: float) -> None:
+        """How long loaded ``name`` stays once its last job ends (0 or less: never unloaded when idle); an
+        idle model's timer starts again with the new figure."""
+        resident = self._residents.get(name)
+        if resident is None:
+            return
+        resident.idle_minutes = minutes
+        if resident.active == 0:  # idle already: its timer was armed with the old figure
+            if resident.idle_timer is not None:
+                resident.idle_timer.cancel()
+                resident.idle_timer = None
+            self._arm_idle_timer(resident)
+
+    def unload_deadline(self, name: str) -> float | None:
+        """When (``time.time()``) an idle ``name`` will be unloaded if nothing uses it; None: never or not
+        loaded. A model with running jobs counts from now."""
+        resident = self._residents.get(name)
+        if resident is None or resident.idle_minutes <= 0:
+            return None
+        idle_s = 0.0 if resident.active else time.monotonic() - resident.last_used
+        return time.time() + max(resident.idle_minutes * 60 - idle_s, 0.0)
+
     def _arm_idle_timer(self, resident: Resident) -> None:
         if resident.idle_minutes <= 0 or resident.state != "ready":
             return
