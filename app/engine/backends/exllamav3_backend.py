@@ -152,6 +152,9 @@ class ExLlamaV3Backend(BackendBase):
             self._generator = exl.Generator(model=model, cache=self._cache, tokenizer=self._tokenizer,
                                             max_batch_size=self.max_batch,
                                             max_chunk_size=paged_sizes(self.context_length, self.max_batch)[1])
+            # config.json may lack these (exllamav3 reads them as None): the tokenizer knows its vocabulary
+            self.vocab_size = int(config.vocab_size or self._tokenizer.actual_vocab_size)
+            self._eos = {int(t) for t in (config.eos_token_id_list or []) if t is not None}
         except LoadCancelled:
             self.unload()
             raise
@@ -166,8 +169,6 @@ class ExLlamaV3Backend(BackendBase):
             if is_out_of_memory(exc):  # the automatic split says "Insufficient VRAM in split for model and cache"
                 raise BackendLoadError(f"{self.out_of_memory_message()} ({exc})") from None
             raise BackendLoadError(f"cannot load {self.model_dir}: {exc}") from None
-        self.vocab_size = int(config.vocab_size)
-        self._eos = {int(t) for t in config.eos_token_id_list if t is not None}
         if self._tokenizer.eos_token_id is not None:
             self._eos.add(int(self._tokenizer.eos_token_id))
         progress(1.0, "loaded")
