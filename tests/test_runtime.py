@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import threading
 import tomllib
@@ -127,3 +128,21 @@ def test_chat_with_the_model_process_in_the_runtime(tmp_path: Path, tmp_path_fac
         assert on_runtime and "app.engine.runtime.child_entry" in on_runtime[0].cmdline()
     finally:
         app.stop()
+
+
+def _cli(env: dict[str, str], *args: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_install_shows_progress_and_the_offline_error(tmp_path: Path) -> None:
+    env = {"EXLLAMA_TRAY_RUNTIME_DIR": str(tmp_path / "rt"), **OFFLINE_PIP}
+    done = _cli(env, "runtime", "install", "transformers", "--torch-index", "")
+    assert done.returncode == 1
+    assert re.search(r"\[#*\.*\] +\d+\.\d% making the virtual environment", done.stdout)
+    assert "error: installing torch==2.13.0 failed: the package index could not be reached" in done.stderr
+    status = _cli(env, "runtime", "status")
+    assert "backends ready: none" in status.stdout and "unfinished steps (resumed by `runtime install`): torch" \
+        in status.stdout
+    assert f"removed {tmp_path / 'rt'}" in _cli(env, "runtime", "remove").stdout
+    assert "not installed" in _cli(env, "runtime", "status").stdout

@@ -1,4 +1,4 @@
-"""Command line: ``python -m app [serve|add-model|models|remove-model|prompt]``."""
+"""Command line: ``python -m app [serve|add-model|models|remove-model|prompt|runtime|install-desktop|autostart]``."""
 
 from __future__ import annotations
 
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--template-file", type=Path, metavar="FILE", help="a Go or Jinja template file")
     p.add_argument("--messages-file", type=Path, required=True, metavar="FILE.json",
                    help="JSON list of {role, content} messages (or {messages: [...], tools: [...]})")
+    from app.cli import runtime_cmd
+
+    runtime_cmd.add_parsers(sub, common)
     return parser
 
 
@@ -205,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if command == "prompt":
             return cmd_prompt(args, registry)
+        from app.cli import runtime_cmd
+
+        if command in runtime_cmd.COMMANDS:
+            return runtime_cmd.run(args)
+        from app.desktop.crash_log import install_crash_log
+
+        install_crash_log()  # the tray and serve: uncaught exceptions and fatal signals to crash.log
         if command == "serve":
             from app.api.serve import serve_forever
 
