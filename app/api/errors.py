@@ -44,21 +44,44 @@ def from_engine(exc: EngineError) -> ApiError:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_STARTED = web.RequestKey("api.response_started", bool)
+
+
+def mark_response_started(request: web.Request) -> None:
+    """Say that ``request``'s response is being written (a stream's headers are about to go out): from
+    then on a failure cannot become an error response, the middleware lets it end the connection."""
+    request[_STARTED] = True
+
+
+def response_started(request: web.Request) -> bool:
+    """Whether ``request``'s response was marked as started (see :func:`mark_response_started`)."""
+    return bool(request.get(_STARTED))
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure in the API's error shape; unexpected exceptions are logged once -> 500."""
+    """Render every failure in the API's error shape; unexpected exceptions are logged once -> 500. A
+    failure after the response started (see :func:`mark_response_started`) is not answered again: the
+    handler has said what it could in band, and the connection ends."""
     try:
         return await handler(request)
-    except ApiError as exc:
+    except Exception as exc:
+        if response_started(request):  # its status line is sent: a second response would corrupt the body
+            if not isinstance(exc, (ConnectionResetError, web.HTTPException)):
+                log.exception("error after the response started on %s %s", request.method, request.path)
+            raise
+        return _error_response(request, exc)
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, ApiError):
         return web.json_response(exc.body(), status=exc.status)
-    except EngineError as exc:  # raised before any output: answered in the API's shape
+    if isinstance(exc, EngineError):  # raised before any output: answered in the API's shape
         error = from_engine(exc)
         return web.json_response(error.body(), status=error.status)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         message = {404: f"Unknown path {request.path}", 405: f"Method {request.method} not allowed on {request.path}",
                    413: "Request body too large"}.get(exc.status, exc.reason)
         resp = web.json_response(ApiError(exc.status, message).body(), status=exc.status)
@@ -66,8 +89,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if header in exc.headers:
                 resp.headers[header] = exc.headers[header]
         return resp
-    except ConnectionResetError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response(error_body("Internal server error", "server_error"), status=500)
+    if isinstance(exc, ConnectionResetError):
+        raise exc
+    log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return web.json_response(error_body("Internal server error", "server_error"), status=500)

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, error_body, mark_response_started
 from app.engine.facade import JobFinished, JobHandle
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,23 @@ def in_band_error(finished: JobFinished) -> dict[str, Any]:
 
 async def stream_response(request: web.Request, handle: JobHandle,
                           chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Write ``chunks`` as an SSE stream; a failure once the stream has started becomes an in-band error
+    event, and the stream still ends with ``[DONE]``."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", **timing_headers(handle)})
     try:
         handle.start_early()
+        mark_response_started(request)
         await response.prepare(request)
-        async for chunk in chunks:
-            await response.write(chunk)
+        try:
+            async for chunk in chunks:
+                await response.write(chunk)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("stream of job %d failed", handle.job.job_id)
+            await response.write(sse(error_body("generation failed: internal server error", "server_error",
+                                                code="generation_failed")))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:  # the client left: cancel its job, nobody is there to answer
