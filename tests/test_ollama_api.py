@@ -1,13 +1,10 @@
 """End to end: the official ``ollama`` Python client against the real server on loopback (tiny CPU model);
-every response is checked against the shapes Ollama documents (tests/helpers/ollama_shapes.py)."""
+every response is checked against the shapes Ollama documents (tests/helpers/ollama_shapes.py). The tests
+that start servers of their own (Ollama's port, access control, Continue CLI) are in test_ollama_api_servers.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,10 +13,9 @@ import jsonschema
 import ollama
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from app.api.server import ServerConfig
 from app.engine.catalog.tokenizer import FolderTokenizer
+from tests.helpers.ollama_fuzz import fuzzed_requests
 from tests.helpers.ollama_shapes import check, check_stream
 from tests.helpers.scripted_backend import say, scripted_factory
 from tests.helpers.servers import Servers
@@ -212,20 +208,6 @@ def test_client_leaving_a_stream_cancels_its_job(server: ServerThread) -> None:
     assert after.status_code == 200 and check("generate_final", after.json())
 
 
-def test_access_control_as_for_v1(serve: Servers) -> None:
-    server = serve(config=ServerConfig(port=0, api_key="sesame"))
-    for method, path in (("GET", "/api/tags"), ("POST", "/api/chat"), ("GET", "/api/version"), ("GET", "/")):
-        resp = httpx.request(method, f"{server.root}{path}", json={"model": "tiny", "messages": MESSAGES})
-        assert resp.status_code == 401, path
-        if path != "/":
-            assert "API key" in check("error", resp.json())["error"]
-    keyed = ollama.Client(host=server.root, headers={"Authorization": "Bearer sesame"})
-    assert [m.model for m in keyed.list().models] == ["tiny:latest"]
-    with pytest.raises(ollama.ResponseError) as err:
-        ollama.Client(host=server.root).list()
-    assert err.value.status_code == 401
-
-
 def test_request_body_limit(server: ServerThread) -> None:
     big = b'{"model": "tiny", "prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
     resp = httpx.post(f"{server.root}/api/generate", content=big, timeout=60)
@@ -233,81 +215,7 @@ def test_request_body_limit(server: ServerThread) -> None:
 
 
 # -- hostile input: fuzzed bodies never 500, the server keeps serving -------------------------------
-json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
-    st.sampled_from(["tiny", "user", "assistant", "tool", "", "\x00", "5m", "-1", "0s", "1h30m", "{{ .Prompt }}",
-                     "{{ range .Messages }}{{ .Content }}{{ end }}", "{{ if }}", "{{ template \"x\" }}"]))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=20)
-option_values = st.dictionaries(st.sampled_from(["num_predict", "temperature", "top_k", "top_p", "min_p", "seed",
-                                                 "typical_p", "repeat_penalty", "presence_penalty", "stop",
-                                                 "frequency_penalty", "num_ctx", "num_gpu", "mirostat"]),
-                                st.one_of(st.integers(-3, 3), st.integers(), json_values), max_size=4)
-#: never keep_alive 0 (each answer would unload the model and the next one load it again: slow, not hostile)
-keep_alives = st.one_of(st.sampled_from(["5m", -1, "1h30m", "soon", "", 1e300, 10**40, "9" * 400 + "h", "0.5s",
-                                         True, [], {}, "-3h", " 2m "]),
-                        st.floats(min_value=0.001, allow_nan=False), st.text(max_size=8))
-messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", "bad", 1]), "content": json_values},
-    optional={"tool_calls": json_values, "tool_name": json_values, "images": json_values}), max_size=3)
-plausible = st.fixed_dictionaries(
-    {"model": st.sampled_from(["fuzz", "fuzz:latest", "nope", "", "../x"])},
-    optional={"prompt": st.one_of(st.text(max_size=30), json_values), "messages": messages, "options": option_values,
-              "keep_alive": keep_alives, "stream": st.one_of(st.booleans(), json_values),
-              "suffix": st.one_of(st.text(max_size=20), json_values), "system": json_values, "raw": json_values,
-              "template": json_values, "format": json_values, "context": json_values, "tools": json_values,
-              "think": json_values, "images": json_values, "verbose": json_values, "name": json_values})
-ENDPOINTS = [("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/show"), ("GET", "/api/tags"),
-             ("GET", "/api/ps"), ("GET", "/api/version"), ("POST", "/api/pull"), ("POST", "/api/embed")]
-
-
-# well-typed bodies with hostile values, so that most of them reach the engine
-texts = st.one_of(st.text(max_size=30), st.sampled_from(["", "\x00", "<fim_prefix>", "<|im_end|>", "😀" * 9]))
-typed_options = st.fixed_dictionaries({}, optional={
-    "num_predict": st.integers(0, 4), "temperature": st.floats(-1, 6), "top_k": st.integers(-1, 200),
-    "top_p": st.floats(-0.5, 1.5), "min_p": st.floats(0, 1), "seed": st.integers(-5, 2**64),
-    "repeat_penalty": st.floats(0, 3), "stop": st.one_of(texts, st.lists(texts, max_size=3)),
-    "num_ctx": st.integers(-1, 10**6)})
-templates = st.one_of(texts, st.sampled_from(["{{ .Prompt }}", "{{ .System }}{{ .Prompt }}", "{{ if }}", "{{ end }}",
-                                              "{{ range .Messages }}{{ .Content }}{{ end }}", "{{ .Nope.Deeper }}",
-                                              "{{ index .Messages 99 }}", "{{ slice .Prompt 5 1 }}", "{{"]))
-typed_messages = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]), "content": texts},
-    optional={"tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
-        {"name": texts, "arguments": st.one_of(st.dictionaries(st.text(max_size=5), json_scalars), texts)})}),
-        max_size=2), "tool_name": texts}), max_size=3)
-formats = st.one_of(st.sampled_from(["json", "", "xml", {"type": "object"}, {"type": "nonsense"}, {"enum": []},
-                                     {"type": "integer", "minimum": 5, "maximum": 1}, {"$ref": "#/nowhere"}]),
-                    st.dictionaries(st.sampled_from(["type", "properties", "items", "enum", "pattern"]), json_values,
-                                    max_size=3))
-typed_generate = st.fixed_dictionaries({"model": st.just("fuzz"), "prompt": texts}, optional={
-    "format": formats,
-    "stream": st.booleans(), "suffix": texts, "system": texts, "raw": st.booleans(), "template": templates,
-    "keep_alive": keep_alives, "options": typed_options})
-typed_chat = st.fixed_dictionaries({"model": st.just("fuzz"), "messages": typed_messages}, optional={
-    "format": formats,
-    "stream": st.booleans(), "keep_alive": keep_alives, "options": typed_options,
-    "tools": st.lists(st.dictionaries(st.sampled_from(["type", "function"]), json_values, max_size=2), max_size=2)})
-
-
-def _dumps(value: object) -> bytes:
-    return json.dumps(value).encode()
-
-
-def _bodies() -> st.SearchStrategy[bytes]:
-    return st.one_of(st.one_of(plausible, json_values, typed_generate, typed_chat).map(_dumps),
-                     st.binary(max_size=200), st.just(b""),
-                     st.just(b'{"model": "tiny", "prompt": "x", "options": {"temperature": NaN}}'),
-                     st.integers(min_value=50, max_value=3000).map(lambda d: b"[" * d + b"]" * d))
-
-
-#: (endpoint, body): half of them well-typed generations, the rest anything at any endpoint
-fuzzed_requests = st.one_of(st.tuples(st.just(("POST", "/api/generate")), typed_generate.map(_dumps)),
-                            st.tuples(st.just(("POST", "/api/chat")), typed_chat.map(_dumps)),
-                            st.tuples(st.sampled_from(ENDPOINTS), _bodies()))
-
-
+# (the strategies: tests/helpers/ollama_fuzz.py)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(request=fuzzed_requests)
@@ -388,97 +296,3 @@ def test_tool_calls_in_chat(scripted: ServerThread) -> None:
                {"role": "tool", "content": "11 degrees", "tool_name": "get_weather"},
                {"role": "user", "content": say("It is 11 degrees.")}]
     assert client.chat(model="tiny", messages=history, tools=TOOLS).message.content == "It is 11 degrees."
-
-
-# -- also on Ollama's port ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_also_on_ollamas_port_unless_ollama_is_there(serve: Servers) -> None:
-    port = _free_port()
-    first = serve(config=ServerConfig(port=0, ollama_port=port))
-    assert first.listener.ollama_port == port and first.listener.ollama_error is None
-    assert [m.model for m in ollama.Client(host=f"http://127.0.0.1:{port}").list().models] == ["tiny:latest"]
-    # something speaking Ollama's API answers there now: a second server says so and serves on its own port
-    second = serve(config=ServerConfig(port=0, ollama_port=port))
-    assert second.listener.ollama_port is None
-    assert "already answers there" in second.listener.ollama_error and "0.9.0" in second.listener.ollama_error
-    check("version", httpx.get(f"{second.root}/api/version").json())
-
-
-def test_ollamas_port_has_the_same_access_control(serve: Servers) -> None:
-    port = _free_port()
-    serve(config=ServerConfig(port=0, ollama_port=port, api_key="sesame"))
-    keyed = ollama.Client(host=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer sesame"})
-    assert [m.model for m in keyed.list().models] == ["tiny:latest"]
-    assert httpx.get(f"http://127.0.0.1:{port}/api/tags").status_code == 401
-
-
-def test_ollamas_port_taken_by_something_else(serve: Servers) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        server = serve(config=ServerConfig(port=0, ollama_port=port))
-    assert server.listener.ollama_port is None and f"cannot listen on Ollama's port {port}" in \
-        server.listener.ollama_error
-    assert httpx.get(f"{server.root}/api/version").status_code == 200
-
-
-# -- a real client that speaks only Ollama's API ------------------------------------------------------
-CN = Path(os.environ.get("EXLLAMA_TRAY_CN", Path(__file__).resolve().parent.parent / ".cache" / "node" /
-                         "node_modules" / ".bin" / "cn"))
-
-
-def test_continue_cli_with_the_ollama_provider(serve: Servers, tmp_path: Path) -> None:
-    if not CN.exists():
-        pytest.skip(f"Continue CLI not installed at {CN} (scripts/dev.py test installs it when npm is present)")
-    # agents send long system prompts and tool lists: room for them, short answers
-    server = serve(models={"tiny": {"context_length": 32768, "max_tokens": 12}})
-    home, work = tmp_path / "home", tmp_path / "project"
-    home.mkdir()
-    work.mkdir()
-    (work / "README.md").write_text("# scratch project\n")
-    config = work / "config.yaml"
-    config.write_text("name: exllama-tray-test\nversion: 0.0.1\nschema: v1\nmodels:\n"
-                      f"  - name: tiny\n    provider: ollama\n    model: tiny\n    apiBase: {server.root}\n"
-                      "    roles:\n      - chat\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "CONTINUE", "OLLAMA"))}
-    env.update(HOME=str(home), CI="true", NO_COLOR="1")
-    res = subprocess.run([str(CN), "-p", "Say hello in one word", "--config", str(config)], cwd=work, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, (res.stdout[-1000:], res.stderr[-1000:])
-    assert res.stdout.strip()
-    [done] = server.engine.recent_requests()
-    assert done.completion_tokens >= 1 and done.prompt_tokens > 100  # Continue's own system prompt came along
-
-
-def test_a_loaded_model_removed_from_the_registry(serve: Servers) -> None:
-    server = serve()
-    client = ollama.Client(host=server.root, timeout=60)
-    client.generate(model="tiny")  # loaded
-    assert [m.model for m in client.ps().models] == ["tiny:latest"]
-    server.registry.remove("tiny")
-    assert check("ps", httpx.get(f"{server.root}/api/ps").json())["models"] == []
-    assert check("tags", httpx.get(f"{server.root}/api/tags").json())["models"] == []
-    with pytest.raises(ollama.ResponseError) as err:
-        client.generate(model="tiny", prompt="hi")
-    assert err.value.status_code == 404
-
-
-def test_suffix_for_a_model_that_cannot_fill_in_the_middle(serve: Servers, tiny_model_dir: Path,
-                                                           tmp_path: Path) -> None:
-    folder = tmp_path / "no-fim"
-    shutil.copytree(tiny_model_dir, folder)
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if not t["content"].startswith("<fim")]
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    server = serve(model_dir=folder, models={"plain": {"context_length": 256, "max_tokens": 2}})
-    shown = check("show", httpx.post(f"{server.root}/api/show", json={"model": "plain"}).json())
-    assert "insert" not in shown["capabilities"]
-    resp = httpx.post(f"{server.root}/api/generate", json={"model": "plain", "prompt": "a", "suffix": "b"})
-    assert resp.status_code == 400 and "does not support insert" in check("error", resp.json())["error"]
-    assert ollama.Client(host=server.root).generate(model="plain", prompt="a").done
