@@ -50,6 +50,7 @@ def test_also_on_ollamas_port_unless_ollama_is_there(serve: Servers) -> None:
     second = serve(config=ServerConfig(port=0, ollama_port=port))
     assert second.listener.ollama_port is None
     assert "already answers there" in second.listener.ollama_error and "0.9.0" in second.listener.ollama_error
+    assert "the 'Ollama port' server setting or --ollama-port" in second.listener.ollama_error  # the real knobs
     check("version", httpx.get(f"{second.root}/api/version").json())
 
 

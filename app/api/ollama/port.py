@@ -32,4 +32,4 @@ async def ollama_version_at(host: str, port: int, timeout: float = PROBE_TIMEOUT
 
 def ollama_running_message(port: int, version: str) -> str:
     return (f"not listening on Ollama's port {port} too: Ollama {version} (or another server speaking its "
-            f"API) already answers there; stop it, or turn 'also listen on port {port}' off")
+            f"API) already answers there; stop it, or turn the 'Ollama port' server setting or --ollama-port off")
