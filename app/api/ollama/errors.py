@@ -7,8 +7,8 @@ import logging
 
 from aiohttp import web
 
-from app.api.errors import ApiError, Handler
-from app.engine.errors import EngineError, ModelLoadError, ModelNotFound
+from app.api.errors import ApiError, Handler, from_engine
+from app.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/"
@@ -20,14 +20,6 @@ routes = web.RouteTableDef()
 
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-def engine_status(exc: EngineError) -> int:
-    if isinstance(exc, ModelNotFound):
-        return 404
-    if isinstance(exc, ModelLoadError):
-        return 503
-    return 400
 
 
 def _ollama_words(exc: EngineError) -> str:
@@ -51,7 +43,7 @@ async def ollama_error_middleware(request: web.Request, handler: Handler) -> web
     except ApiError as exc:
         return error_response(exc.status, exc.message)
     except EngineError as exc:
-        return error_response(engine_status(exc), _ollama_words(exc))
+        return error_response(from_engine(exc).status, _ollama_words(exc))  # the one status mapping
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
