@@ -31,6 +31,9 @@ class ServerSettings:
     on_network: bool = False  # False: 127.0.0.1 only
     cors_origins: list[str] = field(default_factory=list)
     cors_enabled: bool = False
+    #: also serve the Ollama-compatible API on Ollama's own port (never where Ollama itself answers)
+    ollama_port_enabled: bool = False
+    ollama_port: int = 11434
 
     @property
     def host(self) -> str:
@@ -39,6 +42,11 @@ class ServerSettings:
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ServerConfigError(f"port must be between 1 and 65535, not {self.port}")
+        if not 1 <= self.ollama_port <= 65535:
+            raise ServerConfigError(f"the Ollama port must be between 1 and 65535, not {self.ollama_port}")
+        if self.ollama_port_enabled and self.ollama_port == self.port:
+            raise ServerConfigError(f"the Ollama port must differ from the server's port ({self.port}): both "
+                                    "APIs are served on the server's port anyway")
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ServerConfigError(f"CORS origin {origin!r} must start with http:// or https:// (or be *)")

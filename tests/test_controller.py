@@ -78,3 +78,38 @@ async def _failed_on_demand_scenario(tmp_path: Path, tiny_model_dir: Path) -> No
         assert controller.tray_state().state != "error"
     finally:
         await controller.stop()
+
+
+def test_the_ollama_port_setting_serves_ollamas_api_there_and_never_over_ollama(tmp_path: Path,
+                                                                                memory_keyring) -> None:
+    asyncio.run(_ollama_port_scenario(tmp_path))
+
+
+async def _ollama_port_scenario(tmp_path: Path) -> None:
+    first = AppController(Registry(tmp_path / "a.json"), ServerSettingsStore(tmp_path / "a-server.json"), port=0)
+    second = AppController(Registry(tmp_path / "b.json"), ServerSettingsStore(tmp_path / "b-server.json"), port=0)
+    await first.start()
+    await second.start()
+    try:
+        ollama_port = free_port()
+        await first.apply_server_settings(ServerSettings(port=free_port(), ollama_port_enabled=True,
+                                                         ollama_port=ollama_port))
+        assert first.ollama_error is None
+        version = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{ollama_port}/api/version")
+        assert version.status_code == 200 and "version" in version.json()
+        saved = json.loads(first.store.path.read_text())
+        assert saved["ollama_port_enabled"] is True and saved["ollama_port"] == ollama_port
+        # a second app asked for the same port finds an Ollama API answering there: it says so and keeps
+        # serving on its own port
+        await second.apply_server_settings(ServerSettings(port=free_port(), ollama_port_enabled=True,
+                                                          ollama_port=ollama_port))
+        assert second.ollama_error and f"port {ollama_port}" in second.ollama_error
+        assert "already answers there" in second.ollama_error
+        health = await asyncio.to_thread(httpx.get, f"{second.url.removesuffix('/v1')}/health")
+        assert health.status_code == 200
+        with pytest.raises(ValueError, match="must differ from the server's port"):
+            await first.apply_server_settings(ServerSettings(port=ollama_port, ollama_port_enabled=True,
+                                                             ollama_port=ollama_port))
+    finally:
+        await second.stop()
+        await first.stop()

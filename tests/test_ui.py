@@ -180,6 +180,26 @@ def test_server_settings_api_key_in_keyring(tray, qtbot, qloop, memory_keyring) 
     assert tray.controller.store.load().port == port
 
 
+def test_server_settings_ollama_port(tray, qtbot, qloop, memory_keyring) -> None:
+    dlg = tray.open_server_settings()
+    assert not dlg.ollama.isChecked() and not dlg.ollama_port.isEnabled()  # off by default
+    dlg.ollama.setChecked(True)
+    assert dlg.ollama_port.isEnabled() and dlg.ollama_port.value() == 11434
+    port = free_port()
+    dlg.port.setValue(port)
+    dlg.ollama_port.setValue(port)
+    dlg.check_and_accept()
+    assert "must differ from the server's port" in dlg.error.text()  # refused at OK, the dialog stays
+    ollama_port = free_port()
+    dlg.ollama_port.setValue(ollama_port)
+    dlg.check_and_accept()
+    run(qloop, until(lambda: tray.controller.listener is not None and tray.controller.listener.ollama_port == ollama_port))
+    tags = run(qloop, asyncio.to_thread(httpx.get, f"http://127.0.0.1:{ollama_port}/api/tags", timeout=10))
+    assert tags.status_code == 200 and "models" in tags.json()  # the Ollama API answers on Ollama's port
+    saved = tray.controller.store.load()
+    assert saved.ollama_port_enabled and saved.ollama_port == ollama_port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

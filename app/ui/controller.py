@@ -46,7 +46,7 @@ class AppController:
         s = settings or self.settings
         origins = tuple(s.cors_origins) if s.cors_enabled else ()
         return ServerConfig(host=s.host, port=s.port, api_key=get_api_key() if s.on_network else None,
-                            cors_origins=origins)
+                            cors_origins=origins, ollama_port=s.ollama_port if s.ollama_port_enabled else None)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -62,6 +62,12 @@ class AppController:
             return
         self.listen_error = None
         self.listener = listener
+
+    @property
+    def ollama_error(self) -> str | None:
+        """Why the Ollama API is not served on Ollama's port as the settings ask (Ollama itself runs
+        there, or the port is taken), or None."""
+        return self.listener.ollama_error if self.listener is not None else None
 
     async def apply_server_settings(self, settings: ServerSettings) -> None:
         """Restart the listener with ``settings`` without restarting the app (the engine keeps its

@@ -102,6 +102,8 @@ def launch_tray(registry: Registry, port: int | None = None) -> int:
         if controller.listen_error:
             tray.warn(f"The API server could not start: {controller.listen_error}\n"
                       "Change the port in Server settings…")
+        elif controller.ollama_error:
+            tray.warn(controller.ollama_error)
         ready = time.perf_counter() - STARTED
         log.info("tray ready in %.2f s; API at %s", ready, controller.url)
         if os.environ.get("EXLLAMA_TRAY_REPORT_READY"):

@@ -1,4 +1,5 @@
-"""Server settings: port, localhost or network (then an API key, kept in the keyring), CORS."""
+"""Server settings: port, localhost or network (then an API key, kept in the keyring), CORS, and Ollama's
+port for clients that only speak Ollama's API."""
 
 from __future__ import annotations
 
@@ -47,6 +48,19 @@ class ServerSettingsDialog(QDialog):
         self.cors.setChecked(settings.cors_enabled)
         self.origins = QLineEdit(", ".join(settings.cors_origins))
         self.origins.setPlaceholderText("http://localhost:3000, https://chat.example.com")
+        self.ollama = QCheckBox("Also serve the Ollama API on port")
+        self.ollama.setToolTip("For clients that only know Ollama's address (localhost:11434); the Ollama API is "
+                               "always served on the port above too. Refused while Ollama itself runs there.")
+        self.ollama.setChecked(settings.ollama_port_enabled)
+        self.ollama_port = QSpinBox()
+        self.ollama_port.setRange(1, 65535)
+        self.ollama_port.setValue(settings.ollama_port)
+        self.ollama_port.setEnabled(settings.ollama_port_enabled)
+        self.ollama.toggled.connect(self.ollama_port.setEnabled)
+        orow = QHBoxLayout()
+        orow.addWidget(self.ollama)
+        orow.addWidget(self.ollama_port)
+        orow.addStretch(1)
         self.error = QLabel("")
         self.error.setStyleSheet("color: #b91c1c;")
         self.error.setWordWrap(True)
@@ -61,6 +75,7 @@ class ServerSettingsDialog(QDialog):
         form.addRow("", self.key_note)
         form.addRow("", self.cors)
         form.addRow("Origins", self.origins)
+        form.addRow("Ollama", orow)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.check_and_accept)
         buttons.rejected.connect(self.reject)
@@ -104,7 +119,8 @@ class ServerSettingsDialog(QDialog):
     def result_settings(self) -> ServerSettings:
         origins = [o.strip() for o in self.origins.text().split(",") if o.strip()]
         return ServerSettings(port=self.port.value(), on_network=self.network.isChecked(), cors_origins=origins,
-                              cors_enabled=self.cors.isChecked())
+                              cors_enabled=self.cors.isChecked(), ollama_port_enabled=self.ollama.isChecked(),
+                              ollama_port=self.ollama_port.value())
 
     def check_and_accept(self) -> None:
         settings = self.result_settings()

@@ -196,6 +196,9 @@ class TrayApp(QObject):
         except (OSError, ValueError) as exc:
             if not self.shut_down:
                 self.warn(f"The server settings were not applied: {exc}\nThe server goes on as before.")
+        else:
+            if self.controller.ollama_error and not self.shut_down:
+                self.warn(self.controller.ollama_error)
         if not self.shut_down:
             self.refresh()
 
