@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers.servers import Servers
@@ -116,3 +116,61 @@ def test_wrong_methods_and_paths(server) -> None:
         resp = client.request(method, path)
         assert resp.status_code == status
         check(resp)
+
+
+# -- malformed tool schemas against a model whose calls are parsed by their schema (qwen3_coder) ---------
+QWEN_CALL = "<tool_call>\n<function=f>\n<parameter=n>\n2\n</parameter>\n</function>\n</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def qwen_server(serve_module: Servers):
+    from tests.helpers.scripted_backend import scripted_factory
+
+    srv = serve_module(models={"tiny-qwen": {"context_length": 2048, "tool_format": "qwen3_coder"}},
+                       backend_factory=scripted_factory)
+    with httpx.Client(base_url=srv.root, timeout=30) as client:
+        yield srv, client
+
+
+property_schemas = st.one_of(json_scalars, json_values, st.dictionaries(st.sampled_from(["type", "items"]),
+                                                                       json_values, max_size=2))
+tool_schemas = st.one_of(
+    json_values, st.dictionaries(st.sampled_from(["type", "properties", "required"]), json_values, max_size=3),
+    st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(st.just("n"), property_schemas)}))
+named_tools = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.just("f"), "parameters": tool_schemas})})
+hostile_tools = st.one_of(st.lists(named_tools, min_size=1, max_size=2),
+                          st.lists(st.one_of(json_values, named_tools, st.fixed_dictionaries(
+                              {"type": st.just("function"), "function": json_values})), min_size=1, max_size=3))
+
+
+def test_fuzz_tool_schemas_on_a_qwen3_coder_model(qwen_server) -> None:
+    from tests.helpers.scripted_backend import say
+
+    srv, client = qwen_server
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(tools=hostile_tools, stream=st.booleans())
+    @example(tools=[{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": "number"}}}}],
+             stream=False)
+    def one(tools: list, stream: bool) -> None:
+        body = {"model": "tiny-qwen", "messages": [{"role": "user", "content": say(QWEN_CALL)}], "tools": tools,
+                "stream": stream}
+        resp = client.post("/v1/chat/completions", json=body)
+        check(resp)
+        if resp.status_code == 200 and stream:
+            assert resp.text.rstrip().endswith("data: [DONE]") and '"error"' not in resp.text, resp.text[-300:]
+
+    one()
+
+
+def test_a_property_schema_that_is_not_an_object_is_a_400_naming_it(qwen_server) -> None:
+    srv, client = qwen_server
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                           "properties": {"n": "number"}}}}]
+    resp = client.post("/v1/chat/completions", json={"model": "tiny-qwen", "tools": tools,
+                                                      "messages": [{"role": "user", "content": "x"}]})
+    check(resp)
+    assert resp.status_code == 400
+    assert "tools[0].function.parameters.properties.n must be a JSON schema object" in resp.json()["error"]["message"]

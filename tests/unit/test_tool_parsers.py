@@ -5,10 +5,12 @@ calls, text then a call, each split across stream chunks at every character, and
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from app.engine.tools import ParsedToolCall, ToolCallStream, detect_tool_format, parse_tool_calls
+from app.engine.tools.validate import check_tools
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
@@ -119,6 +121,38 @@ def test_qwen3_coder_values_follow_the_parameter_schema() -> None:
            '<parameter=tags>\n["a", "b"]\n</parameter>\n</function>\n</tool_call>'
     _, calls = parse_tool_calls(text, "qwen3_coder", [tool])
     assert json.loads(calls[0].arguments) == {"zip": "01234", "n": 2.5, "tags": ["a", "b"]}
+
+
+@pytest.mark.parametrize("tools", [
+    [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"n": "number"}}}}],
+    [{"type": "function", "function": {"name": "f", "parameters": {"properties": ["n"]}}}],
+    [{"type": "function", "function": {"name": "f", "parameters": "object"}}],
+    [{"type": "function", "function": "f"}], ["f"], [None],
+])
+def test_qwen3_coder_ignores_schema_parts_that_are_not_objects(tools: list) -> None:
+    text = "<tool_call>\n<function=f>\n<parameter=n>\n2\n</parameter>\n</function>\n</tool_call>"
+    _, calls = parse_tool_calls(text, "qwen3_coder", tools)
+    assert json.loads(calls[0].arguments) == {"n": 2}  # as if the tool were unknown: JSON when it parses
+
+
+@pytest.mark.parametrize("parameters, reason", [
+    ({"type": "object", "properties": {"n": "number"}}, "properties.n must be a JSON schema object, not str"),
+    ({"type": "object", "properties": ["n"]}, "properties must be an object"),
+    ({"type": "object", "properties": {"n": {"type": 3}}}, "properties.n.type must be a type name"),
+    ({"type": "object", "required": "n"}, "required must be a list"),
+    ("object", "parameters must be a JSON schema object"),
+])
+def test_check_tools_refuses_malformed_parameter_schemas(parameters: object, reason: str) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    with pytest.raises(ValueError, match=re.escape(reason)) as caught:
+        check_tools(tools, None)
+    assert str(caught.value).startswith("tools[0].function.parameters")
+
+
+def test_check_tools_takes_well_formed_schemas() -> None:
+    check_tools([WEATHER, {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"any": True, "x": {"type": ["string", "null"]}}, "required": ["x"]}}},
+        {"type": "function", "function": {"name": "h"}}], {"type": "function", "function": {"name": "g"}})
 
 
 # -- formats read from templates ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from app.api.errors import ApiError
 
 from app.engine.requests import Message, ToolCall as EngineToolCall
 from app.engine.settings.schema import Settings, format_validation_error
+from app.engine.tools.validate import check_tools
 
 log = logging.getLogger(__name__)
 
@@ -222,31 +223,6 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, list):
             return prompt[0]  # type: ignore[return-value]
         return prompt
-
-
-def check_tools(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None) -> None:
-    """OpenAI's rules for ``tools`` and ``tool_choice`` (raises ValueError with the reason)."""
-    names = []
-    for i, tool in enumerate(tools or []):
-        fn = tool.get("function")
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ValueError(f"tools[{i}]: only tools of type 'function' with a 'function' object are supported")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
-        if not isinstance(fn.get("parameters", {}), dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
-        names.append(fn["name"])
-    if isinstance(choice, str):
-        if choice not in ("none", "auto", "required"):
-            raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a function, not {choice!r}")
-        if choice == "required" and not names:
-            raise ValueError("tool_choice 'required' needs tools")
-    elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
-        if choice.get("type") != "function" or not isinstance(name, str):
-            raise ValueError("tool_choice must be {'type': 'function', 'function': {'name': NAME}}")
-        if name not in names:
-            raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
 
 
 def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:

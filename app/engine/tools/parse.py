@@ -77,8 +77,8 @@ def calls_from_json(text: str) -> list[ParsedToolCall] | None:
     return calls  # type: ignore[return-value]
 
 
-def _xml_value(raw: str, schema: dict[str, Any] | None) -> Any:
-    kind = (schema or {}).get("type")
+def _xml_value(raw: str, schema: Any) -> Any:
+    kind = schema.get("type") if isinstance(schema, dict) else None
     if kind == "string" or (isinstance(kind, list) and "string" in kind and len(kind) == 1):
         return raw
     try:
@@ -104,10 +104,12 @@ def calls_from_xml(text: str, tools: list[dict[str, Any]] | None = None) -> list
 
 
 def _tool_properties(tools: list[dict[str, Any]] | None, name: str) -> dict[str, Any]:
+    """The parameter schemas of the tool ``name`` (parts that are not objects are left out)."""
     for tool in tools or []:
-        fn = tool.get("function") or {}
-        if fn.get("name") == name:
-            props = (fn.get("parameters") or {}).get("properties")
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and fn.get("name") == name:
+            params = fn.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
             return props if isinstance(props, dict) else {}
     return {}
 
