@@ -82,6 +82,7 @@ class Backend(Protocol):
     def unload(self) -> None: ...
     def memory_used(self) -> dict[str, int]: ...
     def encoder_spec(self) -> EncoderSpec | None: ...
+    def active_jobs(self) -> int: ...
 
 
 class BackendBase:
@@ -102,6 +103,10 @@ class BackendBase:
 
     def take_surviving_events(self) -> list[StepEvent]:
         return []
+
+    def active_jobs(self) -> int:
+        """How many jobs it holds (submitted and not yet finished or cancelled)."""
+        return 0
 
     def encoder_spec(self) -> EncoderSpec | None:
         """How another process can tokenize for this model without asking it (None: it cannot)."""

@@ -231,8 +231,7 @@ def memory_report(backend: Backend) -> p.Memory:
         memory[RSS_KEY] = psutil.Process().memory_info().rss
     except (ImportError, OSError):
         pass
-    count = getattr(backend, "active_jobs", None)
-    return p.Memory(memory, int(count()) if callable(count) else 0)
+    return p.Memory(memory, backend.active_jobs())
 
 
 def _step(backend: Backend, conn: Any, outbox: Outbox) -> None:
