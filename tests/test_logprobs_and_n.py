@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers.scripted_backend import ScriptedBackend, say
 from tests.helpers.servers import Servers
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread
@@ -125,3 +126,40 @@ def test_top_logprobs_without_logprobs_is_a_400(server: ServerThread) -> None:
     resp = httpx.post(f"{server.base_url}/chat/completions", timeout=30,
                       json={"model": "tiny", "messages": MSGS, "top_logprobs": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"
+
+
+# -- n > 1 choices share the batch --------------------------------------------------------------------------
+class _BatchRecording(ScriptedBackend):
+    """The scripted backend, keeping the largest batch any step ran."""
+
+    widest = 0
+
+    def step(self):  # type: ignore[no-untyped-def]
+        events = super().step()
+        self.widest = max(self.widest, len(events))
+        return events
+
+
+@pytest.fixture(scope="module")
+def batch_server(serve_module: Servers) -> tuple[ServerThread, list[_BatchRecording]]:
+    made: list[_BatchRecording] = []
+
+    def factory(entry, settings):  # type: ignore[no-untyped-def]
+        made.append(_BatchRecording(entry.model_dir, context_length=settings.context_length, tokens_per_step=1))
+        return made[-1]
+
+    return serve_module(models={"tiny": {"context_length": 2048}}, backend_factory=factory), made
+
+
+@pytest.mark.parametrize("path, body", [
+    ("chat/completions", {"messages": [{"role": "user", "content": say("one two three four five six seven")}]}),
+    ("completions", {"prompt": say("one two three four five six seven")}),
+])
+def test_non_streaming_n_choices_run_in_one_batch(batch_server, path: str, body: dict) -> None:
+    server, made = batch_server
+    resp = httpx.post(f"{server.base_url}/{path}", timeout=60, json={"model": "tiny", "n": 4, **body})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["choices"]) == 4
+    backend = made[-1]
+    assert backend.widest == 4  # one after another, no step would have had more than one job
+    backend.widest = 0

@@ -13,10 +13,10 @@ from aiohttp import web
 from app.api.body import read_json_body
 from app.api.keys import ENGINE
 from app.api.openai.choices import (
-    HandleGroup, chat_logprobs, choice_seed, merged, submit_choices, summed_usage,
+    HandleGroup, chat_logprobs, choice_seed, merged, submit_choices, summed_usage, whole_results,
 )
 from app.api.openai.protocol import ChatCompletionRequest, parse
-from app.api.openai.streaming import finish_reason, in_band_error, sse, stream_response, timing_headers, whole_result
+from app.api.openai.streaming import finish_reason, in_band_error, sse, stream_response, timing_headers
 from app.api.openai.tool_output import ChatOutput
 from app.engine.facade import ChatRequest, Engine, JobFinished, JobHandle, TextDelta
 
@@ -50,11 +50,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _whole(req: ChatCompletionRequest, handles: list[JobHandle], outputs: list[ChatOutput],
                  head: dict[str, Any]) -> web.Response:
-    try:
-        finished = [await whole_result(h) for h in handles]
-    finally:
-        for h in handles:
-            h.cancel()
+    finished = await whole_results(handles)
     choices = []
     for i, (done, output) in enumerate(zip(finished, outputs)):
         logprobs = chat_logprobs(done.logprobs, req.top_logprobs or 0) if req.logprobs else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from app.api.openai.streaming import whole_result
 from app.engine.facade import JobFinished, JobHandle
 from app.engine.events import JobEvent, TokenLogprob
 
@@ -38,6 +39,18 @@ async def submit_choices(n: int, submit: Callable[[int], Awaitable[JobHandle]]) 
             h.cancel()
         raise
     return handles
+
+
+async def whole_results(handles: list[JobHandle]) -> list[JobFinished]:
+    """Every choice's whole result (non-streaming): all jobs are handed to the runner before any is
+    waited for, so that they run in one batch rather than one after another."""
+    try:
+        for h in handles:
+            h.start()
+        return list(await asyncio.gather(*(whole_result(h) for h in handles)))
+    finally:
+        for h in handles:
+            h.cancel()
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

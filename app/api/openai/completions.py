@@ -13,10 +13,10 @@ from aiohttp import web
 from app.api.body import read_json_body
 from app.api.keys import ENGINE
 from app.api.openai.choices import (
-    HandleGroup, choice_seed, completion_logprobs, merged, submit_choices, summed_usage,
+    HandleGroup, choice_seed, completion_logprobs, merged, submit_choices, summed_usage, whole_results,
 )
 from app.api.openai.protocol import CompletionRequest, parse
-from app.api.openai.streaming import finish_reason, in_band_error, sse, stream_response, timing_headers, whole_result
+from app.api.openai.streaming import finish_reason, in_band_error, sse, stream_response, timing_headers
 from app.engine.facade import CompletionRequest as EngineCompletion, Engine, JobFinished, JobHandle, TextDelta
 
 routes = web.RouteTableDef()
@@ -42,11 +42,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if req.stream:
         group = HandleGroup(handles)
         return await stream_response(request, group, _chunks(req, group, base))  # type: ignore[arg-type]
-    try:
-        finished = [await whole_result(h) for h in handles]
-    finally:
-        for h in handles:
-            h.cancel()
+    finished = await whole_results(handles)
     choices = [{"index": i, "text": done.text, "finish_reason": finish_reason(done),
                 "logprobs": completion_logprobs(done.logprobs, 0) if req.logprobs is not None else None}
                for i, done in enumerate(finished)]
