@@ -9,11 +9,10 @@ comes from the same :class:`~app.engine.constraints.masks.JobConstraint` the oth
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from app.engine.constraints.grammars import GrammarError
-from app.engine.constraints.masks import ConstraintCompiler, JobConstraint
+from app.engine.constraints.masks import JobConstraint, compiler_for
 
 
 def job_filters(backend: Any, grammar: str | None) -> list[Any]:
@@ -21,11 +20,7 @@ def job_filters(backend: Any, grammar: str | None) -> list[Any]:
     backend's compiler (its tokenizer's view for the grammar engine) is made on its first grammar."""
     if grammar is None:
         return []
-    compiler = backend.__dict__.get("_constraints")
-    if compiler is None:
-        compiler = ConstraintCompiler(Path(backend.model_dir) / "tokenizer.json", backend.vocab_size or 0,
-                                      sorted(backend.eos_token_ids()))
-        backend.__dict__["_constraints"] = compiler
+    compiler = compiler_for(backend)
 
     def compile_grammar() -> JobConstraint:
         try:

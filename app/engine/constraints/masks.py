@@ -56,6 +56,17 @@ class ConstraintCompiler:
         return _COMPILER_POOL.submit(self.compile, grammar)
 
 
+def compiler_for(backend: Any) -> ConstraintCompiler:
+    """The GPU backends' compiler: made on the backend's first grammar from its folder's tokenizer.json,
+    then kept on it (``_constraints``) until it unloads."""
+    compiler = getattr(backend, "_constraints", None)
+    if compiler is None:
+        compiler = ConstraintCompiler(Path(backend.model_dir) / "tokenizer.json", backend.vocab_size or 0,
+                                      sorted(backend.eos_token_ids()))
+        backend._constraints = compiler
+    return compiler
+
+
 class JobConstraint:
     """One job's grammar state."""
 
