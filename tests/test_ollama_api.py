@@ -14,6 +14,7 @@ import ollama
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from app.api.ollama.output import GenerateOutput
 from app.engine.catalog.tokenizer import FolderTokenizer
 from tests.helpers.ollama_fuzz import fuzzed_requests
 from tests.helpers.ollama_shapes import check, check_stream
@@ -206,6 +207,35 @@ def test_client_leaving_a_stream_cancels_its_job(server: ServerThread) -> None:
     after = httpx.post(f"{server.root}/api/generate", json={**body, "stream": False,
                                                             "options": {"num_predict": 1}}, timeout=60)
     assert after.status_code == 200 and check("generate_final", after.json())
+
+
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_line(client: ollama.Client, server: ServerThread,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.allowed_errors = True  # the failure is logged with its traceback
+    # a fault injected into the answer's output after its first chunk: the stream has begun (200 sent)
+    feed, calls = GenerateOutput.feed, []
+
+    def failing_feed(self: GenerateOutput, text: str) -> list[dict]:
+        calls.append(text)
+        if len(calls) > 1:
+            raise RuntimeError("injected fault")
+        return feed(self, text)
+
+    monkeypatch.setattr(GenerateOutput, "feed", failing_feed)
+    body = {"model": "tiny", "prompt": "hi", "options": {**GREEDY, "num_predict": 6}}
+    lines = stream_lines(server, "/api/generate", body)
+    check("generate_chunk", lines[0])
+    assert list(lines[-1]) == ["error"] and "internal server error" in lines[-1]["error"], lines
+    calls.clear()
+    with pytest.raises(ollama.ResponseError) as err:  # Ollama's client reads it as Ollama's mid-stream error
+        list(client.generate(stream=True, **body))
+    assert "internal server error" in err.value.error
+    assert wait_until(lambda: all(s.active_jobs == 0 for s in server.engine.model_states()), timeout=30)
+    monkeypatch.undo()
+    assert client.generate(model="tiny", prompt="hi", options={"num_predict": 1}).done
+    failures = [r for r in caplog.records if r.exc_info and "injected fault" in str(r.exc_info[1])]
+    assert len(failures) == 2 and all("stream of job" in r.getMessage() for r in failures)
 
 
 def test_request_body_limit(server: ServerThread) -> None:

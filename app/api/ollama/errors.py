@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from app.api.errors import ApiError, Handler, from_engine
+from app.api.ollama.streaming import MID_STREAM_ERROR, STREAM, end_with_error
 from app.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -35,27 +36,39 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
 
 @web.middleware
 async def ollama_error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Failures under /api/ answered as Ollama answers them; other paths pass through untouched."""
+    """Failures under /api/ answered as Ollama answers them; other paths pass through untouched. A failure
+    after a stream began (its status line is sent) ends that stream with an in-band error line instead."""
     if not request.path.startswith(PREFIX):
         return await handler(request)
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.message)
-    except EngineError as exc:
-        return error_response(from_engine(exc).status, _ollama_words(exc))  # the one status mapping
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    except Exception as exc:
+        begun = request.get(STREAM)
+        if begun is None or not begun.prepared:
+            return _error_answer(request, exc)
+        if isinstance(exc, ConnectionResetError):
             raise
+        log.exception("error after the stream began on %s %s", request.method, request.path)
+        await end_with_error(begun, MID_STREAM_ERROR)
+        return begun
+
+
+def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.message)
+    if isinstance(exc, EngineError):
+        return error_response(from_engine(exc).status, _ollama_words(exc))  # the one status mapping
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
         response = error_response(exc.status, _http_message(request, exc))
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except ConnectionResetError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal server error")
+    if isinstance(exc, ConnectionResetError):
+        raise exc
+    log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal server error")
 
 
 def _not_here(what: str, hint: str) -> Handler:

@@ -13,11 +13,14 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 from aiohttp import web
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, mark_response_started
 from app.engine.facade import JobFinished, JobHandle, TextDelta
 
 log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
+#: the request's key for its stream once the head is sent: a failure after that is answered in band
+STREAM = web.RequestKey("ollama_stream", web.StreamResponse)
+MID_STREAM_ERROR = "internal server error: the answer ended early (the server's log has the cause)"
 
 
 def created_at() -> str:
@@ -115,6 +118,8 @@ async def _stream(request: web.Request, handle: JobHandle, lines: AsyncIterator[
                                            "X-Accel-Buffering": "no"})
     try:
         handle.start_early()
+        mark_response_started(request)  # for app/api/errors' middleware too: never a second response
+        request[STREAM] = response
         await response.prepare(request)
         async for chunk in lines:
             await response.write(chunk)
@@ -124,6 +129,20 @@ async def _stream(request: web.Request, handle: JobHandle, lines: AsyncIterator[
     except asyncio.CancelledError:  # the handler was cancelled because the client disconnected
         log.info("client left during a stream: job %d cancelled", handle.job.job_id)
         raise
+    except Exception:
+        if not response.prepared:  # nothing sent yet: the error middleware answers with a status
+            raise
+        log.exception("stream of job %d failed", handle.job.job_id)
+        await end_with_error(response, MID_STREAM_ERROR)
     finally:
         handle.cancel()
     return response
+
+
+async def end_with_error(response: web.StreamResponse, message: str) -> None:
+    """End a begun stream with Ollama's mid-stream error, an ``{"error": ...}`` line (its status is sent)."""
+    try:
+        await response.write(line({"error": message}))
+        await response.write_eof()
+    except (ConnectionResetError, RuntimeError):  # the client left, or the stream had already ended
+        log.info("could not end a failed stream in band: the client left or it had ended")
