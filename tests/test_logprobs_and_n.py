@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.scripted_backend import ScriptedBackend, say
+from tests.helpers.scripted_backend import ScriptedBackend, say, scripted_factory
 from tests.helpers.servers import Servers
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread
@@ -163,3 +163,28 @@ def test_non_streaming_n_choices_run_in_one_batch(batch_server, path: str, body:
     backend = made[-1]
     assert backend.widest == 4  # one after another, no step would have had more than one job
     backend.widest = 0
+
+
+def test_merged_choices_end_when_a_job_cannot_start(serve: Servers, caplog: pytest.LogCaptureFixture) -> None:
+    """The model's runner stops between the submit and the first event (as at an unload): every choice
+    still finishes, with the reason, and the merge ends instead of waiting for ever."""
+    import asyncio
+
+    from app.api.openai.choices import merged
+    from app.engine.facade import ChatRequest, JobFinished, Message, Settings
+
+    caplog.allowed_errors = True  # the runner's refusal is logged with its traceback
+    server = serve(models={"tiny": {"context_length": 2048}}, backend_factory=scripted_factory)
+
+    async def scenario() -> list:
+        engine = server.engine
+        request = ChatRequest(model="tiny", messages=[Message("user", say("hello there"))], settings=Settings())
+        handles = [await engine.submit_chat(request) for _ in range(2)]
+        runner = engine.manager.resident(engine.prepared.get("tiny").key).runner
+        await asyncio.to_thread(runner.stop)
+        return [event async for event in merged(handles)]
+
+    events = server.call(asyncio.wait_for(scenario(), 10), timeout=30)
+    assert sorted(i for i, e in events) == [0, 1]
+    assert all(isinstance(e, JobFinished) and e.finish_reason == "error" and "unloading" in e.error
+               for _, e in events)

@@ -4,11 +4,15 @@ choice index, their usage summed; and log-probabilities in OpenAI's two wire sha
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from app.api.openai.streaming import whole_result
+from app.engine.errors import EngineError
+from app.engine.events import JobEvent, TokenLogprob, Usage
 from app.engine.facade import JobFinished, JobHandle
-from app.engine.events import JobEvent, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 class HandleGroup:
@@ -63,8 +67,11 @@ async def merged(handles: list[JobHandle]) -> AsyncIterator[tuple[int, JobEvent]
     queue: asyncio.Queue[tuple[int, JobEvent]] = asyncio.Queue()
 
     async def pump(index: int, handle: JobHandle) -> None:
-        async for event in handle:
-            await queue.put((index, event))
+        try:
+            async for event in handle:
+                await queue.put((index, event))
+        except Exception as exc:  # the job could not start or its events failed: it still finishes
+            await queue.put((index, failed(handle, exc)))
 
     tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
     left = len(handles)
@@ -78,6 +85,16 @@ async def merged(handles: list[JobHandle]) -> AsyncIterator[tuple[int, JobEvent]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def failed(handle: JobHandle, exc: Exception) -> JobFinished:
+    """The finish of a job whose events could not be had (it never started, or its events failed)."""
+    if isinstance(exc, EngineError):
+        reason = str(exc)
+    else:
+        log.exception("job %d of model %s failed outside its backend", handle.job.job_id, handle.model)
+        reason = f"generation failed ({type(exc).__name__}: {exc})"
+    return JobFinished("error", Usage(handle.prompt_tokens, 0), "", None, 0.0, error=reason)
 
 
 def summed_usage(finished: list[JobFinished]) -> dict[str, int]:
