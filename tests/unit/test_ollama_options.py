@@ -53,7 +53,8 @@ def test_ollamas_special_values(options: dict | None, fields: dict) -> None:
     ({"num_predict": 1.5}, "num_predict must be an integer"), ({"top_k": "3"}, "top_k"),
     ({"top_p": 7}, "top_p"), ({"typical_p": 0}, "typical_p"), ({"repeat_penalty": 0}, "repeat_penalty"),
     ({"num_predict": 10**9}, "num_predict"), ({"stop": [1]}, "stop"), ({"stop": ["x"] * 65}, "stop"),
-    ({"temperature": 10**400}, "finite"),
+    ({"temperature": 10**400}, "finite"), ({"num_ctx": "big"}, "num_ctx must be an integer"),
+    ({"num_ctx": 2048.5}, "num_ctx must be an integer"), ({"num_ctx": True}, "num_ctx"),
 ])
 def test_bad_options_name_the_option(options: dict, words: str) -> None:
     with pytest.raises(ApiError) as err:

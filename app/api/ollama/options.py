@@ -79,13 +79,12 @@ def options_to_settings(options: dict[str, Any] | None) -> Settings:
     data: dict[str, Any] = {}
     for key, value in (options or {}).items():
         target = OLLAMA_PARAM_MAP.get(key)
-        if key in LOAD_TIME_OPTIONS or target is None:
-            if key in LOAD_TIME_OPTIONS and value is not None:
-                log.debug("option %s is a load-time setting; set it in the model's settings", key)
+        if value is None or (target is None and key not in LOAD_TIME_OPTIONS):
             continue
-        if value is None:
+        _check_type(key, value)  # a load-time option of the wrong type (num_ctx "big") is a 400 too
+        if key in LOAD_TIME_OPTIONS:
+            log.debug("option %s is a load-time setting; set it in the model's settings", key)
             continue
-        _check_type(key, value)
         data.update(_mapped(key, target, value))
     try:
         return Settings(**data)
