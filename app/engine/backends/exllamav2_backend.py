@@ -8,17 +8,17 @@ CUDA extension (minutes); that is reported as a load step of its own.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from typing import Any, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.exllamav2_setup import announce_extension_build, cache_sizes, flash_attn_ok
-from app.engine.backends.gpu_common import PROBE_TEXT, check_split, is_out_of_memory
+from app.engine.backends.gpu_common import (
+    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
-from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
+from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,8 @@ class ExLlamaV2Backend(BackendBase):
         progress(0.02, "reading model config")
         config, model = self._read_model(exl)
         self._model = model
-        try:
+        with load_failures_readable(self, torch):
             self._load_weights(exl, config, model, progress, cancel)
-        except LoadCancelled:
-            self.unload()
-            raise
-        except torch.cuda.OutOfMemoryError:
-            self.unload()
-            raise BackendLoadError(self.out_of_memory_message()) from None
-        except BackendLoadError:
-            self.unload()
-            raise
-        except Exception as exc:
-            self.unload()
-            if is_out_of_memory(exc):  # exllamav2's autosplit says so in its own words
-                raise BackendLoadError(f"{self.out_of_memory_message()} ({exc})") from None
-            raise BackendLoadError(f"cannot load {self.model_dir}: {exc}") from None
         self.vocab_size = int(config.vocab_size)
         eos = config.eos_token_id
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -166,24 +152,11 @@ class ExLlamaV2Backend(BackendBase):
                 f"{lower}, use a Q4/Q8 cache, or set gpu_split")
 
     def _agreeing_fast_tokenizer(self) -> FolderTokenizer | None:
-        """The folder's tokenizer.json through `tokenizers`, if it encodes like exllamav2's tokenizer.
-
-        exllamav2's encode splits on special tokens in Python and builds tensors: on a short prompt it
-        costs more than the rest of a request's preparation. The fast path is used only when both
-        give the same ids for probe texts made of this model's own special tokens and ordinary text.
-        """
-        try:
-            fast = FolderTokenizer(self.model_dir)
-        except TokenizerError:
-            return None
-        specials = fast.special_token_texts()[:64]
-        probes = [PROBE_TEXT, "".join(specials), PROBE_TEXT.join(specials[:8]), " " + PROBE_TEXT, "\n\n"]
-        for text in probes:
-            slow = [int(x) for x in self._tokenizer.encode(text, encode_special_tokens=True)[0].tolist()]
-            if slow != fast.encode_plain(text):
-                log.info("tokenizer.json encodes differently from exllamav2's tokenizer; using exllamav2's")
-                return None
-        return fast
+        """tokenizer.json when it agrees with exllamav2's tokenizer, whose encode splits on special tokens
+        in Python and builds tensors: on a short prompt it costs more than the rest of a request's
+        preparation."""
+        return agreeing_fast_tokenizer(self.model_dir, lambda text: [
+            int(x) for x in self._tokenizer.encode(text, encode_special_tokens=True)[0].tolist()], "exllamav2")
 
     def _make_generator(self) -> None:
         from exllamav2.generator import ExLlamaV2DynamicGenerator
@@ -196,38 +169,13 @@ class ExLlamaV2Backend(BackendBase):
     def unload(self) -> None:
         self._jobs.clear()
         self._generator = None
-        cache, self._cache = self._cache, None
-        model, self._model = self._model, None
-        del cache
-        if model is not None:
-            try:
-                model.unload()
-            except Exception:  # a half-loaded model may fail to unload its modules; memory goes with gc
-                log.debug("model.unload() failed", exc_info=True)
-        del model
+        self._cache = None
         self._tokenizer = None
         self._fast_tokenizer = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # once per unload: hands the freed blocks back to the driver
-        except ImportError:
-            pass
+        unload_model(self)
 
     def memory_used(self) -> dict[str, int]:
-        try:
-            import torch
-        except ImportError:
-            return {}
-        if not torch.cuda.is_available():
-            return {}
-        out: dict[str, int] = {}
-        for i in range(torch.cuda.device_count()):
-            out[f"cuda:{i}"] = int(torch.cuda.memory_reserved(i))
-            out[f"cuda:{i}:allocated"] = int(torch.cuda.memory_allocated(i))
-        return out
+        return cuda_memory()
 
     # -- tokens -----------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:

@@ -14,7 +14,6 @@ is linear RoPE scaling and ``rope_alpha`` NTK scaling of the RoPE base. Its samp
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 import sys
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
-from app.engine.backends.gpu_common import PROBE_TEXT, check_split, is_out_of_memory
-from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError, with_bos
+from app.engine.backends.gpu_common import (
+    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
+from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 
@@ -83,20 +83,6 @@ def apply_rope(config: Any, rope_scale: float, rope_alpha: float) -> None:
         rs.rope_theta = float(rs.rope_theta) * rope_alpha ** (dim / (dim - 2))
 
 
-def cuda_memory() -> dict[str, int]:
-    try:
-        import torch
-    except ImportError:
-        return {}
-    if not torch.cuda.is_available():
-        return {}
-    out: dict[str, int] = {}
-    for i in range(torch.cuda.device_count()):
-        out[f"cuda:{i}"] = int(torch.cuda.memory_reserved(i))
-        out[f"cuda:{i}:allocated"] = int(torch.cuda.memory_allocated(i))
-    return out
-
-
 class ExLlamaV3Backend(BackendBase):
     name = "exllamav3"
     batching = "continuous"
@@ -145,7 +131,8 @@ class ExLlamaV3Backend(BackendBase):
         progress(0.02, "reading model config")
         config, model = self._read_model(exl)
         self._model = model
-        try:
+        # the automatic split says "Insufficient VRAM in split for model and cache": the readable advice
+        with load_failures_readable(self, torch):
             self._load_weights(exl, model, progress, cancel)
             self._tokenizer = exl.Tokenizer.from_config(config)
             self._fast_tokenizer = self._agreeing_fast_tokenizer()
@@ -155,20 +142,6 @@ class ExLlamaV3Backend(BackendBase):
             # config.json may lack these (exllamav3 reads them as None): the tokenizer knows its vocabulary
             self.vocab_size = int(config.vocab_size or self._tokenizer.actual_vocab_size)
             self._eos = {int(t) for t in (config.eos_token_id_list or []) if t is not None}
-        except LoadCancelled:
-            self.unload()
-            raise
-        except torch.cuda.OutOfMemoryError:
-            self.unload()
-            raise BackendLoadError(self.out_of_memory_message()) from None
-        except BackendLoadError:
-            self.unload()
-            raise
-        except Exception as exc:
-            self.unload()
-            if is_out_of_memory(exc):  # the automatic split says "Insufficient VRAM in split for model and cache"
-                raise BackendLoadError(f"{self.out_of_memory_message()} ({exc})") from None
-            raise BackendLoadError(f"cannot load {self.model_dir}: {exc}") from None
         if self._tokenizer.eos_token_id is not None:
             self._eos.add(int(self._tokenizer.eos_token_id))
         progress(1.0, "loaded")
@@ -251,20 +224,10 @@ class ExLlamaV3Backend(BackendBase):
                 "cache, or set gpu_split")
 
     def _agreeing_fast_tokenizer(self) -> FolderTokenizer | None:
-        """The folder's tokenizer.json through `tokenizers` when it encodes like exllamav3's tokenizer on
-        probe texts made of the model's special tokens and ordinary text (then the server can tokenize
-        without a round trip to this process)."""
-        try:
-            fast = FolderTokenizer(self.model_dir)
-        except TokenizerError:
-            return None
-        specials = fast.special_token_texts()[:64]
-        probes = [PROBE_TEXT, "".join(specials), PROBE_TEXT.join(specials[:8]), " " + PROBE_TEXT, "\n\n"]
-        for text in probes:
-            if self._slow_encode(text, add_bos=False) != fast.encode_plain(text):
-                log.info("tokenizer.json encodes differently from exllamav3's tokenizer; using exllamav3's")
-                return None
-        return fast
+        """tokenizer.json when it agrees with exllamav3's tokenizer (then the server tokenizes without a
+        round trip to this process)."""
+        return agreeing_fast_tokenizer(self.model_dir, lambda text: self._slow_encode(text, add_bos=False),
+                                       "exllamav3")
 
     def unload(self) -> None:
         self._jobs.clear()
@@ -274,23 +237,9 @@ class ExLlamaV3Backend(BackendBase):
             generator.close()  # its pinned buffers and filter threads
         del generator
         self._cache = None
-        model, self._model = self._model, None
-        if model is not None:
-            try:
-                model.unload()
-            except Exception:  # a half-loaded model may fail to unload its modules; memory goes with gc
-                log.debug("model.unload() failed", exc_info=True)
-        del model
         self._tokenizer = None
         self._fast_tokenizer = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # once per unload: hands the freed blocks back to the driver
-        except ImportError:
-            pass
+        unload_model(self)
 
     def memory_used(self) -> dict[str, int]:
         return cuda_memory()

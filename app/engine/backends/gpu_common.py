@@ -1,9 +1,18 @@
-"""What the GPU backends (exllamav2, exllamav3) share: the tokenizer probe, and telling out-of-memory
-errors and impossible manual GPU splits apart readably."""
+"""What the GPU backends (exllamav2, exllamav3) share: a load's failures made readable (and the
+half-loaded model unloaded), the fast tokenizer when it agrees with the library's, their GPU memory, and
+impossible manual GPU splits told apart readably. torch is imported only inside the functions."""
 
 from __future__ import annotations
 
-from app.engine.backends.contract import BackendLoadError
+import gc
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from app.engine.backends.contract import BackendLoadError, LoadCancelled
+from app.engine.catalog.tokenizer import FolderTokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
 
 PROBE_TEXT = "Héllo wörld, 1234 ✓ 你好 🙂\n\tdef f(x):  return x"
 
@@ -36,3 +45,77 @@ def split_problem(split: list[float], gpu_gib: list[float]) -> str | None:
     if sum(split) > sum(gpu_gib):
         return f"gpu_split asks {sum(split):g} GiB in all; the GPUs have {sum(gpu_gib):.1f} GiB"
     return None
+
+
+@contextmanager
+def load_failures_readable(backend: Any, torch: Any) -> Iterator[None]:
+    """Around a GPU backend's load: whatever fails unloads what was loaded, and comes out as a
+    BackendLoadError saying what to do (out of memory: the backend's ``out_of_memory_message()``); a
+    cancel stays a LoadCancelled."""
+    try:
+        yield
+    except (LoadCancelled, BackendLoadError):
+        backend.unload()
+        raise
+    except torch.cuda.OutOfMemoryError:
+        backend.unload()
+        raise BackendLoadError(backend.out_of_memory_message()) from None
+    except Exception as exc:
+        backend.unload()
+        if is_out_of_memory(exc):  # the libraries' automatic splits say so in their own words
+            raise BackendLoadError(f"{backend.out_of_memory_message()} ({exc})") from None
+        raise BackendLoadError(f"cannot load {backend.model_dir}: {exc}") from None
+
+
+def agreeing_fast_tokenizer(model_dir: str, slow_encode: Callable[[str], list[int]],
+                            library: str) -> FolderTokenizer | None:
+    """The folder's tokenizer.json through `tokenizers`, if it gives the same ids as the library's own
+    tokenizer (``slow_encode``, special tokens encoded) on probe texts made of this model's special
+    tokens and ordinary text; then the server can tokenize without asking the model process."""
+    try:
+        fast = FolderTokenizer(model_dir)
+    except TokenizerError:
+        return None
+    specials = fast.special_token_texts()[:64]
+    probes = [PROBE_TEXT, "".join(specials), PROBE_TEXT.join(specials[:8]), " " + PROBE_TEXT, "\n\n"]
+    for text in probes:
+        if slow_encode(text) != fast.encode_plain(text):
+            log.info("tokenizer.json encodes differently from %s's tokenizer; using %s's", library, library)
+            return None
+    return fast
+
+
+def unload_model(owner: Any, attr: str = "_model") -> None:
+    """Take the library model out of ``owner.attr`` and unload it (a half-loaded one may fail: its memory
+    then goes with gc, this being its last reference), then hand the freed blocks back to the driver."""
+    model = getattr(owner, attr)
+    setattr(owner, attr, None)
+    if model is not None:
+        try:
+            model.unload()
+        except Exception:  # noqa: BLE001
+            log.debug("model.unload() failed", exc_info=True)
+    del model
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def cuda_memory() -> dict[str, int]:
+    """torch's reserved and allocated bytes per visible GPU (empty without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    out: dict[str, int] = {}
+    for i in range(torch.cuda.device_count()):
+        out[f"cuda:{i}"] = int(torch.cuda.memory_reserved(i))
+        out[f"cuda:{i}:allocated"] = int(torch.cuda.memory_allocated(i))
+    return out
