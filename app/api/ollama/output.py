@@ -72,10 +72,5 @@ class ChatOutput:
         return out
 
     def _call(self, call: ParsedToolCall) -> dict[str, Any]:
-        try:
-            arguments = json.loads(call.arguments) if call.arguments else {}
-        except ValueError:  # the parser gives JSON text; keep what came if it is not
-            arguments = {}
-        if not isinstance(arguments, dict):
-            arguments = {"value": arguments}
-        return {"function": {"index": self.calls, "name": call.name, "arguments": arguments}}
+        # the parser's arguments are always a JSON object's text (json.dumps of a dict, app/engine/tools)
+        return {"function": {"index": self.calls, "name": call.name, "arguments": json.loads(call.arguments)}}
