@@ -8,7 +8,7 @@ import json
 import logging
 from typing import Any
 
-from app.engine.tools import ParsedToolCall, ToolCallStream
+from app.engine.facade import ParsedToolCall, ToolCallStream
 
 log = logging.getLogger(__name__)
 Part = dict[str, Any]
