@@ -157,7 +157,10 @@ def test_exl3_without_an_nvidia_gpu_is_a_readable_refusal(tmp_path: Path, monkey
 def test_create_backend_builds_exllamav3_in_a_model_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.engine.backends.model_process.client import ProcessBackend
 
+    from app.engine.runtime import launcher
+
     monkeypatch.setattr(factory, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(launcher, "importable_here", lambda backend: True)  # as on a machine that has it
     settings = effective(cache_type="Q6", gpu_split="20,24", gpu_split_mode="tensor", context_length=8192,
                          batch_size=4, rope_alpha=2.0)
     backend = factory.create_backend(entry(exl3_folder(tmp_path / "m")), settings)
