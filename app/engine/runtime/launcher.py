@@ -28,8 +28,17 @@ Launcher = Callable[[str], tuple[Any, Any]]
 ENTRY = "app.engine.runtime.child_entry"
 
 
+#: backends a model needed and found in neither this interpreter nor the runtime (the interface's offer)
+MISSING: set[str] = set()
+
+
 class BackendMissing(BackendLoadError):
     """The model's backend is not installed: the message says what to install and how."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(missing_message(backend))
+        self.backend = backend
+        MISSING.add(backend)
 
 
 def app_code_root() -> Path:
@@ -69,7 +78,7 @@ def launcher_for(backend: str, runtime: Runtime | None = None) -> Launcher | Non
         return None
     if runtime.has(backend):
         return partial(start_in_runtime, runtime.python)
-    raise BackendMissing(missing_message(backend))
+    raise BackendMissing(backend)
 
 
 class RuntimeProcess:
