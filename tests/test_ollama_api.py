@@ -175,6 +175,12 @@ def test_what_this_app_does_not_do_is_said(server: ServerThread) -> None:
              ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": {"type": "nonsense"}}, 400,
               "format"),
              ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "think": True}, 400, "think"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "tools": [{"function": "x"}]}, 400,
+              "tools[0]"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "tools": [
+                 {"type": "function", "function": {"name": "f", "parameters": "zz"}}]}, 400, "parameters"),
+             ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function", "function": {
+                 "name": "f", "parameters": {"type": "object", "properties": {"a": 5}}}}]}, 400, "properties.a"),
              ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "context": [1, 2]}, 400, "context"),
              ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "system": "s"}, 400, "raw"),
              ("POST", "/api/generate", {"model": "nope", "prompt": "x"}, 404, "nope"),

@@ -16,6 +16,7 @@ from app.api.errors import ApiError
 from app.api.ollama.options import options_to_settings, parse_keep_alive
 from app.engine.requests import Message, ToolCall as EngineToolCall
 from app.engine.settings.schema import Settings, format_validation_error
+from app.engine.tools.validate import check_tools
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class ChatRequest(GenerationFields):
         super().check_supported()
         if any(m.images for m in self.messages or ()):
             raise ApiError(400, "images are not supported: this server serves text-only models")
+        try:  # the shared rules of tools (Ollama's tools are OpenAI's): a malformed one is a 400 naming it
+            check_tools(self.tools, None)
+        except ValueError as exc:
+            raise ApiError(400, f"invalid tools: {exc}") from None
 
 
 class ShowRequest(WireModel):
