@@ -29,7 +29,8 @@ SCHEMAS = {"get_weather": WEATHER, "lookup": LOOKUP}
 
 @pytest.fixture(scope="module")
 def server(serve_module: Servers) -> ServerThread:
-    return serve_module(models={"tiny": {"context_length": 1024}})
+    return serve_module(models={"tiny": {"context_length": 1024},
+                                "tiny-plain": {"context_length": 1024, "tool_format": "none"}}, max_loaded=2)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,21 @@ def test_the_sdk_stream_helper_gets_the_named_call(client: openai.OpenAI) -> Non
         final = stream.get_final_completion()
     (call,) = final.choices[0].message.tool_calls
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_is_parsed_when_the_model_has_no_tool_format(server: ServerThread, stream: bool) -> None:
+    """``tool_format: none`` leaves free text unparsed, but a forced call is written in the fallback
+    format by the grammar: it is parsed in that same format."""
+    body = request(model="tiny-plain", tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                   stream=stream)
+    if stream:
+        with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=120) as resp:
+            lines = [line for line in resp.iter_lines() if line]
+        _, calls, reason = assemble([json.loads(line[6:]) for line in lines[:-1]])
+    else:
+        choice = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120).json()["choices"][0]
+        calls, reason = choice["message"].get("tool_calls"), choice["finish_reason"]
+    assert reason == "tool_calls"
+    check_calls(calls)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]

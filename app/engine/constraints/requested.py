@@ -86,6 +86,7 @@ async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> Outpu
         fmt = None
     forced = tool_choice_grammar(request, fmt)
     if forced is not None:
+        fmt = fmt or FALLBACK  # the grammar writes the call in this format: it is parsed in the same one
         grammar = await _built(forced, len(json.dumps(request.tools)), "tool_choice")
     else:
         build = response_format_grammar(request.response_format)
