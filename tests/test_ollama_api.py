@@ -31,10 +31,10 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(serve_module: Servers) -> ServerThread:
-    # "capped" has a model setting of 6 new tokens, to show a request's num_predict over it
+    # "capped" has a model setting of 6 new tokens, to show a request's num_predict over it, and no tool calls
     # "fuzz": a short context, so that a fuzzed request without a limit ends soon
     return serve_module(models={"tiny": {"context_length": 512, "max_tokens": 8},
-                                "capped": {"context_length": 512, "max_tokens": 6},
+                                "capped": {"context_length": 512, "max_tokens": 6, "tool_format": "none"},
                                 "fuzz": {"context_length": 96, "max_tokens": 2}})
 
 
@@ -60,6 +60,8 @@ def test_version_tags_and_show(client: ollama.Client, server: ServerThread) -> N
     shown = check("show", httpx.post(f"{server.root}/api/show", json={"model": "tiny"}).json())
     assert shown["model_info"]["llama.context_length"] == 512
     assert "insert" in shown["capabilities"]  # the tiny model has FIM tokens
+    assert "tools" in shown["capabilities"] and "tools" not in httpx.post(  # capped's tool_format is "none"
+        f"{server.root}/api/show", json={"model": "capped"}).json()["capabilities"]
     assert "num_ctx" in shown["parameters"] and "num_predict" in shown["parameters"]
     assert client.show("tiny:latest").modelinfo["general.architecture"] == "llama"
     with pytest.raises(ollama.ResponseError) as err:

@@ -65,7 +65,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
              "properties": {"modelfile": {"type": "string"}, "parameters": {"type": "string"},
                             "template": {"type": "string"}, "system": {"type": "string"},
                             "license": {"type": "string"}, "details": _DETAILS, "model_info": {"type": "object"},
-                            "capabilities": {"type": "array", "items": {"type": "string"}},
+                            "capabilities": {"type": "array", "uniqueItems": True, "items": {"enum": [
+                                "completion", "tools", "insert", "vision", "embedding", "thinking"]}},
                             "modified_at": _TIME}},
     "generate_chunk": _chunk({"type": "string"}, "response"),
     "generate_final": _final({"type": "string"}, "response"),

@@ -71,7 +71,7 @@ async def show(request: web.Request) -> web.Response:
         "details": details(entry),
         "model_info": {"general.architecture": family, "general.parameter_count": parameter_count(entry),
                        f"{family}.context_length": int(values["context_length"])},
-        "capabilities": ["completion", *(["insert"] if engine.has_fill_in_middle(name) else [])],
+        "capabilities": capabilities(engine, name),
         "modified_at": modified_at(entry),
     }
     if template:
@@ -97,6 +97,13 @@ async def ps(request: web.Request) -> web.Response:
                        "size_vram": size if state.backend in _GPU_BACKENDS else 0,
                        "context_length": engine.resolve(state.name).effective.context_length})
     return web.json_response({"models": models})
+
+
+def capabilities(engine: Engine, name: str) -> list[str]:
+    """What Ollama's clients read to decide what to send: "insert" with a fill-in-the-middle form, "tools"
+    when tool calls are parsed out of the model's text (its tool-call format is not ``none``)."""
+    return ["completion", *(["tools"] if engine.tool_format(name) is not None else []),
+            *(["insert"] if engine.has_fill_in_middle(name) else [])]
 
 
 def _entry(engine: Engine, name: str) -> ModelEntry | None:
