@@ -100,6 +100,10 @@ class GenerateRequest(GenerationFields):
             raise ApiError(400, "images are not supported: this server serves text-only models")
         if self.raw and (self.template or self.system or self.context):
             raise ApiError(400, "raw mode does not support template, system, or context")
+        dropped = [name for name in ("template", "system") if getattr(self, name)]
+        if self.suffix and dropped:  # the model's own fill-in-the-middle form has no place for them
+            raise ApiError(400, f"suffix cannot be combined with {', '.join(dropped)}: a request with suffix is "
+                                "the model's fill-in-the-middle form of prompt and suffix, nothing else")
         if self.context:
             raise ApiError(400, "context (deprecated) is not supported: send the conversation to /api/chat as "
                                 "messages, or the whole prompt with raw")
