@@ -23,6 +23,7 @@ import psutil
 
 from app.engine.backends.contract import Backend, TensorCensus
 from app.engine.backends.factory import create_backend
+from app.engine.runtime.service import RUNTIMES, RuntimeService  # noqa: F401 - the UI's runtime installs (first use)
 from app.engine.catalog.registry import ModelEntry, Registry, RegistryError, display_name, normalize_name
 from app.engine.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError, ModelNotFound
 from app.engine.events import BackendJob, JobFinished, SamplingParams, TextDelta
