@@ -60,10 +60,18 @@ typed_generate = st.fixed_dictionaries({"model": st.just("fuzz"), "prompt": text
     "format": formats,
     "stream": st.booleans(), "suffix": texts, "system": texts, "raw": st.booleans(), "template": templates,
     "keep_alive": keep_alives, "options": typed_options})
+#: tools that pass the validator, with hostile names and parameter schemas, so that they reach the template
+well_formed_tools = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.text(min_size=1, max_size=12)}, optional={"description": texts, "parameters": st.fixed_dictionaries(
+        {"type": st.just("object")}, optional={"properties": st.dictionaries(st.text(max_size=6), st.fixed_dictionaries(
+            {}, optional={"type": st.sampled_from(["string", "integer", "object", "array", "nope"]),
+                          "enum": st.lists(json_scalars, max_size=3)}), max_size=3),
+            "required": st.lists(st.text(max_size=6), max_size=2)})})})
 typed_chat = st.fixed_dictionaries({"model": st.just("fuzz"), "messages": typed_messages}, optional={
     "format": formats,
     "stream": st.booleans(), "keep_alive": keep_alives, "options": typed_options,
-    "tools": st.lists(st.dictionaries(st.sampled_from(["type", "function"]), json_values, max_size=2), max_size=2)})
+    "tools": st.lists(st.one_of(st.dictionaries(st.sampled_from(["type", "function"]), json_values, max_size=2),
+                                well_formed_tools), max_size=2)})
 
 
 def _dumps(value: object) -> bytes:
