@@ -192,3 +192,70 @@ def test_a_schema_the_grammar_engine_panics_on_is_a_400(client: openai.OpenAI) -
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        response_format=json_schema_format({"pattern": [{"\u00eb" * 60: False}]}))
     assert "grammar engine failed" in caught.value.message
+
+
+# -- a job the backend refuses because of the request is a 400, not a 500 ------------------------------------
+JSON_OBJECT = {"type": "json_object"}
+
+
+def test_a_grammar_on_a_model_without_tokenizer_json_is_a_400(serve: Servers, tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    from tests.helpers.scripted_backend import scripted_factory
+
+    folder = tmp_path / "no-tokenizer-json"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    server = serve(model_dir=folder, models={"tiny": {"context_length": 1024}}, backend_factory=scripted_factory)
+    resp = httpx.post(f"{server.base_url}/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": JSON_OBJECT})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "response_format" and "tokenizer.json" in error["message"]
+
+
+def _refusing_factory(entry, settings):  # type: ignore[no-untyped-def]
+    """The scripted backend, refusing every grammar as the request's fault (as a backend does whose
+    grammar engine cannot compile it against the model's vocabulary)."""
+    from app.engine.events import StepEvent
+    from tests.helpers.scripted_backend import ScriptedBackend
+
+    class Refusing(ScriptedBackend):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            self.refused: list[StepEvent] = []
+
+        def submit(self, job):  # type: ignore[no-untyped-def]
+            if job.grammar is None:
+                return super().submit(job)
+            self.refused.append(StepEvent(job.job_id, "", 0, True, "error", "constraint: not this vocabulary",
+                                          error_kind="request"))
+
+        def has_work(self) -> bool:
+            return bool(self.refused) or super().has_work()
+
+        def step(self):  # type: ignore[no-untyped-def]
+            out, self.refused = list(self.refused), []
+            return out + super().step()
+
+    return Refusing(entry.model_dir, context_length=settings.context_length)
+
+
+@pytest.fixture(scope="module")
+def refusing_server(serve_module: Servers) -> ServerThread:
+    return serve_module(models={"tiny": {"context_length": 1024}}, backend_factory=_refusing_factory)
+
+
+def test_a_request_fault_in_the_backend_is_a_400(refusing_server: ServerThread) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": JSON_OBJECT}
+    resp = httpx.post(f"{refusing_server.base_url}/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"] == "constraint: not this vocabulary"
+    resp = httpx.post(f"{refusing_server.base_url}/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "x", "response_format": JSON_OBJECT})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    with httpx.stream("POST", f"{refusing_server.base_url}/chat/completions", json={**body, "stream": True},
+                      timeout=60) as streamed:
+        lines = [line for line in streamed.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["type"] == "invalid_request_error"

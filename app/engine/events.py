@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+#: whose fault a failed job is: "request" (e.g. a grammar the backend refuses: a 400), or "server"
+ErrorKind = Literal["request", "server"]
 _ids = itertools.count(1)
 
 
@@ -99,6 +101,8 @@ class StepEvent:
     decode_times: DecodeTimes | None = None
     #: one per new token, for jobs that asked for log-probabilities
     logprobs: tuple[TokenLogprob, ...] = ()
+    #: on a job that ended with an error: whose fault it is (None: the server's)
+    error_kind: ErrorKind | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ class JobFinished:
     error: str | None = None
     #: log-probabilities not sent with a TextDelta (all of them for non-streaming jobs)
     logprobs: tuple[TokenLogprob, ...] = ()
+    #: with ``finish_reason`` "error": whose fault it is ("request": answered as a 400; None: the server's)
+    error_kind: ErrorKind | None = None
 
 
 JobEvent = TextDelta | JobFinished

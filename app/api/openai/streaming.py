@@ -28,19 +28,24 @@ def finish_reason(finished: JobFinished) -> str:
 
 
 async def whole_result(handle: JobHandle) -> JobFinished:
-    """Wait for a non-streaming job; a failed one becomes a 500 with the reason."""
+    """Wait for a non-streaming job; a failed one becomes a 500 with the reason (a 400 when the request
+    was at fault, e.g. a grammar the backend refused)."""
     try:
         finished = await handle.result()
     finally:
         handle.cancel()
     if finished.finish_reason in ("error", "cancelled"):
+        if finished.error_kind == "request":
+            raise ApiError(400, finished.error or "the request cannot be served", code="invalid_request")
         raise ApiError(500, finished.error or "generation failed", code="generation_failed")
     return finished
 
 
 def in_band_error(finished: JobFinished) -> dict[str, Any]:
     message = finished.error or f"generation ended: {finished.finish_reason}"
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}}
+    if finished.error_kind == "request":
+        return error_body(message, "invalid_request_error", code="invalid_request")
+    return error_body(message, "server_error", code="generation_failed")
 
 
 async def stream_response(request: web.Request, handle: JobHandle,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from app.engine.constraints.grammars import GrammarError, json_object_grammar, json_schema_grammar, tool_call_grammar
@@ -80,6 +81,14 @@ async def _built(build: Callable[[], str] | None, size: int, param: str) -> str 
         raise InvalidRequest(f"{param}: cannot use this schema ({type(exc).__name__}: {exc})", param) from None
 
 
+def _check_constrainable(prepared: "PreparedModel", param: str) -> None:
+    """Constrained decoding reads the model folder's tokenizer.json: without it the request cannot be
+    served (refused here, before the model loads, instead of failing in the backend)."""
+    if not (Path(prepared.entry.model_dir) / "tokenizer.json").is_file():
+        raise InvalidRequest(f"{param}: constrained decoding needs the model's tokenizer.json, which model "
+                             f"{prepared.key} does not have", param)
+
+
 async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> OutputRules:
     fmt = format_for_prepared(prepared, request.settings) if request.tools else None
     if request.tool_choice == "none":
@@ -87,9 +96,12 @@ async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> Outpu
     forced = tool_choice_grammar(request, fmt)
     if forced is not None:
         fmt = fmt or FALLBACK  # the grammar writes the call in this format: it is parsed in the same one
+        _check_constrainable(prepared, "tool_choice")
         grammar = await _built(forced, len(json.dumps(request.tools)), "tool_choice")
     else:
         build = response_format_grammar(request.response_format)
+        if build is not None:
+            _check_constrainable(prepared, "response_format")
         grammar = await _built(build, len(json.dumps(request.response_format or {})), "response_format")
     return OutputRules(fmt, grammar, request.logprobs)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from app.engine.backends.contract import Backend, StepFailed
-from app.engine.events import BackendJob, DecodeTimes, JobEvent, JobFinished, StepEvent, TextDelta, Usage
+from app.engine.events import BackendJob, DecodeTimes, ErrorKind, JobEvent, JobFinished, StepEvent, TextDelta, Usage
 from app.engine.observability.metrics import EngineMetrics, RequestRecord
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class RunnerBase:
         tracked.logprobs.extend(event.logprobs)
         if event.finished:
             self._finish(tracked, event.finish_reason or "stop", event.text, error=event.error,
-                         decode=event.decode_times)
+                         decode=event.decode_times, error_kind=event.error_kind)
         elif event.text:
             if tracked.job.stream:
                 self._post(tracked, TextDelta(event.text, self._take_logprobs(tracked)))
@@ -140,7 +140,7 @@ class RunnerBase:
                 tracked.text.append(event.text)
 
     def _finish(self, tracked: _Tracked, reason: str, text: str, error: str | None = None,
-                decode: DecodeTimes | None = None) -> None:
+                decode: DecodeTimes | None = None, error_kind: ErrorKind | None = None) -> None:
         """End a job; ``decode``: the model process's timing of its later steps (process backends)."""
         self._tracked.pop(tracked.job.job_id, None)
         now = time.monotonic()
@@ -151,7 +151,7 @@ class RunnerBase:
         ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
         usage = Usage(len(tracked.job.prompt_ids), tracked.tokens)
         self._post(tracked, JobFinished(reason, usage, full, ttft, now - tracked.submitted, error,  # type: ignore[arg-type]
-                                        self._take_logprobs(tracked)))
+                                        self._take_logprobs(tracked), error_kind))
         self._metrics.running.dec()
         gen_time = (now - tracked.first_token) if tracked.first_token else 0.0
         tps = (tracked.tokens - 1) / gen_time if tracked.tokens > 1 and gen_time > 0 else None
