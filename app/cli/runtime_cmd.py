@@ -45,17 +45,13 @@ def run(args: argparse.Namespace) -> int:
     return cmd_remove()
 
 
-def default_backend() -> str:
-    from app.engine.backends.factory import nvidia_gpu_present
-
-    return "exllamav2" if nvidia_gpu_present() else "transformers"
-
-
 def cmd_install(backend: str | None, torch_index: str | None) -> int:
     from app.engine.runtime.installer import InstallCancelled, RuntimeInstaller, RuntimeInstallError
     from app.engine.runtime.layout import Runtime
 
-    backend = backend or default_backend()
+    from app.engine.runtime.service import RuntimeService
+
+    backend = backend or RuntimeService.default_backend()
     runtime = Runtime()
     options: dict[str, Any] = {} if torch_index is None else {"torch_index": torch_index or None}
     installer = RuntimeInstaller(runtime, **options)

@@ -33,6 +33,13 @@ class RuntimeService:
         """Backends that a model needed and did not find since the app started (not installed since)."""
         return sorted(b for b in MISSING if not self.runtime.has(b))
 
+    @staticmethod
+    def default_backend() -> str:
+        """The runtime to offer when no model asked for one: exllamav2 with an NVIDIA GPU, else the CPU backend."""
+        from app.engine.backends.factory import nvidia_gpu_present
+
+        return "exllamav2" if nvidia_gpu_present() else "transformers"
+
     def status(self) -> RuntimeStatus:
         """What is installed (walks the folder for its size: call it off the event loop)."""
         return self.runtime.status()
