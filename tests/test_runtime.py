@@ -146,3 +146,33 @@ def test_cli_install_shows_progress_and_the_offline_error(tmp_path: Path) -> Non
         in status.stdout
     assert f"removed {tmp_path / 'rt'}" in _cli(env, "runtime", "remove").stdout
     assert "not installed" in _cli(env, "runtime", "status").stdout
+
+
+def test_where_torch_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine.backends.factory import nvidia_gpu_present
+    from app.engine.runtime.installer import default_torch_index
+    from app.engine.runtime.layout import CPU_TORCH_INDEX
+
+    monkeypatch.setenv("EXLLAMA_TRAY_TORCH_INDEX", "https://mirror.example/simple")
+    assert default_torch_index() == "https://mirror.example/simple"
+    monkeypatch.setenv("EXLLAMA_TRAY_TORCH_INDEX", "")
+    assert default_torch_index() is None  # pip's own index
+    monkeypatch.delenv("EXLLAMA_TRAY_TORCH_INDEX")
+    if sys.platform == "linux":
+        assert default_torch_index() == (None if nvidia_gpu_present() else CPU_TORCH_INDEX)
+
+
+def test_a_gpu_backend_installed_as_a_runtime_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine.backends.factory import installed_gpu_backend
+
+    if installed_gpu_backend() is not None:
+        pytest.skip("a GPU backend is installed in this interpreter")
+    runtime = Runtime(tmp_path / "rt")
+    monkeypatch.setenv("EXLLAMA_TRAY_RUNTIME_DIR", str(runtime.root))
+    Path(runtime.python).parent.mkdir(parents=True)
+    Path(runtime.python).symlink_to(sys.executable)
+    for step in steps_for("exllamav3")[:-1]:
+        runtime.mark(step, "done")
+    assert installed_gpu_backend() is None  # its last step is not done
+    runtime.mark("backend-exllamav3", "done")
+    assert installed_gpu_backend() == "exllamav3"

@@ -52,7 +52,9 @@ def installed_gpu_backend() -> str | None:
                 return name
         except (ImportError, ValueError):  # a broken install: as good as none
             continue
-    return None
+    from app.engine.runtime.layout import Runtime
+
+    return next((name for name in GPU_BACKENDS if Runtime().has(name)), None)  # installed as a runtime
 
 
 def auto_backend(fmt: str) -> str:

@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from app.engine.runtime.layout import (BACKEND_PACKAGES, CPU_TORCH_INDEX, ENGINE_PACKAGES, TORCH, Runtime,
-                                       steps_for)
+from app.engine.runtime.layout import (BACKEND_PACKAGES, CPU_TORCH_INDEX, ENGINE_PACKAGES, TORCH,
+                                       WINDOWS_CUDA_TORCH_INDEX, Runtime, steps_for)
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
@@ -41,15 +41,16 @@ class InstallCancelled(RuntimeInstallError):
 
 
 def default_torch_index() -> str | None:
-    """Where torch comes from: ``$EXLLAMA_TRAY_TORCH_INDEX`` when set (empty: pip's own index), else
-    pip's own index on an NVIDIA machine or a Mac (PyPI's build there is the right one), else the CPU builds'."""
+    """Where torch comes from: ``$EXLLAMA_TRAY_TORCH_INDEX`` when set (empty: pip's own index), else on an
+    NVIDIA machine pip's own index (PyPI's Linux torch is the CUDA build) or on Windows PyTorch's CUDA index
+    (untested), on a Mac pip's own index, elsewhere the CPU builds' index."""
     if "EXLLAMA_TRAY_TORCH_INDEX" in os.environ:
         return os.environ["EXLLAMA_TRAY_TORCH_INDEX"] or None
     from app.engine.backends.factory import nvidia_gpu_present
 
-    if nvidia_gpu_present() or sys.platform == "darwin":
-        return None
-    return CPU_TORCH_INDEX
+    if nvidia_gpu_present():
+        return WINDOWS_CUDA_TORCH_INDEX if sys.platform == "win32" else None
+    return None if sys.platform == "darwin" else CPU_TORCH_INDEX
 
 
 def find_base_python() -> str:

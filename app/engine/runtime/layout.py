@@ -15,8 +15,10 @@ from app.paths import APP_NAME
 
 #: the torch release the app is tested with (scripts/dev.py pins the same one)
 TORCH = "torch==2.13.0"
-#: PyTorch's index of CPU-only builds (PyPI's Linux and Windows torch is the CUDA build: gigabytes more)
+#: PyTorch's index of CPU-only builds (PyPI's Linux torch is the CUDA build: gigabytes more)
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+#: PyTorch's index of CUDA builds for Windows, where PyPI's torch is the CPU build (untested)
+WINDOWS_CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
 #: what the model process imports from the app's own dependencies (pyproject's, without Qt and the server)
 ENGINE_PACKAGES = ("jinja2>=3.1", "tokenizers>=0.15", "safetensors>=0.4", "filelock>=3.12", "psutil>=5.9",
                    "llguidance>=1.0", "platformdirs>=4", "pydantic>=2.6", "numpy")
