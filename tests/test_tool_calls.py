@@ -172,3 +172,14 @@ def test_bad_tools_are_a_400_with_the_reason(server: ServerThread, bad: dict, re
     assert resp.status_code == 400
     validate("ErrorResponse", resp.json())
     assert reason in resp.json()["error"]["message"]
+
+
+def test_a_json_answer_streams_as_it_comes_on_a_bare_json_format(server: ServerThread) -> None:
+    """Mistral's (and Llama 3.1's) calls may open the output bare: an answer that opens with JSON but is
+    no call is given out once its value is complete, not held to the end."""
+    text = '{"answer": 42} is what the numbers say, and here are many more words to stream after it.'
+    chunks = stream_of(server, **{**ask(text), "model": "tiny-mistral"})
+    content, calls, reason = assemble(chunks)
+    assert content == text and calls == [] and reason == "stop"
+    with_content = [c for c in chunks for ch in c["choices"] if ch["delta"].get("content")]
+    assert len(with_content) > 3  # pieces as they come; held back, it would be one delta at the end

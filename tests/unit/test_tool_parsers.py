@@ -155,6 +155,34 @@ def test_check_tools_takes_well_formed_schemas() -> None:
         {"type": "function", "function": {"name": "h"}}], {"type": "function", "function": {"name": "g"}})
 
 
+@pytest.mark.parametrize("fmt", ["llama3", "mistral"])
+@pytest.mark.parametrize("answer", ['{"answer": 42}', '[1, 2, 3]', '{"name": 3}', "{not json", '[{"a": true}]'])
+def test_an_answer_that_opens_with_json_but_is_no_call_streams_as_content(fmt: str, answer: str) -> None:
+    stream = ToolCallStream(fmt, [WEATHER])  # type: ignore[arg-type]
+    pieces = [p for ch in answer for p in stream.feed(ch)]  # one character at a time, as a model writes
+    assert "".join(pieces) == answer  # released once the value is complete (or cannot be JSON)
+    assert stream.feed(" and then some words.") == [" and then some words."]
+    assert stream.finish() == []
+
+
+@pytest.mark.parametrize("fmt, call", [
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}'),
+    ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]'),
+])
+def test_a_bare_json_call_is_held_until_the_end(fmt: str, call: str) -> None:
+    stream = ToolCallStream(fmt, [WEATHER])  # type: ignore[arg-type]
+    assert [p for ch in call for p in stream.feed(ch)] == []
+    assert stream.finish() == [PARIS]
+
+
+def test_partial_scalars_keep_a_bare_call_open() -> None:
+    stream = ToolCallStream("llama3", [WEATHER])
+    text = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3, "x": tru'
+    assert stream.feed(text) == []
+    assert stream.feed("e, \"y\": -") == [] and stream.feed("1}}") == []
+    assert [c.name for c in stream.finish()] == ["get_weather"]
+
+
 # -- formats read from templates ------------------------------------------------------------------
 GO_TEMPLATES = {
     "hermes": '{{- range .Messages }}{{ if eq .Role "assistant" }}<|im_start|>assistant\n{{ if .Content }}'

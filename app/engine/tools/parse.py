@@ -65,6 +65,24 @@ def json_values(text: str) -> list[Any] | None:
     return values
 
 
+_PARTIAL_SCALAR = re.compile(r"-?[0-9.eE+-]*")
+
+
+def bare_json_verdict(text: str) -> bool | None:
+    """Whether the JSON value that ``text`` opens with is a call (an object, or an array of them):
+    None while it is incomplete; False as soon as it is complete and not a call, or not JSON at all."""
+    try:
+        value, _ = _DECODER.raw_decode(text)
+    except json.JSONDecodeError as exc:
+        rest = text[exc.pos:].rstrip()
+        incomplete = (exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+                      or any(word.startswith(rest) for word in ("true", "false", "null"))
+                      or _PARTIAL_SCALAR.fullmatch(rest) is not None)
+        return None if incomplete else False
+    objects = value if isinstance(value, list) else [value]
+    return bool(objects) and all(call_from_object(o) is not None for o in objects)
+
+
 def calls_from_json(text: str) -> list[ParsedToolCall] | None:
     """Calls written as JSON objects, or as JSON arrays of them; None unless all of ``text`` is calls."""
     values = json_values(text)

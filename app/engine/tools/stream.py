@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from app.engine.tools.formats import ToolFormat
-from app.engine.tools.parse import ParsedToolCall, calls_from_json, calls_in_block, mistral_calls
+from app.engine.tools.parse import (
+    ParsedToolCall, bare_json_verdict, calls_from_json, calls_in_block, mistral_calls,
+)
 
 Piece = str | ParsedToolCall
 #: per format: the markers that open a call, and the one that closes it (None: the call runs to the end)
@@ -37,7 +39,8 @@ class ToolCallStream:
         self._in_call = False
         #: still at the start of the output (nothing but whitespace seen)
         self._at_start = fmt in _BARE_JSON_START
-        self.calls = 0
+        #: the open call began bare (no marker), and its first JSON value is not known to be a call yet
+        self._bare = False
 
     def feed(self, text: str) -> list[Piece]:
         self._buf += text
@@ -45,11 +48,11 @@ class ToolCallStream:
         while self._buf:
             if self._at_start:
                 stripped = self._buf.lstrip()
-                if not stripped:
-                    return out
+                if not stripped or any(m.startswith(stripped) and m != stripped for m in self._open):
+                    return out  # nothing yet, or what may still become a marker
                 self._at_start = False
-                if stripped[0] in "{[":
-                    self._in_call = True
+                if stripped[0] in "{[" and not any(stripped.startswith(m) for m in self._open):
+                    self._in_call = self._bare = True
                     out.append(self._buf[:len(self._buf) - len(stripped)])
                     self._buf = stripped
             if self._in_call:
@@ -66,10 +69,9 @@ class ToolCallStream:
         if self._in_call:
             calls = self._parse_open_call(self._buf, final=True)
             out += calls if calls is not None else [self._buf]
-            self.calls += len(calls or [])
         elif self._buf:
             out.append(self._buf)
-        self._buf, self._in_call = "", False
+        self._buf, self._in_call, self._bare = "", False, False
         return [p for p in out if p != ""]
 
     # -- internals ----------------------------------------------------------------
@@ -90,8 +92,14 @@ class ToolCallStream:
 
     def _take_call(self, out: list[Piece]) -> bool:
         """Give out the call at the start of the buffer once it is closed; False while it is open."""
-        if self._close is None:
-            return False  # runs to the end of the output
+        if self._close is None:  # runs to the end of the output, unless it began bare and is no call
+            if self._bare and (verdict := bare_json_verdict(self._buf)) is not None:
+                self._bare = False
+                if not verdict:
+                    out.append(self._buf)
+                    self._buf, self._in_call = "", False
+                    return True
+            return False
         end = self._buf.find(self._close)
         if end < 0:
             return False
@@ -99,7 +107,6 @@ class ToolCallStream:
         self._in_call = False
         calls = self._parse_open_call(block[:end], final=False)
         out += calls if calls is not None else [block]
-        self.calls += len(calls or [])
         return True
 
     def _parse_open_call(self, text: str, *, final: bool) -> list[ParsedToolCall] | None:
