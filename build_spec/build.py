@@ -41,12 +41,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dist", type=Path, default=ROOT / "dist", help="output folder (default dist/)")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "pyinstaller", help="PyInstaller's work folder")
+    parser.add_argument("--archive", action="store_true",
+                        help="also pack the folder for download (.tar.gz; .zip on Windows)")
     args = parser.parse_args()
     started = time.monotonic()
     exe = build(args.dist, args.work)
     size = folder_size(exe.parent)
     print(f"built {exe} in {time.monotonic() - started:.0f} s; the folder is {size / 2**20:.0f} MiB")
+    if args.archive:
+        print(f"archive: {archive(exe.parent)}")
     return 0
+
+
+def archive(folder: Path) -> str:
+    """``exllama-tray-PLATFORM-MACHINE.tar.gz`` (``.zip`` on Windows) beside ``folder``, with its size."""
+    import platform
+    import shutil
+
+    base = folder.parent / f"{NAME}-{sys.platform}-{platform.machine().lower()}"
+    path = Path(shutil.make_archive(str(base), "zip" if sys.platform == "win32" else "gztar", folder.parent,
+                                    folder.name))
+    return f"{path} ({path.stat().st_size / 2**20:.0f} MiB)"
 
 
 if __name__ == "__main__":
