@@ -259,3 +259,19 @@ def test_a_request_fault_in_the_backend_is_a_400(refusing_server: ServerThread) 
         lines = [line for line in streamed.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["error"]["type"] == "invalid_request_error"
+
+
+def test_n_choices_build_their_grammar_once(server: ServerThread) -> None:
+    import uuid
+
+    from app.engine.constraints.requested import GRAMMARS
+
+    schema = {"type": "object", "properties": {"id": {"const": uuid.uuid4().hex}}, "required": ["id"]}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3, "max_tokens": 40,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}}
+    hits, misses = GRAMMARS.hits, GRAMMARS.misses
+    resp = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert (GRAMMARS.misses - misses, GRAMMARS.hits - hits) == (1, 2)  # built for the first, reused twice
+    assert all(json.loads(c["message"]["content"]) == {"id": schema["properties"]["id"]["const"]}
+               for c in resp.json()["choices"] if c["finish_reason"] == "stop")

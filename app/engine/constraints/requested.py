@@ -2,14 +2,17 @@
 object, or JSON valid against a schema) and ``tool_choice`` "required" or a named function (a call in
 the model's own format whose arguments are valid against the tool's parameters).
 
-Schemas are compiled to grammars off the event loop when they are large; a schema the grammar engine
-refuses is an InvalidRequest naming the field, with the engine's reason.
+Schemas are compiled to grammars off the event loop when they are large, and each once (the ``n``
+choices of a request share it; see GrammarCache); a schema the grammar engine refuses is an
+InvalidRequest naming the field, with the engine's reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -43,13 +46,42 @@ class OutputRules:
         return handle
 
 
-def response_format_grammar(response_format: dict[str, Any] | None) -> Callable[[], str] | None:
+class GrammarCache:
+    """The grammars built lately, by a digest of what they were built from (the schema's or the tools' JSON
+    text, and the options): the ``n`` choices of a request, and a client sending the same tools every turn, build
+    each grammar once. What the engine refuses is not kept (it is refused again, with its reason)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> str | None:
+        grammar = self._items.get(key)
+        if grammar is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return grammar
+
+    def put(self, key: str, grammar: str) -> None:
+        self.misses += 1
+        self._items[key] = grammar
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+GRAMMARS = GrammarCache()
+#: how to build a grammar: what it is built from (as text: its cache key) and the builder
+Build = tuple[str, Callable[[], str]]
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> Build | None:
     """How to build the grammar ``response_format`` asks for (None for plain text)."""
     kind = (response_format or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_object_grammar
+        return "json_object", json_object_grammar
     if kind != "json_schema":
         raise InvalidRequest(f"response_format.type must be text, json_object or json_schema, not {kind!r}",
                              "response_format")
@@ -58,27 +90,42 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> Callable[
         raise InvalidRequest("response_format.json_schema must be an object with a 'schema' object",
                              "response_format")
     schema, strict = spec.get("schema") or {"type": "object"}, spec.get("strict") is True
-    return lambda: json_schema_grammar(schema, strict=strict)
+    return f"json_schema strict={strict} {_json_key(schema)}", lambda: json_schema_grammar(schema, strict=strict)
 
 
-def tool_choice_grammar(request: "ChatRequest", fmt: str | None) -> Callable[[], str] | None:
+def tool_choice_grammar(request: "ChatRequest", fmt: str | None) -> Build | None:
     choice = request.tool_choice
     if not request.tools or choice in (None, "none", "auto"):
         return None
     name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-    return lambda: tool_call_grammar(fmt or FALLBACK, request.tools or [], name=name,
-                                     parallel=request.parallel_tool_calls)
+    fmt, parallel = fmt or FALLBACK, request.parallel_tool_calls
+    key = f"tools {fmt} name={name!r} parallel={parallel} {_json_key(request.tools)}"
+    return key, lambda: tool_call_grammar(fmt, request.tools or [], name=name, parallel=parallel)
 
 
-async def _built(build: Callable[[], str] | None, size: int, param: str) -> str | None:
+def _json_key(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):  # not JSON text: built each time (and refused)
+        return f"unkeyed {id(value)} {object()!r}"
+
+
+async def _built(build: Build | None, param: str) -> str | None:
     if build is None:
         return None
+    source, make = build
+    key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+    grammar = GRAMMARS.get(key)
+    if grammar is not None:
+        return grammar
     try:
-        return build() if size < INLINE_SCHEMA_CHARS else await asyncio.to_thread(build)
+        grammar = make() if len(source) < INLINE_SCHEMA_CHARS else await asyncio.to_thread(make)
     except GrammarError as exc:
         raise InvalidRequest(f"{param}: {exc}", param) from None
     except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a schema shaped unlike any schema
         raise InvalidRequest(f"{param}: cannot use this schema ({type(exc).__name__}: {exc})", param) from None
+    GRAMMARS.put(key, grammar)
+    return grammar
 
 
 def _check_constrainable(prepared: "PreparedModel", param: str) -> None:
@@ -97,16 +144,16 @@ async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> Outpu
     if forced is not None:
         fmt = fmt or FALLBACK  # the grammar writes the call in this format: it is parsed in the same one
         _check_constrainable(prepared, "tool_choice")
-        grammar = await _built(forced, len(json.dumps(request.tools)), "tool_choice")
+        grammar = await _built(forced, "tool_choice")
     else:
         build = response_format_grammar(request.response_format)
         if build is not None:
             _check_constrainable(prepared, "response_format")
-        grammar = await _built(build, len(json.dumps(request.response_format or {})), "response_format")
+        grammar = await _built(build, "response_format")
     return OutputRules(fmt, grammar, request.logprobs)
 
 
 async def completion_rules(request: "CompletionRequest") -> OutputRules:
     build = response_format_grammar(request.response_format)
-    grammar = await _built(build, len(json.dumps(request.response_format or {})), "response_format")
+    grammar = await _built(build, "response_format")
     return OutputRules(None, grammar, request.logprobs)
