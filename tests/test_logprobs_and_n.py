@@ -188,3 +188,21 @@ def test_merged_choices_end_when_a_job_cannot_start(serve: Servers, caplog: pyte
     assert sorted(i for i, e in events) == [0, 1]
     assert all(isinstance(e, JobFinished) and e.finish_reason == "error" and "unloading" in e.error
                for _, e in events)
+
+
+def test_logprob_bytes_are_the_tokens_own_where_the_backend_gives_them() -> None:
+    """A byte-fallback token (one byte of a multi-byte character) decodes to U+FFFD alone: its bytes on
+    the wire are its own byte, from the backend's id-to-bytes map, not the replacement character's."""
+    from app.api.openai.choices import chat_logprobs
+    from app.engine.events import token_logprobs
+
+    pieces = {10: b"\xe2", 11: b"\x82", 12: b"\xac", 13: b"a"}  # the euro sign, as three byte tokens
+    decode = lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", "replace")  # noqa: E731
+    items = token_logprobs([10, 11, 12], [0.5, 1.0, 1.0], [[10, 13]] * 3, [[0.5, 0.25]] * 3, decode,
+                           raw=pieces.__getitem__)
+    content = chat_logprobs(items, 2)["content"]
+    assert [t["token"] for t in content] == ["\ufffd"] * 3
+    assert b"".join(bytes(t["bytes"]) for t in content).decode() == "€"
+    assert [a["bytes"] for a in content[0]["top_logprobs"]] == [[0xE2], [0x61]]
+    without = chat_logprobs(token_logprobs([13], [1.0], [], [], decode), 0)["content"]
+    assert without[0]["bytes"] == [0x61] and without[0]["top_logprobs"] == []

@@ -37,15 +37,22 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+    #: the token's own bytes, where the backend can give them (a byte-fallback token's text is U+FFFD)
+    raw: bytes | None = None
+    #: the same for each of ``top`` (empty: not known)
+    top_raw: tuple[bytes, ...] = ()
 
 
 def token_logprobs(ids: list[int], probs: list[float], top_ids: list[list[int]], top_probs: list[list[float]],
-                   decode: Callable[[list[int]], str]) -> tuple[TokenLogprob, ...]:
-    """Log-probabilities from a backend's probabilities of the tokens drawn (and of the top ones)."""
+                   decode: Callable[[list[int]], str],
+                   raw: Callable[[int], bytes] | None = None) -> tuple[TokenLogprob, ...]:
+    """Log-probabilities from a backend's probabilities of the tokens drawn (and of the top ones);
+    ``raw``: a token id's bytes, where the backend's tokenizer can map ids to bytes."""
     def log(p: float) -> float:
         return math.log(p) if p > 0 else -9999.0
 
-    return tuple(TokenLogprob(decode([t]), log(p), tuple((decode([a]), log(q)) for a, q in zip(alts, qs)))
+    return tuple(TokenLogprob(decode([t]), log(p), tuple((decode([a]), log(q)) for a, q in zip(alts, qs)),
+                              None if raw is None else raw(t), () if raw is None else tuple(raw(a) for a in alts))
                  for t, p, alts, qs in zip(ids, probs, top_ids or [[]] * len(ids), top_probs or [[]] * len(ids)))
 
 

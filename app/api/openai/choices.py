@@ -104,14 +104,19 @@ def summed_usage(finished: list[JobFinished]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _entry(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def _entry(token: str, logprob: float, raw: bytes | None = None) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8") if raw is None else raw)}
 
 
 def chat_logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob], top: int) -> dict[str, Any]:
-    """A chat choice's ``logprobs``: ``content`` with each token, its bytes and ``top_logprobs``."""
-    return {"content": [{**_entry(t.token, t.logprob), "top_logprobs": [_entry(a, lp) for a, lp in t.top[:top]]}
-                        for t in items], "refusal": None}
+    """A chat choice's ``logprobs``: ``content`` with each token, its bytes (the token's own where the
+    backend gave them, else its text's) and ``top_logprobs``."""
+    def alternatives(t: TokenLogprob) -> list[dict[str, Any]]:
+        raws = t.top_raw if len(t.top_raw) == len(t.top) else (None,) * len(t.top)
+        return [_entry(a, lp, r) for (a, lp), r in zip(t.top[:top], raws)]
+
+    return {"content": [{**_entry(t.token, t.logprob, t.raw), "top_logprobs": alternatives(t)} for t in items],
+            "refusal": None}
 
 
 def completion_logprobs(items: tuple[TokenLogprob, ...] | list[TokenLogprob], offset: int) -> dict[str, Any]:
