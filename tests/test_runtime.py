@@ -18,7 +18,7 @@ import pytest
 
 from app.engine.runtime.installer import InstallCancelled, RuntimeInstaller, RuntimeInstallError
 from app.engine.runtime.layout import BACKEND_PACKAGES, ENGINE_PACKAGES, TORCH, Runtime, steps_for
-from app.engine.runtime.launcher import BackendMissing, launcher_for
+from app.engine.runtime.launcher import MISSING, BackendMissing, launcher_for
 from tests.helpers.app_process import AppProcess, cpu_runtime, free_port, registry_with_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +86,7 @@ def test_missing_backend_names_the_remedy(tmp_path: Path, monkeypatch: pytest.Mo
         launcher_for("transformers", Runtime(tmp_path / "none"))
     monkeypatch.delenv("EXLLAMA_TRAY_RUNTIME_ONLY")
     assert launcher_for("transformers", Runtime(tmp_path / "none")) is None  # this .venv has it
+    MISSING.discard("transformers")  # the offer the tray would make: not for other tests
 
 
 def _serve(tmp_path: Path, models: Path, runtime_dir: Path) -> AppProcess:
