@@ -251,6 +251,8 @@ def test_a_request_fault_in_the_backend_is_a_400(refusing_server: ServerThread) 
     resp = httpx.post(f"{refusing_server.base_url}/chat/completions", json=body, timeout=60)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["message"] == "constraint: not this vocabulary"
+    resp = httpx.post(f"{refusing_server.base_url}/chat/completions", json={**body, "n": 3}, timeout=60)
+    assert resp.status_code == 400, resp.text  # every choice refused: one answer, the others cancelled
     resp = httpx.post(f"{refusing_server.base_url}/completions", timeout=60,
                       json={"model": "tiny", "prompt": "x", "response_format": JSON_OBJECT})
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"

@@ -48,13 +48,22 @@ async def submit_choices(n: int, submit: Callable[[int], Awaitable[JobHandle]]) 
 async def whole_results(handles: list[JobHandle]) -> list[JobFinished]:
     """Every choice's whole result (non-streaming): all jobs are handed to the runner before any is
     waited for, so that they run in one batch rather than one after another."""
+    tasks: list[asyncio.Future[JobFinished]] = []
     try:
         for h in handles:
             h.start()
-        return list(await asyncio.gather(*(whole_result(h) for h in handles)))
+        tasks = [asyncio.ensure_future(whole_result(h)) for h in handles]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:  # the first failure answers the request; the other choices are cancelled
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
     finally:
         for h in handles:
             h.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
