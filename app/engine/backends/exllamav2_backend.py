@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.exllamav2_setup import announce_extension_build, cache_sizes, flash_attn_ok
 from app.engine.backends.gpu_common import (
-    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
+    agreeing_fast_tokenizer, check_split, cuda_memory, fault_of, load_failures_readable, unload_model)
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
@@ -234,7 +234,8 @@ class ExLlamaV2Backend(BackendBase):
         try:  # a grammar is compiled here, in the model process: never on the event loop
             filters = job_filters(self, job.grammar)
         except Exception as exc:  # the grammar engine's reason ends this job only, at the next step
-            self.__dict__.setdefault("_refused", []).append(StepEvent(job.job_id, "", 0, True, "error", str(exc)))
+            self.__dict__.setdefault("_refused", []).append(StepEvent(
+                job.job_id, "", 0, True, "error", str(exc), error_kind=fault_of(exc)))
             return
         gen_job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long), max_new_tokens=job.max_new_tokens,

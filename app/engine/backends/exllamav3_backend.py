@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.gpu_common import (
-    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
+    agreeing_fast_tokenizer, check_split, cuda_memory, fault_of, load_failures_readable, unload_model)
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
@@ -295,7 +295,8 @@ class ExLlamaV3Backend(BackendBase):
                           return_top_tokens=job.logprobs or 0, return_probs=job.logprobs is not None)
             self._generator.enqueue(gen_job)  # checks that the job fits the cache
         except Exception as exc:  # noqa: BLE001 - the grammar engine's or exllamav3's reason, for this job
-            self._refused.append(StepEvent(job.job_id, "", 0, True, "error", str(exc) or type(exc).__name__))
+            self._refused.append(StepEvent(job.job_id, "", 0, True, "error", str(exc) or type(exc).__name__,
+                                           error_kind=fault_of(exc)))
             return
         self._jobs[job.job_id] = gen_job
 

@@ -119,3 +119,11 @@ def cuda_memory() -> dict[str, int]:
         out[f"cuda:{i}"] = int(torch.cuda.memory_reserved(i))
         out[f"cuda:{i}:allocated"] = int(torch.cuda.memory_allocated(i))
     return out
+
+
+def fault_of(exc: BaseException) -> str | None:
+    """Whose fault a job's refusal at submit is: "request" for a grammar the engine refuses (the API answers
+    400), None for anything else (a server error)."""
+    from app.engine.constraints.grammars import GrammarError
+
+    return "request" if isinstance(exc, GrammarError) else None

@@ -23,6 +23,7 @@ from app.engine.backends.sampling import make_generator, sample_with_probs
 from app.engine.events import BackendJob, StepEvent, TokenLogprob
 from app.engine.backends.text_stream import TextStream
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
+from app.engine.constraints.grammars import GrammarError
 from app.engine.constraints.masks import ConstraintCompiler
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,8 @@ class TransformersBackend(BackendBase):
             try:
                 job.constraint = job.constraint.result()
             except Exception as exc:  # the grammar engine's reason ends this job only
-                events.append(StepEvent(job.job.job_id, "", 0, True, "error", f"constraint: {exc}"))
+                kind = "request" if isinstance(exc, GrammarError) else None  # a 400, not a server fault
+                events.append(StepEvent(job.job.job_id, "", 0, True, "error", f"constraint: {exc}", error_kind=kind))
                 self._running.remove(job)
                 return
         want = job.job.logprobs is not None  # the mask: this row only, the batch's other jobs sample freely

@@ -167,8 +167,8 @@ def events_wire(events: list[tuple], batch: int, t_start: float, t_end: float) -
 def event_tuple(e: StepEvent, decode: tuple[int, float, float] | None = None) -> tuple:
     """One event as a plain tuple (a dataclass costs ten times as much to pickle and unpickle, on the
     path of every token); ``decode``: a finished job's (steps, time in them, span), see DecodeTimes."""
-    logprobs = tuple((t.token, t.logprob, t.top) for t in e.logprobs) if e.logprobs else ()
-    return (e.job_id, e.text, e.new_tokens, e.finished, e.finish_reason, e.error, decode, logprobs)
+    logprobs = tuple((t.token, t.logprob, t.top, t.raw, t.top_raw) for t in e.logprobs) if e.logprobs else ()
+    return (e.job_id, e.text, e.new_tokens, e.finished, e.finish_reason, e.error, decode, logprobs, e.error_kind)
 
 
 def to_wire(events: list[StepEvent]) -> list[tuple]:
@@ -177,8 +177,8 @@ def to_wire(events: list[StepEvent]) -> list[tuple]:
 
 def from_wire(items: list[tuple]) -> list[StepEvent]:
     return [StepEvent(job_id, text, n, finished, reason, error, None if times is None else DecodeTimes(*times),
-                      tuple(TokenLogprob(*t) for t in logprobs))
-            for job_id, text, n, finished, reason, error, times, logprobs in items]
+                      tuple(TokenLogprob(*t) for t in logprobs), kind)
+            for job_id, text, n, finished, reason, error, times, logprobs, kind in items]
 
 
 def pipe_writer(conn: Any) -> Callable[[tuple], None]:

@@ -1,0 +1,25 @@
+"""What crosses the model process's pipe comes back as it went: every field of an event, log-probabilities
+with their raw bytes, and whose fault a failed job was (a request's fault is a 400 on the API)."""
+
+from __future__ import annotations
+
+from app.engine.backends.gpu_common import fault_of
+from app.engine.backends.model_process import protocol as p
+from app.engine.constraints.grammars import GrammarError
+from app.engine.events import DecodeTimes, StepEvent, TokenLogprob
+
+
+def test_events_cross_the_pipe_whole() -> None:
+    euro = TokenLogprob("\ufffd", -0.25, (("\ufffd", -0.25), ("a", -2.0)), raw=b"\xe2", top_raw=(b"\xe2", b"a"))
+    events = [
+        StepEvent(1, "ab", 2, False, logprobs=(euro,)),
+        StepEvent(2, "", 0, True, "error", "grammar refused: bad regex", error_kind="request"),
+        StepEvent(3, "x", 1, True, "length", None, DecodeTimes(4, 0.5, 0.6)),
+    ]
+    wire = [p.event_tuple(events[0]), p.event_tuple(events[1]), p.event_tuple(events[2], (4, 0.5, 0.6))]
+    assert p.from_wire(wire) == events
+
+
+def test_a_refused_grammar_is_the_requests_fault_anything_else_the_servers() -> None:
+    assert fault_of(GrammarError("unsupported keyword")) == "request"
+    assert fault_of(RuntimeError("CUDA error")) is None
