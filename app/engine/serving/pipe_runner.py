@@ -22,6 +22,7 @@ import asyncio
 import logging
 import threading
 
+from app.engine.errors import ModelLoadError
 from app.engine.backends.contract import Backend, PipeBacked
 from app.engine.backends.model_process.protocol import Events, StepMessage
 from app.engine.events import BackendJob, JobEvent
@@ -71,7 +72,7 @@ class PipeRunner(RunnerBase):
 
     def submit(self, job: BackendJob) -> asyncio.Queue[JobEvent]:
         if self._stopping:
-            raise RuntimeError(f"model {self.model} is unloading")
+            raise ModelLoadError(f"model {self.model} is unloading; send the request again to load it anew")
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         tracked = _Tracked(job, queue)
         tracked.picked = tracked.submitted

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from app.engine.errors import ModelLoadError
 from app.engine.backends.contract import Backend, StepFailed
 from app.engine.events import BackendJob, DecodeTimes, ErrorKind, JobEvent, JobFinished, StepEvent, TextDelta, Usage
 from app.engine.observability.metrics import EngineMetrics, RequestRecord
@@ -205,7 +206,7 @@ class Runner(RunnerBase):
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         with self._cond:
             if self._stopping:
-                raise RuntimeError(f"model {self.model} is unloading")
+                raise ModelLoadError(f"model {self.model} is unloading; send the request again to load it anew")
             self._inbox.append(_Tracked(job, queue))
             self._cond.notify()
         self._metrics.running.inc()
