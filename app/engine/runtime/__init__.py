@@ -5,5 +5,7 @@ The double-click bundle holds the app, Qt and the server but not torch (gigabyte
 LM Studio's runtimes, a backend's packages are installed from the package index when a model first needs
 them (:mod:`.installer`), and that model's process then runs on the runtime's own Python with the app's
 code importable (:mod:`.launcher`). A source checkout keeps running model processes in its own ``.venv``
-(unless ``EXLLAMA_TRAY_RUNTIME_DIR`` names a runtime). No Qt and no HTTP here.
+(unless ``EXLLAMA_TRAY_RUNTIME_DIR`` names a runtime that has the backend; ``EXLLAMA_TRAY_RUNTIME_ONLY=1``
+makes it ignore its own packages, as the bundle does). :mod:`.service` is the interface's side (the install
+offer). No Qt and no HTTP here.
 """
