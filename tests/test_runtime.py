@@ -91,7 +91,8 @@ def test_missing_backend_names_the_remedy(tmp_path: Path, monkeypatch: pytest.Mo
 
 def _serve(tmp_path: Path, models: Path, runtime_dir: Path) -> AppProcess:
     port = free_port()
-    env = {"EXLLAMA_TRAY_RUNTIME_DIR": str(runtime_dir), "EXLLAMA_TRAY_RUNTIME_ONLY": "1"}
+    env = {"EXLLAMA_TRAY_RUNTIME_DIR": str(runtime_dir), "EXLLAMA_TRAY_RUNTIME_ONLY": "1",
+           "XDG_STATE_HOME": str(tmp_path / "state")}  # the crash log: not in the user's folder
     app = AppProcess([sys.executable, "-m", "app", "serve", "--port", str(port), "--models", str(models)],
                      port, env, tmp_path / "app.log")
     app.wait_healthy()
