@@ -16,6 +16,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
 PARIS = ParsedToolCall("get_weather", json.dumps({"city": "Paris", "days": 3}))
 ROME = ParsedToolCall("get_weather", json.dumps({"city": "Rome", "days": 1}))
+ZURICH = ParsedToolCall("get_weather", json.dumps({"city": "Z\u00fcrich \U0001f642", "days": 2}, ensure_ascii=False))
 
 # (format, model output, content expected, calls expected)
 RECORDED = [
@@ -47,6 +48,9 @@ RECORDED = [
     ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}; '
                '{"name": "get_weather", "parameters": {"city": "Rome", "days": 1}}', "", [PARIS, ROME]),
     ("llama3", 'The weather tool needs a city.', "The weather tool needs a city.", []),
+    # \\u escapes (models write the hex digits as tokens of their own): cut anywhere, still a call
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Z\\u00fcrich \\ud83d\\ude42", "days": 2}}', "",
+     [ZURICH]),
 ]
 
 MALFORMED = [

@@ -66,6 +66,8 @@ def json_values(text: str) -> list[Any] | None:
 
 
 _PARTIAL_SCALAR = re.compile(r"-?[0-9.eE+-]*")
+#: what is left of a \\uXXXX escape cut by the end of the text so far (json says "Invalid \\uXXXX escape")
+_PARTIAL_ESCAPE = re.compile(r"u[0-9a-fA-F]{0,4}(\\(u[0-9a-fA-F]{0,3})?)?")  # also a surrogate pair's first half
 
 
 def bare_json_verdict(text: str) -> bool | None:
@@ -76,6 +78,7 @@ def bare_json_verdict(text: str) -> bool | None:
     except json.JSONDecodeError as exc:
         rest = text[exc.pos:].rstrip()
         incomplete = (exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+                      or (exc.msg.startswith("Invalid \\uXXXX escape") and _PARTIAL_ESCAPE.fullmatch(rest) is not None)
                       or any(word.startswith(rest) for word in ("true", "false", "null"))
                       or _PARTIAL_SCALAR.fullmatch(rest) is not None)
         return None if incomplete else False
