@@ -261,6 +261,10 @@ def test_a_request_fault_in_the_backend_is_a_400(refusing_server: ServerThread) 
         lines = [line for line in streamed.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["error"]["type"] == "invalid_request_error"
+    # Ollama's API too: a one-body answer is a 400 with Ollama's error shape
+    resp = httpx.post(f"{refusing_server.root}/api/chat", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "format": "json", "stream": False})
+    assert resp.status_code == 400 and resp.json() == {"error": "constraint: not this vocabulary"}, resp.text
 
 
 def test_n_choices_build_their_grammar_once(server: ServerThread) -> None:

@@ -95,7 +95,8 @@ async def _whole(handle: JobHandle, answer: Answer) -> dict[str, Any]:
     finally:
         handle.cancel()
     if finished.finish_reason in ("error", "cancelled"):
-        raise ApiError(500, finished.error or "generation failed")
+        # the backend refusing what the request asked for (a grammar it cannot follow) is the request's fault
+        raise ApiError(400 if finished.error_kind == "request" else 500, finished.error or "generation failed")
     return answer.final(handle, finished, answer.output.whole(finished.text))
 
 

@@ -161,7 +161,8 @@ class Outbox:
             held = self._held.get(event.job_id)
             self._held[event.job_id] = event if held is None else StepEvent(
                 event.job_id, held.text + event.text, held.new_tokens + event.new_tokens, event.finished,
-                event.finish_reason, event.error, logprobs=held.logprobs + event.logprobs)
+                event.finish_reason, event.error, event.decode_times, held.logprobs + event.logprobs,
+                event.error_kind)
             if self._held_since is None:
                 self._held_since = t_start
         if urgent or (self._held_since is not None and t_end - self._held_since >= self.HOLD_S):
