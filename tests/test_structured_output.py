@@ -212,6 +212,10 @@ def test_a_grammar_on_a_model_without_tokenizer_json_is_a_400(serve: Servers, ti
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == "response_format" and "tokenizer.json" in error["message"]
+    resp = httpx.post(f"{server.base_url}/completions", timeout=60, json={  # completions too, before any load
+        "model": "tiny", "prompt": "x", "response_format": JSON_OBJECT})
+    assert resp.status_code == 400 and "tokenizer.json" in resp.json()["error"]["message"], resp.text
+    assert httpx.get(f"{server.root}/health", timeout=10).json()["loaded"] == []
 
 
 def _refusing_factory(entry, settings):  # type: ignore[no-untyped-def]

@@ -285,7 +285,7 @@ class Engine:
                     prompt = fim(prompt, request.suffix)
             except PromptError as exc:  # the Ollama template does not compile or render
                 raise InvalidRequest(str(exc), "suffix") from None
-        rules = await completion_rules(request)
+        rules = await completion_rules(prepared, request)
         return rules.apply(await self._submit(prepared, settings, request.settings, prompt, list(settings.stop),
                                               request.stream, request.logit_bias, add_bos=True, started=started,
                                               param="prompt"))

@@ -51,8 +51,14 @@ class GrammarCache:
     text, and the options): the ``n`` choices of a request, and a client sending the same tools every turn, build
     each grammar once. What the engine refuses is not kept (it is refused again, with its reason)."""
 
-    def __init__(self, size: int = 64) -> None:
+    #: grammars grow with their schema (a 1.2 MB schema gives a 1.2 MB grammar) and bodies may be 16 MiB:
+    #: the cache holds at most this many characters of grammar, and none larger than a tenth of it
+    MAX_CHARS = 32 * 2**20
+
+    def __init__(self, size: int = 64, max_chars: int = MAX_CHARS) -> None:
         self._size = size
+        self._max_chars = max_chars
+        self._chars = 0
         self._items: OrderedDict[str, str] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -63,14 +69,21 @@ class GrammarCache:
             self.hits += 1
         return grammar
 
-    def put(self, key: str, grammar: str) -> None:
+    def put(self, key: str, grammar: str, *, keep: bool = True) -> None:
+        """Count a miss and keep ``grammar`` unless ``keep`` is False (a source that has no key) or it is too
+        large; the least recently used go first when there are too many or their characters add up."""
         self.misses += 1
+        if not keep or len(grammar) > self._max_chars // 10 or key in self._items:
+            return
         self._items[key] = grammar
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
+        self._chars += len(grammar)
+        while len(self._items) > self._size or self._chars > self._max_chars:
+            self._chars -= len(self._items.popitem(last=False)[1])
 
 
 GRAMMARS = GrammarCache()
+#: the start of a source that is not JSON text (NaN in a schema): built each time, never kept
+UNKEYED = "unkeyed"
 #: how to build a grammar: what it is built from (as text: its cache key) and the builder
 Build = tuple[str, Callable[[], str]]
 
@@ -107,7 +120,7 @@ def _json_key(value: Any) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (ValueError, TypeError, RecursionError):  # not JSON text: built each time (and refused)
-        return f"unkeyed {id(value)} {object()!r}"
+        return f"{UNKEYED} {id(value)} {object()!r}"
 
 
 async def _built(build: Build | None, param: str) -> str | None:
@@ -124,7 +137,7 @@ async def _built(build: Build | None, param: str) -> str | None:
         raise InvalidRequest(f"{param}: {exc}", param) from None
     except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a schema shaped unlike any schema
         raise InvalidRequest(f"{param}: cannot use this schema ({type(exc).__name__}: {exc})", param) from None
-    GRAMMARS.put(key, grammar)
+    GRAMMARS.put(key, grammar, keep=not source.startswith(UNKEYED))
     return grammar
 
 
@@ -153,7 +166,9 @@ async def chat_rules(prepared: "PreparedModel", request: "ChatRequest") -> Outpu
     return OutputRules(fmt, grammar, request.logprobs)
 
 
-async def completion_rules(request: "CompletionRequest") -> OutputRules:
+async def completion_rules(prepared: "PreparedModel", request: "CompletionRequest") -> OutputRules:
     build = response_format_grammar(request.response_format)
+    if build is not None:
+        _check_constrainable(prepared, "response_format")
     grammar = await _built(build, "response_format")
     return OutputRules(None, grammar, request.logprobs)
