@@ -39,6 +39,7 @@ from app.engine.settings.schema import Settings
 from app.engine.constraints.requested import chat_rules, completion_rules
 from app.engine.tools import ParsedToolCall, ToolCallStream  # noqa: F401 - the API layers' tool-call parser
 from app.engine.tools.formats import format_for_prepared
+from app.engine.tools.validate import check_tools  # noqa: F401 - the API layers' check of a request's tools
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 1.0

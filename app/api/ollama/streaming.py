@@ -119,9 +119,9 @@ async def _stream(request: web.Request, handle: JobHandle, lines: AsyncIterator[
                                            "X-Accel-Buffering": "no"})
     try:
         handle.start_early()
+        await response.prepare(request)
         mark_response_started(request)  # for app/api/errors' middleware too: never a second response
         request[STREAM] = response
-        await response.prepare(request)
         async for chunk in lines:
             await response.write(chunk)
         await response.write_eof()

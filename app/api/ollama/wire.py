@@ -16,7 +16,7 @@ from app.api.errors import ApiError
 from app.api.ollama.options import options_to_settings, parse_keep_alive
 from app.engine.requests import Message, ToolCall as EngineToolCall
 from app.engine.settings.schema import Settings, format_validation_error
-from app.engine.tools.validate import check_tools
+from app.engine.facade import check_tools
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from app.api.errors import ApiError
 
 from app.engine.requests import Message, ToolCall as EngineToolCall
 from app.engine.settings.schema import Settings, format_validation_error
-from app.engine.tools.validate import check_tools
+from app.engine.facade import check_tools
 
 log = logging.getLogger(__name__)
 

@@ -56,8 +56,8 @@ async def stream_response(request: web.Request, handle: JobHandle,
                                            "X-Accel-Buffering": "no", **timing_headers(handle)})
     try:
         handle.start_early()
-        mark_response_started(request)
         await response.prepare(request)
+        mark_response_started(request)  # sent: from here on a failure is answered in band, never anew
         try:
             async for chunk in chunks:
                 await response.write(chunk)

@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any
 
-from app.engine.tools import ParsedToolCall, ToolCallStream
+from app.engine.facade import ParsedToolCall, ToolCallStream
 
 log = logging.getLogger(__name__)
 
