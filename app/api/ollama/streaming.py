@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 from aiohttp import web
 
 from app.api.errors import ApiError, mark_response_started
-from app.engine.facade import JobFinished, JobHandle, TextDelta
+from app.engine.facade import EngineError, JobFinished, JobHandle, TextDelta
 
 log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
@@ -101,6 +101,14 @@ async def _whole(handle: JobHandle, answer: Answer) -> dict[str, Any]:
 
 
 async def _lines(handle: JobHandle, answer: Answer) -> AsyncIterator[bytes]:
+    try:
+        async for line_ in _event_lines(handle, answer):
+            yield line_
+    except EngineError as exc:  # e.g. the model began unloading before the job started: say why, in band
+        yield line({"error": str(exc)})
+
+
+async def _event_lines(handle: JobHandle, answer: Answer) -> AsyncIterator[bytes]:
     async for event in handle:
         if isinstance(event, TextDelta):
             for part in answer.output.feed(event.text):
