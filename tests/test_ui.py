@@ -411,7 +411,8 @@ def test_without_a_tray_the_status_window_is_the_main_window_with_every_action(t
     assert [a.text() for a in bar.actions()] == ["Models", "App"]
     app_menu = bar.actions()[1].menu()
     assert [a.text() for a in app_menu.actions() if a.text()] == [
-        "Add model…", "Copy API URL", "Server settings…", "Open log folder", "Quit"]
+        "Add model…", "Copy API URL", "Server settings…", "Open log folder", "Install runtime…", "Start on login",
+        "Add to applications menu", "Quit"]
     register(tray.controller.registry, "window", tiny_model_dir)
     tray.bridge.notify_registry_changed()
     models = bar.actions()[0].menu()
@@ -474,7 +475,8 @@ def test_the_tray_menu_has_the_state_on_top_and_models_one_level_down(tray, qloo
     rows = _menu_rows(tray.menu)
     assert rows[0].startswith("Serving at http://127.0.0.1:") and rows[0].endswith("— no model loaded (off)")
     assert rows[1:] == ["---", "No models yet — Add model…", "---", "Add model…", "Server settings…",
-                        "Status window", "Copy API URL", "Open log folder", "---", "Quit"]
+                        "Status window", "Copy API URL", "Open log folder", "Install runtime…", "Start on login",
+                        "Add to applications menu", "---", "Quit"]
     tray.menu.actions()[2].trigger()  # the empty list's entry opens the add-model dialog
     assert type(tray.dialogs[-1]).__name__ == "AddModelDialog"
     tray.dialogs[-1].close()

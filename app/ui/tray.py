@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import TypeVar
 
@@ -21,13 +22,15 @@ from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QApplication, QDialog, QMenuBar, QMessageBox, QSystemTrayIcon
 
 from app.engine.catalog.registry import RegistryError, display_name
-from app.engine.facade import ModelNotFound
+from app.desktop import autostart, entries
+from app.engine.facade import RUNTIMES, ModelNotFound
 from app.server_config import ServerSettings
 from app.ui.add_model_dialog import AddModelDialog
 from app.ui.bridge import EngineBridge
 from app.ui.controller import AppController, log_folder
 from app.ui.icons import state_icon
 from app.ui.model_settings_dialog import ModelSettingsDialog
+from app.ui.runtime_dialog import RuntimeDialog
 from app.ui.server_settings_dialog import ServerSettingsDialog
 from app.ui.status_window import StatusWindow
 from app.ui.tray_menu import APP_ACTIONS, MenuState, TrayMenu
@@ -48,6 +51,9 @@ class TrayApp(QObject):
         self.menu = self.tray_menu.menu
         self.models_menu = self.tray_menu.models_menu  # the window-first mode's "Models" menu
         self.actions = self.tray_menu.actions
+        self.actions["Start on login"].setChecked(autostart.is_enabled())
+        self.actions["Add to applications menu"].setVisible(sys.platform.startswith("linux"))  # freedesktop only
+        self._offered: set[str] = set()  # the backends whose runtime was offered (once per run)
         self.status_window = StatusWindow(controller.engine, lambda: controller.url)
         self.tray: QSystemTrayIcon | None = None
         if QSystemTrayIcon.isSystemTrayAvailable():
@@ -77,7 +83,8 @@ class TrayApp(QObject):
         bar = QMenuBar()
         bar.addMenu(self.models_menu)  # the tray menu's model entries: one set of model actions
         app_menu = bar.addMenu("App")
-        for label in ("Add model…", "Copy API URL", "Server settings…", "Open log folder"):
+        for label in ("Add model…", "Copy API URL", "Server settings…", "Open log folder", "Install runtime…",
+                      "Start on login", "Add to applications menu"):
             app_menu.addAction(self.actions[label])
         app_menu.addSeparator()
         app_menu.addAction(self.actions["Quit"])
@@ -131,6 +138,7 @@ class TrayApp(QObject):
             self.tray.setToolTip(tip)
         self.tooltip = tip
         self.icon_state = state.state
+        self._offer_runtime()
         models = self.controller.engine.model_states()
         self.tray_menu.set_status(MenuState(state.url, self.controller.listener is not None,
                                             self.controller.listen_error, models, state.error))
@@ -220,6 +228,44 @@ class TrayApp(QObject):
 
     def _forget_deleted_dialogs(self) -> None:
         self.dialogs = [d for d in self.dialogs if shiboken6.isValid(d)]
+
+    # -- runtimes and start on login ---------------------------------------------------------
+    def open_install_runtime(self, backend: str | None = None, reason: str | None = None) -> RuntimeDialog:
+        """Install runtime…: ``backend`` (default: one a model lacked, else the machine's usual one)."""
+        missing = RUNTIMES.missing()
+        dlg = RuntimeDialog(RUNTIMES, backend or (missing[0] if missing else RUNTIMES.default_backend()),
+                            self.controller.spawn, reason)
+        dlg.installed.connect(self._runtime_installed)
+        return self._open(dlg)
+
+    def _offer_runtime(self) -> None:
+        """A model failed for want of its backend: offer that runtime (once per backend and run)."""
+        for backend in RUNTIMES.missing():
+            if backend not in self._offered and RUNTIMES.installing is None:
+                self._offered.add(backend)
+                self.open_install_runtime(backend, f"A model failed to load: the {backend} backend is not installed.")
+
+    def _runtime_installed(self, backend: str) -> None:
+        if self.tray is not None:
+            self.tray.showMessage("ExLlama Tray", f"The {backend} runtime is installed: load the model again.")
+
+    def toggle_start_on_login(self) -> None:
+        action = self.actions["Start on login"]
+        try:
+            autostart.set_enabled(action.isChecked())
+        except OSError as exc:
+            self.warn(f"Start on login could not be changed: {exc}")
+        action.setChecked(autostart.is_enabled())
+
+    def install_desktop_entry(self) -> None:
+        """Add to applications menu: the .desktop entry and the icons (as ``install-desktop`` does)."""
+        try:
+            installed = entries.install_desktop()
+        except OSError as exc:
+            self.warn(f"The menu entry could not be written: {exc}")
+            return
+        if self.tray is not None:
+            self.tray.showMessage("ExLlama Tray", f"Added to the applications menu: {installed.entry}")
 
     # -- other actions --------------------------------------------------------------------
     def copy_url(self) -> None:

@@ -7,7 +7,8 @@
     ● tiny        ▸ Load / Unload / Settings…
       other       ▸ Load / Unload / Settings…
     ─────────
-    Add model… / Server settings… / Status window / Copy API URL / Open log folder
+    Add model… / Server settings… / Status window / Copy API URL / Open log folder / Install runtime… /
+    Start on login (checkable) / Add to applications menu (freedesktop desktops)
     ─────────
     Quit
 
@@ -30,7 +31,9 @@ from app.engine.facade import ModelState
 
 #: the app's actions, in menu order (label, TrayApp method name); "Quit" comes last, after a separator
 APP_ACTIONS = (("Add model…", "open_add_model"), ("Server settings…", "open_server_settings"),
-               ("Status window", "show_status"), ("Copy API URL", "copy_url"), ("Open log folder", "open_log_folder"))
+               ("Status window", "show_status"), ("Copy API URL", "copy_url"), ("Open log folder", "open_log_folder"),
+               ("Install runtime…", "open_install_runtime"), ("Start on login", "toggle_start_on_login"),
+               ("Add to applications menu", "install_desktop_entry"))
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class TrayMenu:
         self.actions: dict[str, QAction] = {}
         for label, _ in APP_ACTIONS:
             self.actions[label] = self.menu.addAction(label, actions[label])
+        self.actions["Start on login"].setCheckable(True)  # checked by the TrayApp from app.desktop.autostart
         self.menu.addSeparator()
         self.actions["Quit"] = self.menu.addAction("Quit", actions["Quit"])
         self._on_model = on_model
