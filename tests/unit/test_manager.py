@@ -380,3 +380,19 @@ async def test_a_load_cancelled_after_its_last_cancel_check_keeps_an_earlier_fai
     assert [f.message for f in mgr.load_failures()] == ["model a:latest failed to load: broken"]
     assert mgr.last_failure is not None
     await mgr.close()
+
+
+async def test_a_load_asked_without_a_request_is_not_a_waiting_request(fleet: FakeFleet) -> None:
+    fleet.gates[A] = threading.Event()
+    metrics = EngineMetrics()
+    mgr = ModelManager(fleet, metrics, max_loaded=1)
+    load = asyncio.ensure_future(mgr.load(A))  # the tray's Load, /admin/load
+    assert await async_wait_until(lambda: [s.message for s in mgr.states()] == ["half way"])
+    assert mgr.waiting() == 0 and metrics.waiting._value.get() == 0  # noqa: SLF001
+    request = waiting_for(mgr, A)  # a client's request for the model being loaded: that one waits
+    await settle()
+    assert mgr.waiting() == 1 and metrics.waiting._value.get() == 1  # noqa: SLF001
+    fleet.gates[A].set()
+    await load
+    mgr.release(await request)
+    assert mgr.waiting() == 0 and metrics.waiting._value.get() == 0  # noqa: SLF001

@@ -78,6 +78,8 @@ class Resident:
 class _Waiter:
     name: str
     future: asyncio.Future[Resident]
+    #: a client's request (counted as waiting in the metrics); False for a load asked from the tray or /admin
+    request: bool = True
 
 
 class ModelManager:
@@ -111,14 +113,15 @@ class ModelManager:
         return self._residents.get(name)
 
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.future.done())
+        """Requests waiting for a model (a load asked without a request is not one)."""
+        return sum(1 for w in self._waiters if w.request and not w.future.done())
 
-    async def acquire(self, name: str) -> Resident:
+    async def acquire(self, name: str, *, request: bool = True) -> Resident:
         """Wait for ``name`` to be resident and ready; the caller must :meth:`release` it."""
         if self._closed:
             raise ModelLoadError("the server is shutting down")
         future: asyncio.Future[Resident] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(name, future))
+        self._waiters.append(_Waiter(name, future, request))
         self._metrics.waiting.set(self.waiting())
         self._pump()
         try:
@@ -138,7 +141,7 @@ class ModelManager:
         self._pump()
 
     async def load(self, name: str) -> None:
-        resident = await self.acquire(name)
+        resident = await self.acquire(name, request=False)
         self.release(resident)
 
     async def unload(self, name: str) -> bool:
