@@ -95,3 +95,28 @@ async def test_the_middleware_does_not_answer_again_once_a_response_started(
         await runner.cleanup()
     assert seen == [True]
     assert "illegal chunk header" not in str(caught.value)  # the body was cut, not overwritten by a 500
+
+
+async def test_an_engine_error_mid_stream_keeps_its_own_message_and_type() -> None:
+    from app.engine.errors import ModelLoadError
+
+    handle = _StartedHandle()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield sse({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})
+        raise ModelLoadError("model tiny:latest is unloading; send the request again to load it anew")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stream_response(request, handle, chunks())  # type: ignore[arg-type]
+
+    runner, url = await _serve(handler)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            async with client.stream("POST", url) as resp:
+                lines = [line async for line in resp.aiter_lines() if line]
+    finally:
+        await runner.cleanup()
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["type"] == "server_error" and error["code"] == "model_load_failed"
+    assert error["message"].startswith("model tiny:latest is unloading")

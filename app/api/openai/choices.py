@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from app.api.errors import from_engine
 from app.api.openai.streaming import whole_result
 from app.engine.errors import EngineError
 from app.engine.events import JobEvent, TokenLogprob, Usage
@@ -98,12 +99,14 @@ async def merged(handles: list[JobHandle]) -> AsyncIterator[tuple[int, JobEvent]
 
 def failed(handle: JobHandle, exc: Exception) -> JobFinished:
     """The finish of a job whose events could not be had (it never started, or its events failed)."""
+    kind = None
     if isinstance(exc, EngineError):
         reason = str(exc)
+        kind = "request" if from_engine(exc).status == 400 else None  # an invalid request, not our fault
     else:
         log.exception("job %d of model %s failed outside its backend", handle.job.job_id, handle.model)
         reason = f"generation failed ({type(exc).__name__}: {exc})"
-    return JobFinished("error", Usage(handle.prompt_tokens, 0), "", None, 0.0, error=reason)
+    return JobFinished("error", Usage(handle.prompt_tokens, 0), "", None, 0.0, error=reason, error_kind=kind)
 
 
 def summed_usage(finished: list[JobFinished]) -> dict[str, int]:

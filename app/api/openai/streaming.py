@@ -9,8 +9,8 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from app.api.errors import ApiError, error_body, mark_response_started
-from app.engine.facade import JobFinished, JobHandle
+from app.api.errors import ApiError, error_body, from_engine, mark_response_started
+from app.engine.facade import EngineError, JobFinished, JobHandle
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ async def stream_response(request: web.Request, handle: JobHandle,
                 await response.write(chunk)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
+        except (ApiError, EngineError) as exc:  # said for the client: its own message and type, in band
+            log.info("stream of job %d ended early: %s", handle.job.job_id, exc)
+            await response.write(sse((exc if isinstance(exc, ApiError) else from_engine(exc)).body()))
         except Exception:
             log.exception("stream of job %d failed", handle.job.job_id)
             await response.write(sse(error_body("generation failed: internal server error", "server_error",
