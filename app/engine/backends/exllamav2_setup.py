@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
+from app.engine.backends import gpu_common
 from app.engine.backends.contract import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -31,26 +30,13 @@ def flash_attn_ok() -> bool:
 
 
 def extension_needs_build() -> bool:
-    """Whether importing exllamav2 will compile its CUDA extension (minutes): not installed prebuilt
-    and not in torch's JIT build cache from an earlier start."""
-    if "exllamav2" in sys.modules or importlib.util.find_spec("exllamav2_ext") is not None:
-        return False
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # where torch keeps JIT builds
-
-        folder = Path(_get_build_directory("exllamav2_ext", verbose=False))
-        return not any(folder.glob("exllamav2_ext*.so")) and not any(folder.glob("exllamav2_ext*.pyd"))
-    except Exception:  # noqa: BLE001 - torch's private helper moved: assume the worst, say "first time"
-        return True
+    """Whether importing exllamav2 will compile its CUDA extension (minutes)."""
+    return gpu_common.extension_needs_build("exllamav2", "exllamav2_ext")
 
 
 def announce_extension_build(progress: ProgressFn) -> bool:
     """Say so (progress and log) when importing exllamav2 is about to build its extension."""
-    if not extension_needs_build():
-        return False
-    progress(0.0, "building exllamav2's CUDA extension (first run only; this takes several minutes)")
-    log.warning("building exllamav2's CUDA extension; the first start takes several minutes")
-    return True
+    return gpu_common.announce_extension_build(progress, "exllamav2", "exllamav2_ext")
 
 
 class CacheSizes(NamedTuple):

@@ -14,13 +14,11 @@ is linear RoPE scaling and ``rope_alpha`` NTK scaling of the RoPE base. Its samp
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 import threading
-from pathlib import Path
 from typing import Any, Sequence
 
+from app.engine.backends import gpu_common
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.gpu_common import (
     agreeing_fast_tokenizer, check_split, cuda_memory, fault_of, load_failures_readable, unload_model)
@@ -37,26 +35,9 @@ MAX_CHUNK = 2048
 EXTENSION = "exllamav3_ext"
 
 
-def extension_needs_build() -> bool:
-    """Whether importing exllamav3 will compile its CUDA extension (minutes): not installed prebuilt and
-    not in torch's JIT build cache from an earlier start."""
-    if "exllamav3" in sys.modules or importlib.util.find_spec(EXTENSION) is not None:
-        return False
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # where torch keeps JIT builds
-
-        folder = Path(_get_build_directory(EXTENSION, verbose=False))
-        return not any(folder.glob(f"{EXTENSION}*.so")) and not any(folder.glob(f"{EXTENSION}*.pyd"))
-    except Exception:  # noqa: BLE001 - torch's private helper moved: assume the worst, say "first time"
-        return True
-
-
 def announce_extension_build(progress: ProgressFn) -> bool:
-    if not extension_needs_build():
-        return False
-    progress(0.0, "building exllamav3's CUDA extension (first run only; this takes several minutes)")
-    log.warning("building exllamav3's CUDA extension; the first start takes several minutes")
-    return True
+    """Say so (progress and log) when importing exllamav3 is about to build its extension."""
+    return gpu_common.announce_extension_build(progress, "exllamav3", EXTENSION)
 
 
 def paged_sizes(context_length: int, max_batch: int) -> tuple[int, int]:

@@ -5,11 +5,14 @@ impossible manual GPU splits told apart readably. torch is imported only inside 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from app.engine.backends.contract import BackendLoadError, LoadCancelled
+from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.catalog.tokenizer import FolderTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,41 @@ def agreeing_fast_tokenizer(model_dir: str, slow_encode: Callable[[str], list[in
     return fast
 
 
+def extension_needs_build(library: str, extension: str) -> bool:
+    """Whether importing ``library`` will compile its CUDA ``extension`` (minutes): not installed prebuilt
+    and not in torch's JIT build cache from an earlier start."""
+    if library in sys.modules or importlib.util.find_spec(extension) is not None:
+        return False
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where torch keeps JIT builds
+
+        folder = Path(_get_build_directory(extension, verbose=False))
+        return not any(folder.glob(f"{extension}*.so")) and not any(folder.glob(f"{extension}*.pyd"))
+    except Exception:  # noqa: BLE001 - torch's private helper moved: assume the worst, say "first time"
+        return True
+
+
+def announce_extension_build(progress: ProgressFn, library: str, extension: str) -> bool:
+    """Say so (progress and log) when importing ``library`` is about to build its CUDA extension."""
+    if not extension_needs_build(library, extension):
+        return False
+    progress(0.0, f"building {library}'s CUDA extension (first run only; this takes several minutes)")
+    log.warning("building %s's CUDA extension; the first start takes several minutes", library)
+    return True
+
+
+def free_gpu_memory() -> None:
+    """Collect what was let go, then hand torch's freed blocks back to the driver (once per unload)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 def unload_model(owner: Any, attr: str = "_model") -> None:
     """Take the library model out of ``owner.attr`` and unload it (a half-loaded one may fail: its memory
     then goes with gc, this being its last reference), then hand the freed blocks back to the driver."""
@@ -96,14 +134,7 @@ def unload_model(owner: Any, attr: str = "_model") -> None:
         except Exception:  # noqa: BLE001
             log.debug("model.unload() failed", exc_info=True)
     del model
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_gpu_memory()
 
 
 def cuda_memory() -> dict[str, int]:

@@ -23,6 +23,7 @@ from app.engine.backends.sampling import make_generator, sample_with_probs
 from app.engine.events import BackendJob, StepEvent, TokenLogprob
 from app.engine.backends.text_stream import TextStream
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
+from app.engine.backends.gpu_common import free_gpu_memory
 from app.engine.constraints.grammars import GrammarError
 from app.engine.constraints.masks import ConstraintCompiler
 
@@ -155,14 +156,7 @@ class TransformersBackend(BackendBase):
         self._pending.clear()
         self._running.clear()
         self._model = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        free_gpu_memory()
 
     def memory_used(self) -> dict[str, int]:
         if self._model is None:
