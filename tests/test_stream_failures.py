@@ -44,13 +44,11 @@ async def _serve(handler) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}/stream"
 
 
-async def test_a_failure_mid_stream_is_an_in_band_error_and_the_stream_ends(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.allowed_errors = True  # the failure is logged with its traceback
-    handle = _StartedHandle()
-
+async def _stream_failing_with(handle: _StartedHandle, exc: Exception) -> list[str]:
+    """The lines a client reads from a stream that writes one chunk, then fails with ``exc``."""
     async def chunks() -> AsyncIterator[bytes]:
         yield sse({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})
-        raise RuntimeError("a bug while writing the stream")
+        raise exc
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return await stream_response(request, handle, chunks())  # type: ignore[arg-type]
@@ -60,9 +58,15 @@ async def test_a_failure_mid_stream_is_an_in_band_error_and_the_stream_ends(capl
         async with httpx.AsyncClient(timeout=10) as client:
             async with client.stream("POST", url) as resp:
                 assert resp.status_code == 200
-                lines = [line async for line in resp.aiter_lines() if line]
+                return [line async for line in resp.aiter_lines() if line]
     finally:
         await runner.cleanup()
+
+
+async def test_a_failure_mid_stream_is_an_in_band_error_and_the_stream_ends(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.allowed_errors = True  # the failure is logged with its traceback
+    handle = _StartedHandle()
+    lines = await _stream_failing_with(handle, RuntimeError("a bug while writing the stream"))
     assert lines[-1] == "data: [DONE]"
     assert not any("HTTP/1.1" in line for line in lines)
     error = json.loads(lines[-2][6:])["error"]
@@ -100,22 +104,8 @@ async def test_the_middleware_does_not_answer_again_once_a_response_started(
 async def test_an_engine_error_mid_stream_keeps_its_own_message_and_type() -> None:
     from app.engine.errors import ModelLoadError
 
-    handle = _StartedHandle()
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield sse({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})
-        raise ModelLoadError("model tiny:latest is unloading; send the request again to load it anew")
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await stream_response(request, handle, chunks())  # type: ignore[arg-type]
-
-    runner, url = await _serve(handler)
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            async with client.stream("POST", url) as resp:
-                lines = [line async for line in resp.aiter_lines() if line]
-    finally:
-        await runner.cleanup()
+    lines = await _stream_failing_with(_StartedHandle(), ModelLoadError(
+        "model tiny:latest is unloading; send the request again to load it anew"))
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][6:])["error"]
     assert error["type"] == "server_error" and error["code"] == "model_load_failed"
