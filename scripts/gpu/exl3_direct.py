@@ -21,13 +21,12 @@ import gc
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from paged_direct import GC_PAUSES, _gc_timer, percentile  # noqa: E402
+from paged_direct import _gc_timer, timed_run  # noqa: E402
 
 
 def run_batch(backend: Any, sampler_for: Any, cmd: dict) -> dict:
@@ -39,40 +38,7 @@ def run_batch(backend: Any, sampler_for: Any, cmd: dict) -> dict:
                 max_new_tokens=cmd["tokens"], sampler=sampler_for(), seed=cmd["seed"] + i, stop_conditions=[],
                 identifier=i, decode_special_tokens=False)
             for i, p in enumerate(cmd["prompts"])]
-    t0 = time.perf_counter()
-    for job in jobs:
-        gen.enqueue(job)
-    first: dict[int, float] = {}
-    last: dict[int, float] = {}
-    gaps: list[float] = []
-    steps: list[float] = []
-    tokens = 0
-    GC_PAUSES.clear()
-    while gen.num_remaining_jobs():
-        t_step = time.perf_counter()
-        results = gen.iterate()
-        now = time.perf_counter()
-        steps.append(now - t_step)
-        for r in results:
-            if r.get("stage") != "streaming" or r.get("token_ids") is None:
-                continue
-            n = int(r["token_ids"].shape[-1])
-            if not n:
-                continue
-            i = r["identifier"]
-            tokens += n
-            if i in last:
-                gaps.append(now - last[i])
-            else:
-                first[i] = now - t0
-            last[i] = now
-    wall = time.perf_counter() - t0
-    return {"n": len(jobs), "tokens": tokens, "wall_s": wall, "agg_tok_s": tokens / wall,
-            "ttft_s": [first.get(i, float("nan")) for i in range(len(jobs))],
-            "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),
-            "itl_max_s": max(gaps, default=float("nan")),
-            "steps": len(steps), "step_max_s": max(steps, default=float("nan")),
-            "steps_over_50ms": sum(t > 0.05 for t in steps), "gc_full": len(GC_PAUSES), "gc_full_s": sum(GC_PAUSES)}
+    return timed_run(gen, jobs)
 
 
 def main() -> int:

@@ -64,13 +64,10 @@ def _gc_timer(phase: str, info: dict) -> None:
         GC_PAUSES.append(time.perf_counter() - _gc_started[0])
 
 
-def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
-    from exllamav2.generator import ExLlamaV2DynamicJob
-
-    jobs = [ExLlamaV2DynamicJob(input_ids=tokenizer.encode(p, add_bos=True, encode_special_tokens=True),
-                                max_new_tokens=cmd["tokens"], gen_settings=settings, seed=cmd["seed"] + i,
-                                stop_conditions=[], identifier=i, decode_special_tokens=False)
-            for i, p in enumerate(cmd["prompts"])]
+def timed_run(gen: Any, jobs: list[Any]) -> dict:
+    """Enqueue ``jobs`` at once and iterate ``gen`` until they are done (exllamav2's dynamic generator and
+    exllamav3's Generator share this loop's calls and result keys): each job's first token and the gaps
+    between its tokens, aggregate tok/s, the longest steps and full GC collections meanwhile."""
     t0 = time.perf_counter()
     for job in jobs:
         gen.enqueue(job)
@@ -105,6 +102,16 @@ def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
             "itl_max_s": max(gaps, default=float("nan")),
             "steps": len(steps), "step_max_s": max(steps, default=float("nan")),
             "steps_over_50ms": sum(t > 0.05 for t in steps), "gc_full": len(GC_PAUSES), "gc_full_s": sum(GC_PAUSES)}
+
+
+def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
+    from exllamav2.generator import ExLlamaV2DynamicJob
+
+    jobs = [ExLlamaV2DynamicJob(input_ids=tokenizer.encode(p, add_bos=True, encode_special_tokens=True),
+                                max_new_tokens=cmd["tokens"], gen_settings=settings, seed=cmd["seed"] + i,
+                                stop_conditions=[], identifier=i, decode_special_tokens=False)
+            for i, p in enumerate(cmd["prompts"])]
+    return timed_run(gen, jobs)
 
 
 def main() -> int:
