@@ -91,6 +91,7 @@ from exllamav2 import ext
 info = {"path": ext.exllamav2_ext.__file__, "import_s": round(time.perf_counter() - t0, 1)}
 open(sys.argv[1], "w").write(json.dumps(info))
 """
+MADE = ".made"  # in a model folder once it is whole: a later call on the same machine reuses it
 EXT_LOG, EXT_INFO = Path("/tmp/gpu-extension-build.log"), Path("/tmp/gpu-extension.json")
 
 
@@ -189,11 +190,13 @@ def make_models(rep: Report) -> None:
                               "--intermediate", str(WIDE["intermediate"])]
     if "quantize" in rep.skip:  # only the quantizer reads it
         specs.pop("small-fp16")
-    if "tinyllama" not in rep.skip:
+    if "tinyllama" not in rep.skip or "step-profile" not in rep.skip:
         specs["tinyllama-fp16"] = [*TINYLLAMA, "--vocab", "32000"]
     # made side by side: each is mostly its own imports and the writing of its files
     procs = {}
     for name, extra in specs.items():
+        if (WORK / name / MADE).exists():  # made by an earlier call on this (warm) machine
+            continue
         cmd = [*maker, str(WORK / name), "--dtype", "float16", "--device", "cuda", "--vocab", "1024",
                "--context", "2048", *extra]
         print("   $ " + " ".join(cmd[:3]) + " ...", flush=True)
@@ -205,6 +208,8 @@ def make_models(rep: Report) -> None:
         print(f"   {name}: {Path(f'/tmp/gpu-make-{name}.log').read_text(errors='replace')[-600:].strip()}", flush=True)
         if proc.returncode != 0:
             failed.append(name)
+        else:
+            (WORK / name / MADE).touch()
     if failed:
         raise RuntimeError(f"making {', '.join(failed)} failed")
     rep.data["models"] = {n: sum(f.stat().st_size for f in (WORK / n).iterdir()) for n in specs}
@@ -215,6 +220,9 @@ def quantize_model(rep: Report, src: str, dst: str, saved: Path | None, keep_as:
     ``saved`` (plain or .xz) when there is one, else written to OUT/``keep_as`` (also when the quantizing
     after it runs out of time) for the next runs to reuse."""
     work, out = WORK / f"{dst}-work", WORK / dst
+    if (out / MADE).exists():  # quantized by an earlier call on this (warm) machine
+        return {"reused_folder": True, "quantization_config": json.loads((out / "config.json").read_text())
+                .get("quantization_config")}
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(WORK / src),
@@ -235,6 +243,7 @@ def quantize_model(rep: Report, src: str, dst: str, saved: Path | None, keep_as:
         if (work / "measurement.json").exists() and not reused:
             shutil.copy(work / "measurement.json", rep.out / keep_as)
     res.check_returncode()
+    (out / MADE).touch()
     cfg = json.loads((out / "config.json").read_text())
     return {"reused_measurement": reused, "seconds": round(time.perf_counter() - t0, 1),
             "quantization_config": cfg.get("quantization_config"),
@@ -316,6 +325,49 @@ def start_server(rep: Report) -> subprocess.Popen:
     raise RuntimeError(f"server did not start (exit {proc.poll()}): {' | '.join(tail)[-400:]}")
 
 
+def constrained(rep: Report, folder: str) -> None:
+    """Structured output and tool calls on ``folder`` served by exllamav2 (scripts/gpu/constrained_stage.py)."""
+    import constrained_stage
+
+    name = f"{folder}-tools"
+    register(name, folder, ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH),
+                            "--tool-format", "hermes"], served=True)
+    out = rep.data.setdefault("constrained", {})
+    out["requests"] = constrained_stage.requests_check(rep, BASE, name, f"exllamav2 {folder}", BAN)
+    rep.save()
+    out["overhead"] = constrained_stage.overhead(rep, BASE, name, f"exllamav2 {folder}", BAN, PROMPT)
+
+
+def step_profile(rep: Report) -> None:
+    """The model process's step against the direct loop's on the vocab-32,000 model (scripts/gpu/step_profile.py);
+    FP16, so that no quantizing is needed."""
+    import httpx
+    import paged_stage
+    import step_profile as sp
+
+    register("tinyllama-fp16", "tinyllama-fp16", ["--backend", "exllamav2", "--context-length", "2048",
+                                                  "--max-batch-size", str(PAGED_BATCH)], served=True)
+    for name in ("small-exl2", "small-exl2-tools", "tiny-fp16"):
+        httpx.post(f"{BASE}/admin/unload", json={"model": name}, timeout=120)
+    ctx = paged_stage.Ctx(rep, BASE, "tinyllama-fp16", WORK / "tinyllama-fp16", PROMPT, BAN, vram, metric)
+    rep.data["step_profile"] = sp.run(ctx, rep.out)
+
+
+def start_exl3_build(rep: Report) -> None:
+    """exllamav3's extension JIT-builds (about 6 minutes) from the run's start, in a session of its own so
+    that it goes on after this device call ends: the next call on the same machine finds it built (or waits
+    for torch's build lock) instead of starting over."""
+    if "exl3" in rep.skip or importlib.util.find_spec("exllamav3") is None:
+        return
+    import exl3_stage
+
+    if exl3_stage.restore_extension() is None:
+        rep.data["exl3_build_started_at_s"] = round(time.time() - float(os.environ.get("RUN_STARTED") or time.time()), 1)
+        log = open("/tmp/exl3-extension-build-early.log", "w")
+        subprocess.Popen([sys.executable, "-c", exl3_stage.EXT_PROBE], stdout=log, stderr=subprocess.STDOUT,
+                         cwd=ROOT, start_new_session=True, env={**os.environ, "MAX_JOBS": "12"})
+
+
 def exl3(rep: Report) -> None:
     """The exllamav3 backend's stage (scripts/gpu/exl3_stage.py), given this module's helpers."""
     import exl3_stage
@@ -359,7 +411,7 @@ def write_markdown(rep: Report) -> None:
 # what the goals need first, so a short budget drops the benchmark, then switching, then the EXL2 stages
 NEEDS_S = {"serve": 15, "e2e-fp16": 40, "load-failures": 80, "direct-bench": 30, "e2e-exl2": 30,
            "switching": 60, "http-bench": 110, "multi-gpu": 60, "paged": 150,
-           "tinyllama": 200}
+           "tinyllama": 200, "constrained": 70, "step-profile": 80}
 QUANTIZE_S = {"measured before": 90, "measuring": 130}
 
 
@@ -371,6 +423,7 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
     rep.stage("quantize", lambda: quantize(rep), quantize_s + NEEDS_S["direct-bench"] + NEEDS_S["e2e-exl2"])
     exl2 = [("direct-bench", lambda: direct_bench(rep)), ("e2e-exl2", lambda: e2e(rep, "small-exl2")),
             ("paged", lambda: paged(rep, "small-exl2", 2048, PAGED_BATCH)),
+            ("constrained", lambda: constrained(rep, "small-exl2")), ("step-profile", lambda: step_profile(rep)),
             ("tinyllama", lambda: tinyllama(rep)),
             ("switching", lambda: switching(rep)), ("http-bench", lambda: http_bench(rep)),
             ("multi-gpu", lambda: multi_gpu(rep))]
@@ -378,7 +431,7 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
         exl2.insert(0, ("profile", lambda: profile_first_token(rep)))
     made = (WORK / "small-exl2" / "config.json").exists() and rep.data["stages"]["quantize"].get("ok")
     for name, fn in exl2:
-        if not made and name != "tinyllama":  # that one quantizes its own model
+        if not made and name not in ("tinyllama", "step-profile"):  # those bring their own model
             rep.not_run(name, "no EXL2 model: the quantize stage did not run or failed")
             continue
         if name == "http-bench":
@@ -406,6 +459,7 @@ def main() -> int:
     rep.stage("env", lambda: env_info(rep))
     rep.stage("flash-attn", lambda: flash_probe(rep))
     building = start_extension(rep)  # a JIT build runs while the models are made
+    start_exl3_build(rep)
     if not args.only_build:
         rep.stage("models", lambda: make_models(rep))
     models_done = time.perf_counter()

@@ -95,6 +95,9 @@ def ensure_extension(rep: Any, out: Path) -> dict[str, Any]:
     how = restore_extension()
     if how is not None:
         return {"how": how}
+    if "exl3_build_started_at_s" in rep.data:  # checks.py started it at the run's start: wait for it
+        return {"how": "built in this run (started at the run's start)",
+                **finish_build(start_build(), out, max(rep.left() - 200, 30))}
     if rep.left() < 420:
         raise RuntimeError(f"exllamav3's extension is not built and {rep.left():.0f} s are left (the build takes "
                            "about 6 minutes): run `exl3_stage.py prepare` first (docs/gpu-results.md)")
@@ -106,6 +109,9 @@ def convert(work: Path, dst: str, out: Path, timeout_s: float) -> dict[str, Any]
     unpacked from .gpu/``dst``.tar.xz; a fresh conversion is packed into ``out`` for the next runs."""
     saved = SAVED / f"{dst}.tar.xz"
     target = work / dst
+    if (target / ".made").exists():  # converted by an earlier call on this (warm) machine
+        return {"reused": "folder", "quantization_config": json.loads((target / "config.json").read_text())
+                .get("quantization_config")}
     shutil.rmtree(target, ignore_errors=True)
     if saved.exists():
         subprocess.run(["tar", "-xJf", str(saved), "-C", str(work)], check=True)
@@ -122,6 +128,7 @@ def convert(work: Path, dst: str, out: Path, timeout_s: float) -> dict[str, Any]
     print(res.stdout[-1500:], res.stderr[-1500:], flush=True)
     if res.returncode != 0 or not (target / "config.json").exists():  # its argument errors exit 0
         raise RuntimeError(f"exllamav3's converter failed (exit {res.returncode}): {res.stdout[-300:]}")
+    (target / ".made").touch()
     size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
     if size < 12 * 2**20:  # what comes back from the device is at most 16 MiB a file
         subprocess.run(["tar", "-cJf", str(out / f"{dst}.tar.xz"), "-C", str(work), dst], check=True)
@@ -172,7 +179,7 @@ def switching(rep: Any, ck: Any, exl2: str, exl3: str) -> dict[str, Any]:
 
     client = openai.OpenAI(base_url=f"{ck.BASE}/v1", api_key="x", max_retries=0, timeout=300)
     msgs = [{"role": "user", "content": "hi"}]
-    for name in (exl2, exl3, "tiny-fp16", "small-exl3"):
+    for name in (exl2, exl3, "tiny-fp16", "small-exl3", f"{exl3}-tools", f"{exl2}-tools", "tinyllama-fp16"):
         httpx.post(f"{ck.BASE}/admin/unload", json={"model": name}, timeout=120)
     base = ck.vram().get("gpu_used_mib")
     steps = []
@@ -219,6 +226,20 @@ def multi_gpu(rep: Any, ck: Any, model: str) -> Any:
     return results
 
 
+def constrained(rep: Any, ck: Any, model: str) -> dict[str, Any]:
+    """Structured output, tool calls and the 8 free + 1 constrained overhead on exllamav3
+    (scripts/gpu/constrained_stage.py)."""
+    import constrained_stage
+
+    name = f"{model}-tools"
+    ck.register(name, model, ["--context-length", "2048", "--max-batch-size", str(ck.PAGED_BATCH),
+                              "--tool-format", "hermes"], served=True)
+    got = {"requests": constrained_stage.requests_check(rep, ck.BASE, name, f"exllamav3 {model}", ck.BAN)}
+    rep.save()
+    got["overhead"] = constrained_stage.overhead(rep, ck.BASE, name, f"exllamav3 {model}", ck.BAN, ck.PROMPT)
+    return got
+
+
 def run(rep: Any, ck: Any) -> None:
     """The stage (see the module's docstring); parts that do not fit the time budget are recorded as not run."""
     out = rep.data.setdefault("exl3", {})
@@ -231,7 +252,8 @@ def run(rep: Any, ck: Any) -> None:
     out["served"] = served
     rep.check("exl3: backend auto serves an EXL3 folder with exllamav3, continuous batching without flash-attn",
               served.get("backend") == "exllamav3" and served.get("batching") == "continuous", json.dumps(served)[:300])
-    parts = [("levels", 150, lambda: levels(rep, ck, "tiny-exl3")),
+    parts = [("constrained", 60, lambda: out.__setitem__("constrained", constrained(rep, ck, "tiny-exl3"))),
+             ("levels", 150, lambda: levels(rep, ck, "tiny-exl3")),
              ("switching", 60, lambda: out.__setitem__("switching", switching(rep, ck, "small-exl2", "tiny-exl3"))),
              ("multi_gpu", 0, lambda: out.__setitem__("multi_gpu", multi_gpu(rep, ck, "tiny-exl3")))]
     for name, needs, fn in parts:
