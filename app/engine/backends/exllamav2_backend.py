@@ -15,7 +15,9 @@ from typing import Any, Sequence
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.exllamav2_setup import announce_extension_build, cache_sizes, flash_attn_ok
 from app.engine.backends.gpu_common import (
-    agreeing_fast_tokenizer, check_split, cuda_memory, fault_of, load_failures_readable, unload_model)
+    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, refusal, unload_model)
+from app.engine.constraints.deferred import GrammarQueue
+from app.engine.constraints.masks import compiler_for
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
@@ -49,6 +51,7 @@ class ExLlamaV2Backend(BackendBase):
         self._fast_tokenizer: FolderTokenizer | None = None
         self._generator: Any = None
         self._jobs: dict[int, Any] = {}
+        self._grammars = GrammarQueue()  # jobs whose grammar is compiling
         self._eos: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -168,6 +171,7 @@ class ExLlamaV2Backend(BackendBase):
 
     def unload(self) -> None:
         self._jobs.clear()
+        self._grammars.clear()
         self._generator = None
         self._cache = None
         self._tokenizer = None
@@ -225,18 +229,16 @@ class ExLlamaV2Backend(BackendBase):
         return s
 
     def submit(self, job: BackendJob) -> None:
+        if job.grammar is not None:  # compiled on the compiler's thread; enqueued by step() once ready
+            self._grammars.add(compiler_for(self), job)
+            return
+        self._enqueue(job, [])
+
+    def _enqueue(self, job: BackendJob, filters: list[Any]) -> None:
         import torch
         from exllamav2.generator import ExLlamaV2DynamicJob
 
-        from app.engine.constraints.exllamav2_filter import job_filters
-
         stops: list[Any] = [*job.stop_token_ids, *job.stop_strings]
-        try:  # a grammar is compiled here, in the model process: never on the event loop
-            filters = job_filters(self, job.grammar)
-        except Exception as exc:  # the grammar engine's reason ends this job only, at the next step
-            self.__dict__.setdefault("_refused", []).append(StepEvent(
-                job.job_id, "", 0, True, "error", str(exc), error_kind=fault_of(exc)))
-            return
         gen_job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long), max_new_tokens=job.max_new_tokens,
             gen_settings=self.gen_settings(job.sampling), seed=job.sampling.seed, stop_conditions=stops,
@@ -245,19 +247,39 @@ class ExLlamaV2Backend(BackendBase):
         self._jobs[job.job_id] = gen_job
         self._generator.enqueue(gen_job)
 
+    def _enqueue_compiled(self) -> list[StepEvent]:
+        """Enqueue the jobs whose grammar has compiled; a refused grammar ends its job only. With nothing
+        else to step, wait a moment for a compile rather than spin."""
+        from app.engine.constraints.exllamav2_filter import grammar_filter
+
+        refused = []
+        idle = self._generator.num_remaining_jobs() == 0
+        for job, got in self._grammars.ready(0.005 if idle else 0.0):
+            if isinstance(got, Exception):
+                refused.append(refusal(job.job_id, got))
+                continue
+            try:
+                self._enqueue(job, [grammar_filter(self._model, self._tokenizer, got)])
+            except Exception as exc:  # noqa: BLE001 - exllamav2's reason, for this job only
+                self._jobs.pop(job.job_id, None)
+                refused.append(refusal(job.job_id, exc))
+        return refused
+
     def cancel(self, job_id: int) -> None:
+        if self._grammars.cancel(job_id):
+            return
         gen_job = self._jobs.pop(job_id, None)
         if gen_job is not None:
             self._generator.cancel(gen_job)
 
     def has_work(self) -> bool:
-        return self._generator is not None and self._generator.num_remaining_jobs() > 0
+        return self._generator is not None and (self._generator.num_remaining_jobs() > 0 or len(self._grammars) > 0)
 
     def active_jobs(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs) + len(self._grammars)
 
     def step(self) -> list[StepEvent]:
-        events: list[StepEvent] = self.__dict__.pop("_refused", [])
+        events = self._enqueue_compiled() if len(self._grammars) else []
         results = self._generator.iterate()
         streaming = set()
         for r in results:

@@ -10,10 +10,13 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from app.engine.backends.contract import BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.catalog.tokenizer import FolderTokenizer, TokenizerError
+
+if TYPE_CHECKING:
+    from app.engine.events import StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +161,11 @@ def fault_of(exc: BaseException) -> str | None:
     from app.engine.constraints.grammars import GrammarError
 
     return "request" if isinstance(exc, GrammarError) else None
+
+
+def refusal(job_id: int, exc: BaseException) -> StepEvent:
+    """The event that ends one job a GPU backend could not start (its grammar refused, exllamav2/3's
+    reason), with whose fault it was."""
+    from app.engine.events import StepEvent
+
+    return StepEvent(job_id, "", 0, True, "error", str(exc) or type(exc).__name__, error_kind=fault_of(exc))

@@ -11,21 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.engine.constraints.grammars import GrammarError
-from app.engine.constraints.masks import JobConstraint, compiler_for
-
-
-def job_filters(backend: Any, grammar: str | None) -> list[Any]:
-    """The filters of a job of the exllamav2 backend (none without a grammar); raises GrammarError. The
-    backend's compiler (its tokenizer's view for the grammar engine) is made on its first grammar."""
-    if grammar is None:
-        return []
-    compiler = compiler_for(backend)
-    try:
-        constraint = compiler.compile(grammar)
-    except GrammarError as exc:
-        raise GrammarError(f"constraint: {exc}") from None
-    return [grammar_filter(backend._model, backend._tokenizer, constraint)]
+from app.engine.constraints.masks import JobConstraint
 
 
 def grammar_filter(model: Any, tokenizer: Any, constraint: JobConstraint) -> Any:

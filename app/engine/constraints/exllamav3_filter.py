@@ -15,20 +15,18 @@ from app.engine.constraints.grammars import GrammarError
 from app.engine.constraints.masks import JobConstraint, compiler_for
 
 
-def job_filters(backend: Any, grammar: str | None) -> list[Any]:
-    """The filters of a job of the exllamav3 backend (none without a grammar); raises GrammarError. The
-    backend's compiler (its tokenizer's view for the grammar engine) is made on its first grammar."""
-    if grammar is None:
-        return []
+def job_filters(backend: Any, grammar: str, constraint: JobConstraint) -> list[Any]:
+    """The filters of a job of the exllamav3 backend whose ``grammar`` compiled to ``constraint`` (on the
+    compiler's worker thread, see constraints.deferred); a reset after a rewind compiles it again here."""
     compiler = compiler_for(backend)
 
-    def compile_grammar() -> JobConstraint:
+    def compile_again() -> JobConstraint:
         try:
             return compiler.compile(grammar)
         except GrammarError as exc:
             raise GrammarError(f"constraint: {exc}") from None
 
-    return [grammar_filter(backend._tokenizer, compile_grammar(), compile_grammar)]
+    return [grammar_filter(backend._tokenizer, constraint, compile_again)]
 
 
 def packed_mask(constraint: JobConstraint) -> Any:
