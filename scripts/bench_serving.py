@@ -6,6 +6,11 @@ Workloads (sizes in tokens, calibrated on the server's own token counts):
   long          /v1/completions, prompt --long-prompt (4,096), output --long-output (128)
   autocomplete  /v1/completions with a FIM ``suffix``, output 16; each "editor" sends a new request every
                 --burst-ms (150) and drops the one still running, as editors do
+  mixed         one editor's autocomplete burst while N chat clients run (the editor's figures; the chat
+                load's tok/s beside them)
+  slot          N streams of --slot-output tokens fill the server's batch (N = its batch size); one at a
+                time is dropped and a short request sent at once: its wait over an idle TTFT, in steps
+                (the streams' inter-token gap), shows whether the dropped stream's slot was freed at once
 At each concurrency level (--levels, default 1 2 4 8 16 32 64) N clients run in a closed loop for
 --requests-per-client requests each (autocomplete: N editors for --burst-s seconds). Per level: requests/s,
 aggregate output tok/s, TTFT p50/p99, inter-token latency p50/p99, errors, dropped streams (a stream that
@@ -60,25 +65,30 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Client:
-    def __init__(self, base_url: str, model: str, api_key: str, logit_bias: dict[str, float], timeout_s: float) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str, logit_bias: dict[str, float], timeout_s: float,
+                 top_k: int | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.logit_bias = logit_bias
         self.timeout_s = timeout_s
         self.words_per_token = 1.0
+        self.top_k = top_k
 
     def body(self, **fields: Any) -> dict:
         out = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
                "temperature": 0.8, "top_p": 0.9, "seed": random.randrange(1 << 30), **fields}
         if self.logit_bias:
             out["logit_bias"] = self.logit_bias
+        if self.top_k is not None:
+            out.setdefault("top_k", self.top_k)
         return out
 
-    async def stream(self, session: Any, path: str, body: dict) -> Sample:
+    async def stream(self, session: Any, path: str, body: dict, sample: Sample | None = None) -> Sample:
+        """One streamed request; ``sample`` (filled as it goes) keeps what came if the task is cancelled."""
         import aiohttp
 
-        sample, last, t0 = Sample(), None, time.perf_counter()
+        sample, last, t0 = sample or Sample(), None, time.perf_counter()
         try:
             async with session.post(f"{self.base}{path}", json=body, headers=self.headers,
                                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
@@ -123,7 +133,15 @@ class Client:
             data = await resp.json(content_type=None)
             if resp.status != 200:
                 raise SystemExit(f"calibration request failed: HTTP {resp.status}: {json.dumps(data)[:300]}")
-        self.words_per_token = 50 / max(1, int(data["usage"]["prompt_tokens"]))
+        count = (data.get("usage") or {}).get("prompt_tokens")
+        if count is None:  # a server without usage in non-streamed bodies: its tokenizer endpoint, if any
+            async with session.post(f"{self.base}/token/encode", json={"text": probe}, headers=self.headers,
+                                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                enc = await resp.json(content_type=None) if resp.status == 200 else {}
+            count = enc.get("length") or len(enc.get("tokens") or []) or None
+        if count is None:
+            raise SystemExit(f"calibration: no prompt token count from {self.base} (no usage, no /token/encode)")
+        self.words_per_token = 50 / max(1, int(count))
 
     def text(self, tokens: int, rng: random.Random) -> str:
         """Fresh words (no shared prefix between requests) of about ``tokens`` tokens."""
@@ -164,7 +182,8 @@ async def closed_loop(client: Client, session: Any, n: int, per_client: int, mak
     return summarize(samples, time.perf_counter() - t0)
 
 
-async def editors(client: Client, session: Any, n: int, seconds: float, every_s: float) -> dict:
+async def editors(client: Client, session: Any, n: int, seconds: float, every_s: float,
+                  stop: asyncio.Event | None = None) -> dict:
     """``n`` editors typing: a FIM request every ``every_s``, the previous one dropped if still running."""
     samples: list[Sample] = []
 
@@ -172,7 +191,7 @@ async def editors(client: Client, session: Any, n: int, seconds: float, every_s:
         running: asyncio.Task | None = None
         started = time.perf_counter()
         i = 0
-        while time.perf_counter() - started < seconds:
+        while time.perf_counter() - started < seconds and not (stop is not None and stop.is_set()):
             if running is not None and not running.done():
                 running.cancel()
                 samples.append(Sample(cancelled=True))
@@ -191,10 +210,69 @@ async def editors(client: Client, session: Any, n: int, seconds: float, every_s:
     return summarize(samples, time.perf_counter() - t0)
 
 
+async def mixed(client: Client, session: Any, n: int, per_client: int, make: Any, every_s: float) -> dict:
+    """One editor's autocomplete burst while ``n`` chat clients run their closed loop: the editor's figures,
+    with the chat load's throughput beside them."""
+    load = asyncio.ensure_future(closed_loop(client, session, n, per_client, make))
+    stop = asyncio.Event()
+    probe = asyncio.ensure_future(editors(client, session, 1, float("inf"), every_s, stop))
+    chat = await load
+    stop.set()
+    burst = await probe
+    return {**burst, "load_output_tok_s": chat["output_tok_s"], "load_completed": chat["completed"]}
+
+
+async def slot_reuse(client: Client, session: Any, n: int, trials: int, output: int) -> dict:
+    """Whether a dropped stream frees its slot at once: ``n`` long streams fill the server's batch (run it
+    with n = its batch size), then, ``trials`` times, one is dropped and a short request sent at once.
+    Its time to first token over an idle one's, in the running streams' inter-token gaps, is the number
+    of steps the slot stayed taken (about 1 when the server frees it within a step)."""
+    def short() -> dict:
+        return client.body(prompt=CODE[:120], max_tokens=4, temperature=0)
+
+    idle = [await client.stream(session, "/completions", short()) for _ in range(3)]
+    idle_ttft = percentile([s.ttft_s for s in idle if s.ttft_s is not None], 0.5) or 0.0
+    load: list[asyncio.Task] = []
+    load_samples: list[Sample] = []  # kept by the streams as they go, also when dropped
+
+    def add_stream(i: int) -> None:
+        body = client.body(prompt=f"{i} " + CODE[:200], max_tokens=output)
+        load_samples.append(Sample())
+        load.append(asyncio.ensure_future(client.stream(session, "/completions", body, load_samples[-1])))
+
+    for i in range(n):
+        add_stream(i)
+    deadline = time.perf_counter() + client.timeout_s
+    while any(x.ttft_s is None for x in load_samples) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)  # until every stream is decoding
+    probes: list[Sample] = []
+    t0 = time.perf_counter()
+    for k in range(trials):
+        victim = next((t for t in load if not t.done()), None)
+        if victim is None:
+            break
+        victim.cancel()
+        probes.append(await client.stream(session, "/completions", short()))
+        add_stream(n + k)  # the batch full again
+        await asyncio.sleep(0.3)
+    wall = time.perf_counter() - t0
+    for task in load:
+        task.cancel()
+    await asyncio.gather(*load, return_exceptions=True)
+    gap = percentile([g for s in load_samples for g in s.gaps_s], 0.5)
+    waits = [(s.ttft_s - idle_ttft) for s in probes if s.ttft_s is not None]
+    steps = [w / gap for w in waits] if gap else []
+    row = summarize(probes, wall)
+    return {**row, "idle_ttft_ms": round(1e3 * idle_ttft, 2),
+            "slot_wait_steps_p50": None if not steps else round(percentile(steps, 0.5), 2),
+            "slot_wait_steps_max": None if not steps else round(max(steps), 2)}
+
+
 async def run(args: argparse.Namespace) -> dict:
     import aiohttp
 
-    client = Client(args.base_url, args.model, args.api_key, json.loads(args.logit_bias or "{}"), args.timeout_s)
+    client = Client(args.base_url, args.model, args.api_key, json.loads(args.logit_bias or "{}"), args.timeout_s,
+                    args.top_k)
     report: dict[str, Any] = {"base_url": args.base_url, "model": args.model, "started": time.time(),
                               "settings": {k: v for k, v in vars(args).items() if k not in ("api_key", "out")},
                               "workloads": {}}
@@ -214,6 +292,11 @@ async def run(args: argparse.Namespace) -> dict:
                 log.info("%s: %d concurrent", workload, n)
                 if workload == "autocomplete":
                     levels[str(n)] = await editors(client, session, n, args.burst_s, args.burst_ms / 1e3)
+                elif workload == "mixed":
+                    levels[str(n)] = await mixed(client, session, n, args.requests_per_client, makers["chat"],
+                                                 args.burst_ms / 1e3)
+                elif workload == "slot":
+                    levels[str(n)] = await slot_reuse(client, session, n, args.slot_trials, args.slot_output)
                 else:
                     levels[str(n)] = await closed_loop(client, session, n, args.requests_per_client, makers[workload])
                 log.info("%s", json.dumps(levels[str(n)]))
@@ -273,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default="")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--workloads", nargs="+", default=["chat", "long", "autocomplete"],
-                   choices=["chat", "long", "autocomplete"])
+                   choices=["chat", "long", "autocomplete", "mixed", "slot"])
     p.add_argument("--levels", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--chat-prompt", type=int, default=512)
@@ -283,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst-s", type=float, default=10.0, help="how long the editors type, per level")
     p.add_argument("--burst-ms", type=float, default=150.0, help="an editor's pause between requests")
     p.add_argument("--logit-bias", default="", help='JSON, e.g. \'{"2": -100}\' to ban EOS so lengths match')
+    p.add_argument("--top-k", type=int, default=None, help="top_k sent with every request (default: none sent)")
+    p.add_argument("--slot-trials", type=int, default=5, help="slot: streams dropped, one at a time")
+    p.add_argument("--slot-output", type=int, default=512, help="slot: tokens each filling stream asks for")
     p.add_argument("--timeout-s", type=float, default=600.0)
     args = p.parse_args(argv)
     if any(n < 1 for n in args.levels) or args.requests_per_client < 1:

@@ -57,3 +57,27 @@ def test_bad_arguments_are_refused_readably(capsys) -> None:
     except SystemExit as exc:
         assert exc.code == 2
     assert "levels and --requests-per-client must be positive" in capsys.readouterr().err
+
+
+def test_mixed_and_slot_workloads_report_their_figures(serve, tmp_path: Path) -> None:
+    """mixed: an editor's burst beside running chats; slot: a batch filled (batch_size 2), streams dropped one
+    at a time, each followed at once by a short request whose wait is counted in the streams' steps."""
+    bench = load_bench()
+    server = serve(models={"tiny": {"context_length": 2048, "batch_size": 2}})
+    out = tmp_path / "bench"
+    rc = bench.main(["--base-url", f"{server.root}/v1", "--model", "tiny", "--out", str(out), "--workloads",
+                     "mixed", "slot", "--levels", "2", "--requests-per-client", "2", "--chat-prompt", "40",
+                     "--chat-output", "24", "--burst-ms", "40", "--slot-trials", "2", "--slot-output", "1500",
+                     "--top-k", "40", "--logit-bias", json.dumps(KEEP_TALKING)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    mixed = report["workloads"]["mixed"]["2"]
+    assert mixed["load_completed"] == 4 and mixed["load_output_tok_s"] > 0, mixed  # the chats all answered
+    assert mixed["requests"] >= 1 and mixed["errors"] == mixed["dropped_streams"] == 0, mixed
+    assert mixed["completed"] + mixed["cancelled"] == mixed["requests"]
+    slot = report["workloads"]["slot"]["2"]
+    assert slot["requests"] == slot["completed"] == 2 and slot["errors"] == 0, slot  # both short requests answered
+    assert slot["idle_ttft_ms"] > 0 and slot["slot_wait_steps_p50"] is not None, slot
+    assert slot["slot_wait_steps_p50"] <= slot["slot_wait_steps_max"]
+    assert report["settings"]["top_k"] == 40
+    assert server.metric("exllama_tray_requests_running") == 0  # the dropped and the stopped streams let go
