@@ -53,7 +53,7 @@ def _spy(pid: int, path: Path) -> subprocess.Popen | None:
     if exe is None:
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "400", "--format", "raw", "--nonblocking",
-                             "--native", "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
 
 

@@ -49,7 +49,7 @@ SITE = Path("/tmp/site-tabby")
 SHARED_SITE = Path("/tmp/site")
 PRESET = "bench_stage"  # written into TabbyAPI's sampler_overrides/ (its run copy, outside the repository)
 METRICS = ("output_tok_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-           "errors", "dropped_streams", "cancelled")
+           "errors", "dropped_streams", "cancelled", "load_output_tok_s", "slot_wait_steps_p50", "slot_wait_steps_max")
 BOOT = """
 import importlib.util, runpy, sys
 from common.optional_dependencies import dependencies as deps
@@ -185,16 +185,21 @@ def one_run(side: str, base: str, model: str, out: Path, args: argparse.Namespac
     """The chat workload at --levels and the autocomplete burst at --burst-levels on one server."""
     chat = measure(base, model, out / "chat", ["chat"], args.levels, args.logit_bias, extra)
     burst = measure(base, model, out / "burst", ["autocomplete"], args.burst_levels, args.logit_bias, extra)
-    return {"side": side, "chat": chat["workloads"]["chat"], "autocomplete": burst["workloads"]["autocomplete"],
-            "words_per_token": chat.get("words_per_token")}
+    got = {"side": side, "chat": chat["workloads"]["chat"], "autocomplete": burst["workloads"]["autocomplete"],
+           "words_per_token": chat.get("words_per_token")}
+    for workload in args.extra_workloads:  # mixed at the highest chat level; slot with the batch filled
+        level = args.batch if workload == "slot" else max(args.levels)
+        got[workload] = measure(base, model, out / workload, [workload], [level], args.logit_bias,
+                                extra)["workloads"][workload]
+    return got
 
 
 def medians(runs: list[dict]) -> dict:
     """Per side, workload, level and metric: the median over the runs (None where no run had a figure)."""
     table: dict[str, Any] = {}
     for run in runs:
-        for workload in ("chat", "autocomplete"):
-            for level, row in run[workload].items():
+        for workload in ("chat", "autocomplete", "mixed", "slot"):
+            for level, row in run.get(workload, {}).items():
                 cell = table.setdefault(run["side"], {}).setdefault(workload, {}).setdefault(level, {})
                 for metric in METRICS:
                     if row.get(metric) is not None:
@@ -239,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--levels", nargs="+", type=int, default=[1, 32])
     p.add_argument("--burst-levels", nargs="+", type=int, default=[8])
+    p.add_argument("--extra-workloads", nargs="*", default=["mixed", "slot"], choices=["mixed", "slot"],
+                   help="bench_serving's mixed (autocomplete under chat load) and slot (a dropped stream's slot)")
     p.add_argument("--logit-bias", default="", help="JSON, the EOS ids banned on both sides")
     p.add_argument("--top-k", type=int, default=40,
                    help="TabbyAPI's default top_k (this server's default is 40); sent too if bench_serving takes it")
