@@ -73,3 +73,20 @@ def test_a_cancelled_job_never_comes_back(compiler: ConstraintCompiler) -> None:
     time.sleep(0.2)
     got += queue.ready(0.05)
     assert [j.job_id for j, _ in got] == [2]
+
+
+class Panic(BaseException):
+    """What a panic in the grammar engine's native code comes out as: not an Exception."""
+
+
+class PanickingCompiler(ConstraintCompiler):
+    def compile(self, grammar: str) -> JobConstraint:
+        raise Panic("rust panicked")
+
+
+def test_a_panic_in_the_grammar_engine_still_ends_only_its_job(tiny_model_dir: Path) -> None:
+    queue = GrammarQueue()
+    queue.add(PanickingCompiler(tiny_model_dir / "tokenizer.json", 64, [2]), job(3, json_object_grammar()))
+    [(back, got)] = wait_ready(queue, 1)
+    assert back.job_id == 3 and isinstance(got, RuntimeError) and "rust panicked" in str(got)
+    assert refusal(3, got).error_kind is None  # the server's fault, not the request's

@@ -52,6 +52,7 @@ class ExLlamaV2Backend(BackendBase):
         self._generator: Any = None
         self._jobs: dict[int, Any] = {}
         self._grammars = GrammarQueue()  # jobs whose grammar is compiling
+        self._refused: list[StepEvent] = []  # jobs that could not start, reported at the next step
         self._eos: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -172,6 +173,7 @@ class ExLlamaV2Backend(BackendBase):
     def unload(self) -> None:
         self._jobs.clear()
         self._grammars.clear()
+        self._refused.clear()
         self._generator = None
         self._cache = None
         self._tokenizer = None
@@ -232,7 +234,11 @@ class ExLlamaV2Backend(BackendBase):
         if job.grammar is not None:  # compiled on the compiler's thread; enqueued by step() once ready
             self._grammars.add(compiler_for(self), job)
             return
-        self._enqueue(job, [])
+        try:
+            self._enqueue(job, [])
+        except Exception as exc:  # noqa: BLE001 - exllamav2's reason ends this job only, at the next step
+            self._jobs.pop(job.job_id, None)
+            self._refused.append(refusal(job.job_id, exc))
 
     def _enqueue(self, job: BackendJob, filters: list[Any]) -> None:
         import torch
@@ -273,13 +279,16 @@ class ExLlamaV2Backend(BackendBase):
             self._generator.cancel(gen_job)
 
     def has_work(self) -> bool:
-        return self._generator is not None and (self._generator.num_remaining_jobs() > 0 or len(self._grammars) > 0)
+        return bool(self._refused) or self._generator is not None and (
+            self._generator.num_remaining_jobs() > 0 or len(self._grammars) > 0)
 
     def active_jobs(self) -> int:
         return len(self._jobs) + len(self._grammars)
 
     def step(self) -> list[StepEvent]:
-        events = self._enqueue_compiled() if len(self._grammars) else []
+        events, self._refused = self._refused, []
+        if len(self._grammars):
+            events += self._enqueue_compiled()
         results = self._generator.iterate()
         streaming = set()
         for r in results:

@@ -297,8 +297,13 @@ class ExLlamaV3Backend(BackendBase):
         for job, got in self._grammars.ready(0.005 if idle else 0.0):
             if isinstance(got, Exception):
                 self._refused.append(refusal(job.job_id, got))
-            else:
-                self._enqueue(job, job_filters(self, job.grammar or "", got))
+                continue
+            try:
+                filters = job_filters(self, job.grammar or "", got)
+            except Exception as exc:  # noqa: BLE001 - this job's end, not the step's
+                self._refused.append(refusal(job.job_id, exc))
+                continue
+            self._enqueue(job, filters)
 
     def cancel(self, job_id: int) -> None:
         if self._grammars.cancel(job_id):

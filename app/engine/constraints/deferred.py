@@ -34,10 +34,15 @@ class GrammarQueue:
         self._waiting[job.job_id] = (job, compiler.compile_soon(job.grammar))
 
     def cancel(self, job_id: int) -> bool:
-        """Forget a waiting job (its compile finishes unused); whether it was waiting."""
-        return self._waiting.pop(job_id, None) is not None
+        """Forget a waiting job (a compile not started yet is dropped); whether it was waiting."""
+        entry = self._waiting.pop(job_id, None)
+        if entry is not None:
+            entry[1].cancel()
+        return entry is not None
 
     def clear(self) -> None:
+        for _, future in self._waiting.values():
+            future.cancel()  # the compiler's one worker is free for the next model's grammars
         self._waiting.clear()
 
     def ready(self, wait_s: float = 0.0) -> list[tuple[BackendJob, Compiled]]:
@@ -54,6 +59,8 @@ class GrammarQueue:
                 out.append((job, future.result()))
             elif isinstance(exc, GrammarError):
                 out.append((job, GrammarError(f"constraint: {exc}")))
-            else:
+            elif isinstance(exc, Exception):
                 out.append((job, exc))
+            else:  # e.g. a panic in the grammar engine's native code (a BaseException): still this job's end
+                out.append((job, RuntimeError(f"the grammar engine failed: {exc!r}")))
         return out
