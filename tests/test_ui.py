@@ -489,9 +489,9 @@ def test_the_tray_menu_has_the_state_on_top_and_models_one_level_down(tray, qloo
         assert _menu_rows(entry.menu()) == ["Load", "Unload (off)", "Settings…"]
     tray.menu.actions()[2].menu().actions()[0].trigger()  # alpha ▸ Load
     port = tray.controller.listener.port
-    run(qloop, until(lambda: tray.menu.actions()[0].text().endswith("ready, continuous batching (3)"), 120))
+    run(qloop, until(lambda: tray.menu.actions()[0].text().endswith("ready on transformers, continuous batching (3)"), 120))
     assert tray.menu.actions()[0].text() == (
-        f"Serving at http://127.0.0.1:{port}/v1 — model alpha ready, continuous batching (3)")
+        f"Serving at http://127.0.0.1:{port}/v1 — model alpha ready on transformers, continuous batching (3)")
     assert _menu_rows(tray.menu)[2] == "● alpha ▸"
     assert _menu_rows(tray.model_actions["alpha:latest"]["menu"].menu()) == ["Load (off)", "Unload", "Settings…"]
     tray.model_actions["alpha:latest"]["Unload"].trigger()

@@ -2,7 +2,7 @@
 
 ::
 
-    Serving at http://127.0.0.1:8000/v1 — tiny ready, continuous batching (16)     (disabled)
+    Serving at http://127.0.0.1:8000/v1 — model tiny ready on exllamav3, continuous batching (16)  (disabled)
     ─────────
     ● tiny        ▸ Load / Unload / Settings…
       other       ▸ Load / Unload / Settings…
@@ -48,7 +48,7 @@ class MenuState:
 
 
 def status_line(state: MenuState) -> str:
-    """E.g. "Serving at http://127.0.0.1:8000/v1 — tiny ready, continuous batching (16)"."""
+    """E.g. "Serving at http://127.0.0.1:8000/v1 — model tiny ready on exllamav3, continuous batching (16)"."""
     if not state.listening:
         head = f"API server not running: {state.listen_error}" if state.listen_error else "Starting the API server"
     else:
@@ -60,7 +60,8 @@ def status_line(state: MenuState) -> str:
             parts.append(f"loading {name} {m.progress * 100:.0f}%")
         elif m.state == "ready":
             busy = f", {m.active_jobs} running" if m.active_jobs else ""
-            parts.append(f"model {name} ready, {m.batching_summary}{busy}")
+            on = f" on {m.backend}" if m.backend else ""
+            parts.append(f"model {name} ready{on}, {m.batching_summary}{busy}")
         else:
             parts.append(f"{name} {m.state}")
     if not parts:
