@@ -37,7 +37,7 @@ KEPT = ROOT / ".gpu-cache"  # ignored: a warm machine keeps it between two calls
 SITE = Path("/tmp/site")  # run_checks.sh's install target, on PYTHONPATH
 EXT = "exllamav3_ext"
 BITS, HEAD_BITS = "4.0", "6"
-CONVERT = {"tiny-exl3": "tiny-fp16", "small-exl3": "small-fp16"}
+CONVERT = {"tiny-exl3": "tiny-fp16", "small-exl3": "small-fp16", "tinyllama-exl3": "tinyllama-fp16"}
 EXT_PROBE = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -169,6 +169,23 @@ def levels(rep: Any, ck: Any, model: str) -> None:
               ttft.get("overhead_p50_ms", 1e9) <= 1.5, json.dumps(ttft)[:300])
 
 
+def tinyllama(rep: Any, ck: Any) -> dict[str, Any]:
+    """The levels again on a model of realistic shape (TinyLlama-1.1B's, vocab 32,000; checks.py makes its
+    FP16 folder unless both its tinyllama and step-profile stages are skipped), converted here: on the
+    2-layer tiny model the server's fixed costs per request and per token outweigh a 0.75 ms token."""
+    if not (ck.WORK / "tinyllama-fp16" / "config.json").exists():
+        return {"not_run": "no tinyllama-fp16 folder"}
+    made = convert(ck.WORK, "tinyllama-exl3", rep.out, max(rep.left() - 180, 60))
+    ck.register("tinyllama-exl3", "tinyllama-exl3", ["--context-length", "2048", "--max-batch-size",
+                                                     str(ck.PAGED_BATCH)], served=True)
+    import httpx
+
+    for name in ("tiny-exl3", "tiny-exl3-tools", "small-exl2"):
+        httpx.post(f"{ck.BASE}/admin/unload", json={"model": name}, timeout=120)
+    levels(rep, ck, "tinyllama-exl3")
+    return {"converted": made}
+
+
 def switching(rep: Any, ck: Any, exl2: str, exl3: str) -> dict[str, Any]:
     """EXL2 -> EXL3 -> EXL2, each model answering two requests at a time; the whole GPU's memory used after
     each unload against the baseline before the first load."""
@@ -254,6 +271,7 @@ def run(rep: Any, ck: Any) -> None:
               served.get("backend") == "exllamav3" and served.get("batching") == "continuous", json.dumps(served)[:300])
     parts = [("constrained", 60, lambda: out.__setitem__("constrained", constrained(rep, ck, "tiny-exl3"))),
              ("levels", 150, lambda: levels(rep, ck, "tiny-exl3")),
+             ("tinyllama", 260, lambda: out.__setitem__("tinyllama", tinyllama(rep, ck))),
              ("switching", 60, lambda: out.__setitem__("switching", switching(rep, ck, "small-exl2", "tiny-exl3"))),
              ("multi_gpu", 0, lambda: out.__setitem__("multi_gpu", multi_gpu(rep, ck, "tiny-exl3")))]
     for name, needs, fn in parts:
