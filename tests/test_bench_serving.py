@@ -78,6 +78,50 @@ def test_mixed_and_slot_workloads_report_their_figures(serve, tmp_path: Path) ->
     slot = report["workloads"]["slot"]["2"]
     assert slot["requests"] == slot["completed"] == 2 and slot["errors"] == 0, slot  # both short requests answered
     assert slot["idle_ttft_ms"] > 0 and slot["slot_wait_steps_p50"] is not None, slot
-    assert slot["slot_wait_steps_p50"] <= slot["slot_wait_steps_max"]
+    # freed at once: a slot kept until a stream ended would wait hundreds of its 1,500-token steps
+    assert slot["slot_wait_steps_max"] < 100, slot
     assert report["settings"]["top_k"] == 40
     assert server.metric("exllama_tray_requests_running") == 0  # the dropped and the stopped streams let go
+
+
+async def test_calibration_uses_the_tokenizer_endpoint_of_a_server_without_usage() -> None:
+    """A server whose non-streamed completions carry no ``usage`` (TabbyAPI's) is calibrated through its
+    ``/token/encode``; one with neither is refused with the reason."""
+    import aiohttp
+    from aiohttp import web
+
+    bench = load_bench()
+    counted: list[str] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        return web.json_response({"choices": [{"text": "x"}], "usage": None})
+
+    async def encode(request: web.Request) -> web.Response:
+        text = (await request.json())["text"]
+        counted.append(text)
+        return web.json_response({"tokens": list(range(100)), "length": 100})
+
+    for with_encode in (True, False):
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        if with_encode:
+            app.router.add_post("/v1/token/encode", encode)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        client = bench.Client(f"http://127.0.0.1:{port}/v1", "m", "", {}, 10.0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                if with_encode:
+                    await client.calibrate(session)
+                    assert client.words_per_token == 0.5 and len(counted[0].split()) == 50  # 50 words, 100 tokens
+                else:
+                    try:
+                        await client.calibrate(session)
+                        raise AssertionError("calibrated without a token count")
+                    except SystemExit as exc:
+                        assert "no prompt token count" in str(exc)
+        finally:
+            await runner.cleanup()

@@ -76,7 +76,8 @@ def test_a_cancelled_job_never_comes_back(compiler: ConstraintCompiler) -> None:
 
 
 class Panic(BaseException):
-    """What a panic in the grammar engine's native code comes out as: not an Exception."""
+    """A panic in the grammar engine's native code outside engine_call (building the tokenizer's view, which
+    compile() does first) comes out as pyo3's PanicException: a BaseException, not an Exception."""
 
 
 class PanickingCompiler(ConstraintCompiler):

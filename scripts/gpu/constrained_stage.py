@@ -105,7 +105,7 @@ def _rate(res: Any) -> float:
     """A stream's decode rate: its tokens after the first over the time from its first chunk to its last (a
     chunk can carry several tokens: a random model's text holds back incomplete UTF-8)."""
     stamps = res.stamps
-    return (res.tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 and stamps[-1] > stamps[0] else 0.0
+    return (res.tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) >= 2 and stamps[-1] > stamps[0] else 0.0
 
 
 def overhead(rep: Any, base: str, model: str, label: str, ban: dict, prompt: str, rounds: int = 5,

@@ -13,8 +13,9 @@ The exl2-checkpoint revision turns its exllamav2 backend off when torch is a CUD
 turns it back on when exllamav2 imports, and keeps its (older) exllamav3 backend off.
 
 This server must already be serving the model (``--ours``). Runs go in pairs, the order alternating
-(ours, tabby), (tabby, ours), ...; each run is the chat workload at --levels and the autocomplete burst
-at --burst-levels. Output in --out: tabby_stage.json (every run, the medians, TabbyAPI's config and log
+(ours, tabby), (tabby, ours), ...; each run is the chat workload at --levels, the autocomplete burst
+at --burst-levels, and --extra-workloads (bench_serving's mixed at the highest chat level, slot with
+--batch streams). Output in --out: tabby_stage.json (every run, the medians, TabbyAPI's config and log
 tail) and tabby_stage.md (the medians side by side); bench_serving's own files stay in a temp dir.
 Usage on the GPU machine (after run_checks.sh's wheel install and with this server up on :8765):
     python3 scripts/gpu/tabby_stage.py --model /tmp/gpu-work/small-exl2 --ours http://127.0.0.1:8765/v1 \
