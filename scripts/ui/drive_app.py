@@ -177,7 +177,7 @@ class App:
     def menu_crop(self) -> tuple[int, int, int, int]:
         """Where the menus show: the top right corner (tray) or the main window."""
         if self.window is None:
-            return SCREEN[0] - 760, 0, 760, 215
+            return SCREEN[0] - 860, 0, 860, 300
         return self.desktop.geometry(self.window, frame=True)
 
 
