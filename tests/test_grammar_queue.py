@@ -1,6 +1,6 @@
 """The GPU backends' queue of jobs whose grammar compiles on the compiler's thread (constraints.deferred),
 with the real grammar engine and the tiny model's tokenizer: the step loop is never held by a compile, a
-job comes back once its grammar is ready, a refused grammar comes back as the request's fault, and a
+job comes back once its grammar (and its first mask) is ready, a refused grammar comes back as the request's fault, and a
 cancelled job never comes back."""
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def test_jobs_come_back_compiled_in_their_own_time(compiler: ConstraintCompiler)
     assert sorted(j.job_id for j, _ in got) == [1, 2]
     assert all(isinstance(c, JobConstraint) for _, c in got)
     assert len(queue) == 0 and queue.ready() == []
+    # the first mask was made on the compiler's thread too (the grammar engine's first in a process takes
+    # about a second), and making it left the grammar where it was: the same mask as a fresh compile's
+    for j, c in got:
+        assert c.first_mask_s is not None
+        assert c.allowed().tolist() == compiler.compile(j.grammar).allowed().tolist()
 
 
 def test_a_refused_grammar_is_the_requests_fault(compiler: ConstraintCompiler) -> None:
