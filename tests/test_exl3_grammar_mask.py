@@ -33,3 +33,13 @@ def test_the_packed_mask_allows_exactly_the_grammars_tokens(tiny_model_dir: Path
         assert not bits[vocab:].any()  # the padding words allow nothing
         assert 0 < allowed.sum() < vocab  # a JSON object constrains every step
         constraint.accept(int(np.flatnonzero(allowed)[step % int(allowed.sum())]))
+
+
+def test_no_bit_past_the_vocabulary_when_it_is_not_a_multiple_of_32(tiny_model_dir: Path) -> None:
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"] + 7  # e.g. a model vocab of 32,007
+    compiler = ConstraintCompiler(tiny_model_dir / "tokenizer.json", vocab, [2])
+    constraint = compiler.compile(json_object_grammar())
+    mask = packed_mask(constraint)
+    assert mask.shape == (1, -(-vocab // 32))
+    bits = unpack(mask)
+    assert bits[:vocab].tolist() == constraint.allowed().numpy().tolist() and not bits[vocab:].any()

@@ -31,13 +31,9 @@ def job_filters(backend: Any, grammar: str, constraint: JobConstraint) -> list[A
 
 def packed_mask(constraint: JobConstraint) -> Any:
     """The tokens ``constraint`` allows next as exllamav3's packed bitmask: an int32 CPU tensor (1, words)."""
-    import numpy as np
     import torch
 
-    bits = np.packbits(constraint.allowed().numpy(), bitorder="little")
-    words = np.zeros(-(-bits.shape[0] // 4) * 4, dtype=np.uint8)
-    words[:bits.shape[0]] = bits
-    return torch.from_numpy(words.view(np.int32).copy()).unsqueeze(0)
+    return torch.from_numpy(constraint.packed().copy()).unsqueeze(0)  # the grammar engine's own layout
 
 
 def grammar_filter(tokenizer: Any, constraint: JobConstraint, compile_again: Callable[[], JobConstraint]) -> Any:

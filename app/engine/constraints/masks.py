@@ -96,6 +96,21 @@ class JobConstraint:
         allowed = np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
         return torch.from_numpy(allowed)
 
+    def packed(self) -> Any:
+        """The tokens allowed next as the grammar engine makes them: a little-endian bitmask (bit ``i & 31``
+        of 32-bit word ``i >> 5``: token ``i``), one int32 numpy word per 32 tokens of the vocabulary."""
+        import numpy as np
+
+        words = np.frombuffer(self._matcher.compute_bitmask(), dtype="<i4")
+        want, tail = -(-self.vocab_size // 32), self.vocab_size % 32
+        if words.shape[0] == want and not tail:
+            return words
+        out = np.zeros(want, dtype="<i4")  # cut or pad to this vocabulary; no bit past its last token
+        out[:min(want, words.shape[0])] = words[:want]
+        if tail:
+            out[-1] &= (1 << tail) - 1
+        return out
+
     def mask(self, logits: Any) -> Any:
         """``logits`` (one row) with every token the grammar forbids at -inf (in place when it can)."""
         allowed = self.allowed().to(logits.device)
