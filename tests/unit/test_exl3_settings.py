@@ -125,3 +125,20 @@ def test_rope_scale_and_alpha_map_to_linear_scaling_and_the_ntk_base() -> None:
     assert untouched.rope_settings.rope_scaling == {"rope_type": "llama3", "factor": 8.0}
     with pytest.raises(BackendLoadError, match="own RoPE scaling \\(llama3\\)"):
         apply_rope(untouched, 2.0, 1.0)
+
+
+def test_prompts_arriving_during_generation_are_prefilled_at_every_step() -> None:
+    """exllamav3 1.6.5's Generator defaults prefill a prompt that arrives while others generate once every
+    fifth step, one prompt at a time; the backend asks for every step, whole chunks, where the version
+    takes those options, and passes nothing it does not take."""
+    from app.engine.backends.exllamav3_backend import prefill_every_step
+
+    class Generator165:  # the signature's part that matters, as in exllamav3 1.6.5
+        def __init__(self, model, cache, tokenizer, max_batch_size=256, max_chunk_size=2048,
+                     shared_chunk_size=None, prefill_cooldown=4, max_q_size=8): ...
+
+    class GeneratorOlder:
+        def __init__(self, model, cache, tokenizer, max_batch_size=256, max_chunk_size=2048, max_q_size=8): ...
+
+    assert prefill_every_step(Generator165, 2048) == {"prefill_cooldown": 0, "shared_chunk_size": 2048}
+    assert prefill_every_step(GeneratorOlder, 2048) == {}

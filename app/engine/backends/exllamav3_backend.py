@@ -66,6 +66,20 @@ def apply_rope(config: Any, rope_scale: float, rope_alpha: float) -> None:
         rs.rope_theta = float(rs.rope_theta) * rope_alpha ** (dim / (dim - 2))
 
 
+def prefill_every_step(generator_cls: Any, chunk: int) -> dict[str, int]:
+    """Generator options that prefill every waiting prompt at every step, a chunk at most each (as
+    exllamav2's dynamic generator does). exllamav3's defaults (1.6.5: ``prefill_cooldown`` 4, a shared
+    chunk of half the chunk size) give prompts that arrive while others generate one pass every fifth
+    step, one prompt at a time: 32 clients arriving over a few milliseconds waited 254 ms (p50) for their
+    first token on the H200 where the same jobs enqueued at once waited 35 ms. Only options this version
+    of exllamav3 takes are passed."""
+    import inspect
+
+    accepted = inspect.signature(generator_cls.__init__).parameters
+    wanted = {"prefill_cooldown": 0, "shared_chunk_size": chunk}
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
 class ExLlamaV3Backend(BackendBase):
     name = "exllamav3"
     batching = "continuous"
@@ -120,9 +134,10 @@ class ExLlamaV3Backend(BackendBase):
             self._load_weights(exl, model, progress, cancel)
             self._tokenizer = exl.Tokenizer.from_config(config)
             self._fast_tokenizer = self._agreeing_fast_tokenizer()
+            chunk = paged_sizes(self.context_length, self.max_batch)[1]
             self._generator = exl.Generator(model=model, cache=self._cache, tokenizer=self._tokenizer,
-                                            max_batch_size=self.max_batch,
-                                            max_chunk_size=paged_sizes(self.context_length, self.max_batch)[1])
+                                            max_batch_size=self.max_batch, max_chunk_size=chunk,
+                                            **prefill_every_step(exl.Generator, chunk))
             # config.json may lack these (exllamav3 reads them as None): the tokenizer knows its vocabulary
             self.vocab_size = int(config.vocab_size or self._tokenizer.actual_vocab_size)
             self._eos = {int(t) for t in (config.eos_token_id_list or []) if t is not None}
