@@ -81,3 +81,23 @@ class FixedStepBackend(BackendBase):
 
     def memory_used(self) -> dict[str, int]:
         return {}
+
+
+class BatchedFixedStepBackend(FixedStepBackend):
+    """The same step, for up to ``max_batch`` jobs at once (a continuous-batching generator's shape)."""
+
+    batching = "continuous"
+
+    def step(self) -> list[StepEvent]:
+        end = time.perf_counter() + self.step_s
+        while time.perf_counter() < end:
+            pass
+        events = []
+        for job_id in list(self._left)[: self.max_batch]:
+            self._left[job_id] -= 1
+            done = self._left[job_id] == 0
+            if done:
+                del self._left[job_id]
+            events.append(StepEvent(job_id, "a", 1, done, "length" if done else None))
+        self.last_step_batch = len(events)
+        return events
