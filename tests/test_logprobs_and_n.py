@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.scripted_backend import ScriptedBackend, say, scripted_factory
 from tests.helpers.servers import Servers
+from tests.helpers.tiny import KEEP_TALKING
 from tests.openai_schema import validate, validate_completion_chunk
 from tests.server_harness import ServerThread
 
@@ -106,6 +107,7 @@ def test_n_choices_are_indexed_and_usage_summed(client: openai.OpenAI) -> None:
 
 def test_n_streams_every_choice(server: ServerThread) -> None:
     chunks = sse_chunks(server, "chat/completions", {"model": "tiny", "messages": MSGS, "n": 2, "max_tokens": 5,
+                                                     "logit_bias": KEEP_TALKING,  # every choice runs to max_tokens
                                                      "stream_options": {"include_usage": True}})
     for chunk in chunks:
         validate("CreateChatCompletionStreamResponse", chunk)
@@ -116,7 +118,7 @@ def test_n_streams_every_choice(server: ServerThread) -> None:
 
 def test_n_on_completions(server: ServerThread) -> None:
     body = httpx.post(f"{server.base_url}/completions", timeout=60, json={
-        "model": "tiny", "prompt": "Hi", "n": 2, "max_tokens": 4, "logprobs": 0}).json()
+        "model": "tiny", "prompt": "Hi", "n": 2, "max_tokens": 4, "logprobs": 0, "logit_bias": KEEP_TALKING}).json()
     validate("CreateCompletionResponse", body)
     assert [c["index"] for c in body["choices"]] == [0, 1] and body["usage"]["completion_tokens"] == 8
     assert all(len(c["logprobs"]["tokens"]) == 4 for c in body["choices"])
