@@ -15,9 +15,8 @@ from typing import Any, Sequence
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.exllamav2_setup import announce_extension_build, cache_sizes, flash_attn_ok
 from app.engine.backends.gpu_common import (
-    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, refusal, unload_model)
-from app.engine.constraints.deferred import GrammarQueue
-from app.engine.constraints.masks import compiler_for
+    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
+from app.engine.backends.gpu_jobs import GeneratorJobs
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
@@ -28,7 +27,7 @@ CACHE_CLASSES = {"FP16": "ExLlamaV2Cache", "Q8": "ExLlamaV2Cache_Q8", "Q6": "ExL
                  "Q4": "ExLlamaV2Cache_Q4"}
 
 
-class ExLlamaV2Backend(BackendBase):
+class ExLlamaV2Backend(GeneratorJobs, BackendBase):
     name = "exllamav2"
 
     def __init__(self, model_dir: str, *, context_length: int, max_batch: int, cache_type: str = "FP16",
@@ -50,9 +49,7 @@ class ExLlamaV2Backend(BackendBase):
         self._tokenizer: Any = None
         self._fast_tokenizer: FolderTokenizer | None = None
         self._generator: Any = None
-        self._jobs: dict[int, Any] = {}
-        self._grammars = GrammarQueue()  # jobs whose grammar is compiling
-        self._refused: list[StepEvent] = []  # jobs that could not start, reported at the next step
+        self._init_jobs()
         self._eos: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -171,9 +168,7 @@ class ExLlamaV2Backend(BackendBase):
             max_chunk_size=cache_sizes(self.context_length, self.max_batch, self.paged).chunk, paged=self.paged)
 
     def unload(self) -> None:
-        self._jobs.clear()
-        self._grammars.clear()
-        self._refused.clear()
+        self._forget_jobs()
         self._generator = None
         self._cache = None
         self._tokenizer = None
@@ -230,16 +225,6 @@ class ExLlamaV2Backend(BackendBase):
             s.token_bias = bias
         return s
 
-    def submit(self, job: BackendJob) -> None:
-        if job.grammar is not None:  # compiled on the compiler's thread; enqueued by step() once ready
-            self._grammars.add(compiler_for(self), job)
-            return
-        try:
-            self._enqueue(job, [])
-        except Exception as exc:  # noqa: BLE001 - exllamav2's reason ends this job only, at the next step
-            self._jobs.pop(job.job_id, None)
-            self._refused.append(refusal(job.job_id, exc))
-
     def _enqueue(self, job: BackendJob, filters: list[Any]) -> None:
         import torch
         from exllamav2.generator import ExLlamaV2DynamicJob
@@ -253,42 +238,13 @@ class ExLlamaV2Backend(BackendBase):
         self._jobs[job.job_id] = gen_job
         self._generator.enqueue(gen_job)
 
-    def _enqueue_compiled(self) -> list[StepEvent]:
-        """Enqueue the jobs whose grammar has compiled; a refused grammar ends its job only. With nothing
-        else to step, wait a moment for a compile rather than spin."""
+    def _filters(self, job: BackendJob, constraint: Any) -> list[Any]:
         from app.engine.constraints.exllamav2_filter import grammar_filter
 
-        refused = []
-        idle = self._generator.num_remaining_jobs() == 0
-        for job, got in self._grammars.ready(0.005 if idle else 0.0):
-            if isinstance(got, Exception):
-                refused.append(refusal(job.job_id, got))
-                continue
-            try:
-                self._enqueue(job, [grammar_filter(self._model, self._tokenizer, got)])
-            except Exception as exc:  # noqa: BLE001 - exllamav2's reason, for this job only
-                self._jobs.pop(job.job_id, None)
-                refused.append(refusal(job.job_id, exc))
-        return refused
-
-    def cancel(self, job_id: int) -> None:
-        if self._grammars.cancel(job_id):
-            return
-        gen_job = self._jobs.pop(job_id, None)
-        if gen_job is not None:
-            self._generator.cancel(gen_job)
-
-    def has_work(self) -> bool:
-        return bool(self._refused) or self._generator is not None and (
-            self._generator.num_remaining_jobs() > 0 or len(self._grammars) > 0)
-
-    def active_jobs(self) -> int:
-        return len(self._jobs) + len(self._grammars)
+        return [grammar_filter(self._model, self._tokenizer, constraint)]
 
     def step(self) -> list[StepEvent]:
-        events, self._refused = self._refused, []
-        if len(self._grammars):
-            events += self._enqueue_compiled()
+        events = self._take_refused()
         results = self._generator.iterate()
         streaming = set()
         for r in results:

@@ -21,10 +21,9 @@ from typing import Any, Sequence
 from app.engine.backends import gpu_common
 from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCancelled, ProgressFn
 from app.engine.backends.gpu_common import (
-    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, refusal, unload_model)
+    agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
+from app.engine.backends.gpu_jobs import GeneratorJobs
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
-from app.engine.constraints.deferred import GrammarQueue
-from app.engine.constraints.masks import compiler_for
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 
@@ -80,7 +79,7 @@ def prefill_every_step(generator_cls: Any, chunk: int) -> dict[str, int]:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
-class ExLlamaV3Backend(BackendBase):
+class ExLlamaV3Backend(GeneratorJobs, BackendBase):
     name = "exllamav3"
     batching = "continuous"
 
@@ -104,9 +103,7 @@ class ExLlamaV3Backend(BackendBase):
         self._tokenizer: Any = None
         self._fast_tokenizer: FolderTokenizer | None = None
         self._generator: Any = None
-        self._jobs: dict[int, Any] = {}
-        self._refused: list[StepEvent] = []
-        self._grammars = GrammarQueue()  # jobs whose grammar is compiling
+        self._init_jobs()
         self._eos: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -229,9 +226,7 @@ class ExLlamaV3Backend(BackendBase):
                                        "exllamav3")
 
     def unload(self) -> None:
-        self._jobs.clear()
-        self._refused.clear()
-        self._grammars.clear()
+        self._forget_jobs()
         generator, self._generator = self._generator, None
         if generator is not None:
             generator.close()  # its pinned buffers and filter threads
@@ -280,64 +275,26 @@ class ExLlamaV3Backend(BackendBase):
                             top_k=params.top_k, top_p=params.top_p,
                             logit_bias={int(t): float(v) for t, v in params.logit_bias.items()})
 
-    def submit(self, job: BackendJob) -> None:
-        if job.grammar is not None:  # compiled on the compiler's thread; enqueued by step() once ready
-            self._grammars.add(compiler_for(self), job)
-            return
-        self._enqueue(job, [])
-
     def _enqueue(self, job: BackendJob, filters: list[Any]) -> None:
-        """Make and enqueue the job; a refusal (exllamav3 checks that it fits the cache) ends it only."""
+        """Make and enqueue the job (exllamav3 checks that it fits the cache: a refusal raises)."""
         import torch
         from exllamav3 import Job
 
-        try:
-            gen_job = Job(input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
-                          max_new_tokens=job.max_new_tokens, sampler=self.sampler(job.sampling),
-                          seed=job.sampling.seed, stop_conditions=[*job.stop_token_ids, *job.stop_strings],
-                          identifier=job.job_id, decode_special_tokens=False, filters=filters,
-                          return_top_tokens=job.logprobs or 0, return_probs=job.logprobs is not None)
-            self._generator.enqueue(gen_job)
-        except Exception as exc:  # noqa: BLE001 - exllamav3's reason, for this job
-            self._refused.append(refusal(job.job_id, exc))
-            return
+        gen_job = Job(input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
+                      max_new_tokens=job.max_new_tokens, sampler=self.sampler(job.sampling),
+                      seed=job.sampling.seed, stop_conditions=[*job.stop_token_ids, *job.stop_strings],
+                      identifier=job.job_id, decode_special_tokens=False, filters=filters,
+                      return_top_tokens=job.logprobs or 0, return_probs=job.logprobs is not None)
+        self._generator.enqueue(gen_job)
         self._jobs[job.job_id] = gen_job
 
-    def _enqueue_compiled(self) -> None:
-        """Enqueue the jobs whose grammar has compiled (a refused grammar ends its job only); with nothing
-        else to step, wait a moment for a compile rather than spin."""
+    def _filters(self, job: BackendJob, constraint: Any) -> list[Any]:
         from app.engine.constraints.exllamav3_filter import job_filters
 
-        idle = self._generator.num_remaining_jobs() == 0
-        for job, got in self._grammars.ready(0.005 if idle else 0.0):
-            if isinstance(got, Exception):
-                self._refused.append(refusal(job.job_id, got))
-                continue
-            try:
-                filters = job_filters(self, job.grammar or "", got)
-            except Exception as exc:  # noqa: BLE001 - this job's end, not the step's
-                self._refused.append(refusal(job.job_id, exc))
-                continue
-            self._enqueue(job, filters)
-
-    def cancel(self, job_id: int) -> None:
-        if self._grammars.cancel(job_id):
-            return
-        gen_job = self._jobs.pop(job_id, None)
-        if gen_job is not None:
-            self._generator.cancel(gen_job)
-
-    def has_work(self) -> bool:
-        return bool(self._refused) or len(self._grammars) > 0 or (
-            self._generator is not None and self._generator.num_remaining_jobs() > 0)
-
-    def active_jobs(self) -> int:
-        return len(self._jobs) + len(self._grammars)
+        return job_filters(self, job.grammar or "", constraint)
 
     def step(self) -> list[StepEvent]:
-        if len(self._grammars):
-            self._enqueue_compiled()
-        events, self._refused = self._refused, []
+        events = self._take_refused()
         streaming = 0
         for r in self._generator.iterate():
             stage = r.get("stage")
