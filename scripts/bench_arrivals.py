@@ -15,39 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
+
+from bench_model_process import ServerProcess, make_tokenizer_folder  # noqa: E402
 
 TARGET = "tests.fixed_step_backend:BatchedFixedStepBackend"
 BATCH = 32
-
-
-def _server_main(model_dir: str, step_s: float, ports: Any, stop: Any) -> None:
-    from app.engine.backends.model_process.client import ProcessBackend
-    from app.engine.catalog.registry import Registry
-    from app.engine.facade import Engine
-    from tests.server_harness import ServerThread, register
-
-    def factory(entry: Any, settings: Any) -> Any:
-        return ProcessBackend(TARGET, "batched-fixed-step", entry.model_dir, context_length=4096, max_batch=BATCH,
-                              step_s=step_s)
-
-    registry = Registry(Path(model_dir).parent / "models.json")
-    register(registry, "m", Path(model_dir), context_length=4096, batch_size=BATCH)
-    server = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=factory, **kw))
-    server.start()
-    ports.put(server.port)
-    stop.wait()
-    server.stop()
 
 
 def main() -> int:
@@ -59,16 +40,9 @@ def main() -> int:
     args = parser.parse_args()
     step = args.step_ms / 1e3
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "tiny"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(model), "--layers", "1",
-                        "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"],
-                       check=True, capture_output=True)
-        ctx = multiprocessing.get_context("spawn")
-        ports, stop = ctx.Queue(), ctx.Event()
-        proc = ctx.Process(target=_server_main, args=(str(model), step, ports, stop))
-        proc.start()
+        server = ServerProcess(make_tokenizer_folder(Path(tmp) / "tiny"), False, step, TARGET, BATCH)
         try:
-            base = f"http://127.0.0.1:{ports.get(timeout=120)}"
+            base = server.base_url.rsplit("/v1", 1)[0]
 
             def body(i: int) -> dict:
                 return {"model": "m", "prompt": f"{i} The quick brown fox jumps over the lazy dog",
@@ -87,8 +61,7 @@ def main() -> int:
                       f"({report[n]['ttft_p50_steps']} steps, max {report[n]['ttft_max_steps']}), "
                       f"{report[n]['agg_tok_s']} tok/s = {report[n]['of_ideal']} of the ideal", flush=True)
         finally:
-            stop.set()
-            proc.join(30)
+            server.stop()
     print(json.dumps({"step_ms": args.step_ms, "levels": report}))
     return 0
 

@@ -54,21 +54,23 @@ def _greedy() -> Any:
     return SamplingParams(temperature=0.0)
 
 
-def _server_main(model_dir: str, in_process: bool, step_s: float, ports: Any, stop: Any) -> None:
-    """The server in a process of its own, as in real use (the client must not share its GIL)."""
+def _server_main(model_dir: str, in_process: bool, step_s: float, ports: Any, stop: Any, target: str = TARGET,
+                 max_batch: int = 1) -> None:
+    """The server in a process of its own, as in real use (the client must not share its GIL); the backend
+    ``target`` in a model process, or FixedStepBackend in this one (``in_process``)."""
     from app.engine.backends.model_process.client import ProcessBackend
     from app.engine.facade import Engine
     from app.engine.catalog.registry import Registry
     from tests.server_harness import ServerThread, register
 
     def factory(entry: Any, settings: Any) -> Any:
-        kwargs = {"context_length": 4096, "max_batch": 1, "step_s": step_s}
+        kwargs = {"context_length": 4096, "max_batch": max_batch, "step_s": step_s}
         if in_process:
             return FixedStepBackend(entry.model_dir, **kwargs)
-        return ProcessBackend(TARGET, "fixed-step", entry.model_dir, **kwargs)
+        return ProcessBackend(target, "fixed-step", entry.model_dir, **kwargs)
 
     registry = Registry(Path(model_dir).parent / f"models-{in_process}.json")
-    register(registry, "m", Path(model_dir), context_length=4096)
+    register(registry, "m", Path(model_dir), context_length=4096, batch_size=max_batch)
     server = ServerThread(registry, engine_factory=lambda reg, **kw: Engine(reg, backend_factory=factory, **kw))
     server.start()
     ports.put(server.port)
@@ -77,13 +79,14 @@ def _server_main(model_dir: str, in_process: bool, step_s: float, ports: Any, st
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, in_process: bool, step_s: float) -> None:
+    def __init__(self, model_dir: Path, in_process: bool, step_s: float, target: str = TARGET,
+                 max_batch: int = 1) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._ports, self._stop = ctx.Queue(), ctx.Event()
         self._proc = ctx.Process(target=_server_main, args=(str(model_dir), in_process, step_s, self._ports,
-                                                            self._stop))
+                                                            self._stop, target, max_batch))
         self._proc.start()
         self.base_url = f"http://127.0.0.1:{self._ports.get(timeout=120)}/v1"
 
@@ -125,6 +128,16 @@ def http_figures(server: Any, runs: int, tokens: int) -> dict[str, float]:
             "stream_128_ms": statistics.median(lat_s) * 1e3, "nonstream_128_ms": statistics.median(lat_n) * 1e3}
 
 
+def make_tokenizer_folder(folder: Path) -> Path:
+    """A one-layer tiny model folder: what the fixed-step backends need of a model is its tokenizer."""
+    import subprocess
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(folder), "--layers", "1",
+                    "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"],
+                   check=True, capture_output=True)
+    return folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-ms", type=float, default=2.5)
@@ -133,12 +146,7 @@ def main() -> int:
     args = parser.parse_args()
     step_s = args.step_ms / 1e3
     with tempfile.TemporaryDirectory() as tmp:
-        import subprocess
-
-        model_dir = Path(tmp) / "tok"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(model_dir),
-                        "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
-                        "--intermediate", "64"], check=True, capture_output=True)
+        model_dir = make_tokenizer_folder(Path(tmp) / "tok")
         firsts, rates = zip(*(direct(str(model_dir), step_s, args.tokens) for _ in range(args.runs)))
         results: dict[str, Any] = {"step_ms": args.step_ms, "direct": {
             "decode_tok_s": statistics.median(rates), "ttft_ms": statistics.median(firsts) * 1e3}}

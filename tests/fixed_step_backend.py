@@ -67,7 +67,7 @@ class FixedStepBackend(BackendBase):
         while time.perf_counter() < end:
             pass
         events = []
-        for job_id in list(self._left)[:1]:  # one job at a time, like the unpaged generator
+        for job_id in list(self._left)[: self.jobs_per_step()]:
             self._left[job_id] -= 1
             done = self._left[job_id] == 0
             if done:
@@ -75,6 +75,9 @@ class FixedStepBackend(BackendBase):
             events.append(StepEvent(job_id, "a", 1, done, "length" if done else None))
         self.last_step_batch = len(events)
         return events
+
+    def jobs_per_step(self) -> int:
+        return 1  # one job at a time, like the unpaged generator
 
     def unload(self) -> None:
         self._left.clear()
@@ -88,16 +91,5 @@ class BatchedFixedStepBackend(FixedStepBackend):
 
     batching = "continuous"
 
-    def step(self) -> list[StepEvent]:
-        end = time.perf_counter() + self.step_s
-        while time.perf_counter() < end:
-            pass
-        events = []
-        for job_id in list(self._left)[: self.max_batch]:
-            self._left[job_id] -= 1
-            done = self._left[job_id] == 0
-            if done:
-                del self._left[job_id]
-            events.append(StepEvent(job_id, "a", 1, done, "length" if done else None))
-        self.last_step_batch = len(events)
-        return events
+    def jobs_per_step(self) -> int:
+        return self.max_batch
