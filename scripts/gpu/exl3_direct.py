@@ -16,9 +16,7 @@ Usage: python scripts/gpu/exl3_direct.py MODEL_DIR --context 2048 --batch 32 --b
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import sys
 import threading
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from paged_direct import _gc_timer, timed_run  # noqa: E402
+from paged_direct import _gc_timer, direct_args, serve_batches, timed_run  # noqa: E402
 
 
 def run_batch(backend: Any, sampler_for: Any, cmd: dict) -> dict:
@@ -42,12 +40,7 @@ def run_batch(backend: Any, sampler_for: Any, cmd: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--ban", type=int, nargs="*", default=[], help="token ids biased by -100 (EOS)")
-    args = parser.parse_args()
+    args = direct_args()
 
     from app.engine.backends.exllamav3_backend import ExLlamaV3Backend
     from app.engine.events import SamplingParams
@@ -62,13 +55,8 @@ def main() -> int:
 
     run_batch(backend, sampler_for, {"prompts": ["warm up"] * min(args.batch, 8), "tokens": 32, "seed": 0})
     gen = backend._generator
-    print(json.dumps({"ready": True, "paged": True, "max_batch": gen.max_batch_size,
-                      "cache_tokens": gen.max_total_tokens}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd.get("op") != "batch":
-            break
-        print(json.dumps(run_batch(backend, sampler_for, cmd)), flush=True)
+    serve_batches({"paged": True, "max_batch": gen.max_batch_size, "cache_tokens": gen.max_total_tokens},
+                  lambda cmd: run_batch(backend, sampler_for, cmd))
     backend.unload()
     return 0
 

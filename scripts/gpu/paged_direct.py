@@ -114,13 +114,29 @@ def run_batch(gen: Any, tokenizer: Any, settings: Any, cmd: dict) -> dict:
     return timed_run(gen, jobs)
 
 
-def main() -> int:
+def direct_args() -> argparse.Namespace:
+    """The direct references' command line (this script and exl3_direct.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--ban", type=int, nargs="*", default=[], help="token ids biased by -100 (EOS)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def serve_batches(ready: dict, run: Any) -> None:
+    """The protocol of the module docstring: ``ready`` as one JSON line, then ``run(cmd)``'s figures for
+    each batch command read from stdin, until another command or the end of stdin."""
+    print(json.dumps({"ready": True, **ready}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("op") != "batch":
+            break
+        print(json.dumps(run(cmd)), flush=True)
+
+
+def main() -> int:
+    args = direct_args()
 
     import gc
 
@@ -139,13 +155,8 @@ def main() -> int:
             bias[t] = -100
         settings.token_bias = bias
     run_batch(gen, tokenizer, settings, {"prompts": ["warm up"] * min(args.batch, 8), "tokens": 32, "seed": 0})
-    print(json.dumps({"ready": True, "paged": gen.paged, "max_batch": gen.max_batch_size,
-                      "cache_tokens": gen.max_total_tokens}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd.get("op") != "batch":
-            break
-        print(json.dumps(run_batch(gen, tokenizer, settings, cmd)), flush=True)
+    serve_batches({"paged": gen.paged, "max_batch": gen.max_batch_size, "cache_tokens": gen.max_total_tokens},
+                  lambda cmd: run_batch(gen, tokenizer, settings, cmd))
     return 0
 
 
