@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,7 @@ pytest.importorskip("PySide6")
 from app.engine.runtime.layout import Runtime  # noqa: E402
 from app.engine.runtime.service import RuntimeService  # noqa: E402
 from tests.test_runtime import OFFLINE_PIP  # noqa: E402
-
-
-@pytest.fixture
-def qloop(qapp):
-    import qasync
-
-    loop = qasync.QEventLoop(qapp, already_running=False)
-    asyncio.set_event_loop(loop)
-    yield loop
-    loop.close()
-    asyncio.set_event_loop(None)
-
-
-async def until(predicate, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        await asyncio.sleep(0.05)
+from tests.test_ui import qloop, until  # noqa: E402,F401  the qasync loop fixture and the wait of the UI tests
 
 
 def test_install_runtime_dialog(qapp, qloop, tmp_path: Path) -> None:
@@ -55,7 +36,7 @@ def test_install_runtime_dialog(qapp, qloop, tmp_path: Path) -> None:
     async def scenario() -> None:
         dlg.install_button.click()
         assert not dlg.install_button.isEnabled() and dlg.close_button.text() == "Cancel"
-        await until(lambda: not dlg.running)
+        await until(lambda: not dlg.running, 60)
         assert "package index could not be reached" in dlg.step.text()
         qapp.processEvents()
         for label in (dlg.text, dlg.step):  # the wrapped texts are whole, not cut at the bottom
@@ -63,7 +44,7 @@ def test_install_runtime_dialog(qapp, qloop, tmp_path: Path) -> None:
         assert dlg.install_button.text() == "Retry" and dlg.install_button.isEnabled()
         assert 0 < dlg.progress.value() < 1000 and runtime.is_done("venv")
         dlg.install_button.click()  # Retry: the venv is done before, torch runs again; closing cancels it
-        await until(lambda: dlg.step.text().startswith("installing torch"))
+        await until(lambda: dlg.step.text().startswith("installing torch"), 60)
         task = dlg._task
         dlg.close()
         await asyncio.wait_for(task, 30)
