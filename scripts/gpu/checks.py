@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import constrained_stage
 from gpu_base import (  # noqa: F401 - exl3_stage.py reaches these through this module
     BAN, BASE, MAX_CONTEXT, OOM_MARGIN, PAGED_BATCH, PORT, PROMPT, ROOT, SAVED_MEASUREMENT, TINYLLAMA,
     TINYLLAMA_MEASUREMENT, WIDE, WORK, Report, metric, register, sh, vram)
@@ -325,19 +326,6 @@ def start_server(rep: Report) -> subprocess.Popen:
     raise RuntimeError(f"server did not start (exit {proc.poll()}): {' | '.join(tail)[-400:]}")
 
 
-def constrained(rep: Report, folder: str) -> None:
-    """Structured output and tool calls on ``folder`` served by exllamav2 (scripts/gpu/constrained_stage.py)."""
-    import constrained_stage
-
-    name = f"{folder}-tools"
-    register(name, folder, ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH),
-                            "--tool-format", "hermes"], served=True)
-    out = rep.data.setdefault("constrained", {})
-    out["requests"] = constrained_stage.requests_check(rep, BASE, name, f"exllamav2 {folder}", BAN)
-    rep.save()
-    out["overhead"] = constrained_stage.overhead(rep, BASE, name, f"exllamav2 {folder}", BAN, PROMPT)
-
-
 def step_profile(rep: Report) -> None:
     """The model process's step against the direct loop's on the vocab-32,000 model (scripts/gpu/step_profile.py);
     FP16, so that no quantizing is needed."""
@@ -423,7 +411,9 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
     rep.stage("quantize", lambda: quantize(rep), quantize_s + NEEDS_S["direct-bench"] + NEEDS_S["e2e-exl2"])
     exl2 = [("direct-bench", lambda: direct_bench(rep)), ("e2e-exl2", lambda: e2e(rep, "small-exl2")),
             ("paged", lambda: paged(rep, "small-exl2", 2048, PAGED_BATCH)),
-            ("constrained", lambda: constrained(rep, "small-exl2")), ("step-profile", lambda: step_profile(rep)),
+            ("constrained", lambda: constrained_stage.on_served_model(rep, "small-exl2", "exllamav2",
+                                                                      rep.data.setdefault("constrained", {}))),
+            ("step-profile", lambda: step_profile(rep)),
             ("tinyllama", lambda: tinyllama(rep)),
             ("switching", lambda: switching(rep)), ("http-bench", lambda: http_bench(rep)),
             ("multi-gpu", lambda: multi_gpu(rep))]

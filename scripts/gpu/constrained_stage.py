@@ -147,3 +147,16 @@ def overhead(rep: Any, base: str, model: str, label: str, ban: dict, prompt: str
               f"{data['constrained_rate_median']:.0f} tok/s vs free 9th {data['free_ninth_rate_median']:.0f}, batch wall "
               f"ratio {data['wall_ratio_median']:.3f}, lost {lost}")
     return data
+
+
+def on_served_model(rep: Any, folder: str, backend: str, out: dict[str, Any]) -> None:
+    """Both parts on ``folder`` (a model of the checks' work folder) as served by ``backend``, registered as
+    ``<folder>-tools`` with the Hermes tool format; the figures go into ``out``."""
+    from gpu_base import BAN, BASE, PAGED_BATCH, PROMPT, register
+
+    name, label = f"{folder}-tools", f"{backend} {folder}"
+    register(name, folder, ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH),
+                            "--tool-format", "hermes"], served=True)
+    out["requests"] = requests_check(rep, BASE, name, label, BAN)
+    rep.save()
+    out["overhead"] = overhead(rep, BASE, name, label, BAN, PROMPT)

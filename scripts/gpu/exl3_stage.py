@@ -243,22 +243,10 @@ def multi_gpu(rep: Any, ck: Any, model: str) -> Any:
     return results
 
 
-def constrained(rep: Any, ck: Any, model: str) -> dict[str, Any]:
-    """Structured output, tool calls and the 8 free + 1 constrained overhead on exllamav3
-    (scripts/gpu/constrained_stage.py)."""
-    import constrained_stage
-
-    name = f"{model}-tools"
-    ck.register(name, model, ["--context-length", "2048", "--max-batch-size", str(ck.PAGED_BATCH),
-                              "--tool-format", "hermes"], served=True)
-    got = {"requests": constrained_stage.requests_check(rep, ck.BASE, name, f"exllamav3 {model}", ck.BAN)}
-    rep.save()
-    got["overhead"] = constrained_stage.overhead(rep, ck.BASE, name, f"exllamav3 {model}", ck.BAN, ck.PROMPT)
-    return got
-
-
 def run(rep: Any, ck: Any) -> None:
     """The stage (see the module's docstring); parts that do not fit the time budget are recorded as not run."""
+    import constrained_stage
+
     out = rep.data.setdefault("exl3", {})
     out["extension"] = ensure_extension(rep, rep.out)
     out["converted"] = {"tiny-exl3": convert(ck.WORK, "tiny-exl3", rep.out, max(rep.left() - 60, 60))}
@@ -269,7 +257,8 @@ def run(rep: Any, ck: Any) -> None:
     out["served"] = served
     rep.check("exl3: backend auto serves an EXL3 folder with exllamav3, continuous batching without flash-attn",
               served.get("backend") == "exllamav3" and served.get("batching") == "continuous", json.dumps(served)[:300])
-    parts = [("constrained", 60, lambda: out.__setitem__("constrained", constrained(rep, ck, "tiny-exl3"))),
+    parts = [("constrained", 60, lambda: constrained_stage.on_served_model(rep, "tiny-exl3", "exllamav3",
+                                                                       out.setdefault("constrained", {}))),
              ("levels", 150, lambda: levels(rep, ck, "tiny-exl3")),
              ("tinyllama", 260, lambda: out.__setitem__("tinyllama", tinyllama(rep, ck))),
              ("switching", 60, lambda: out.__setitem__("switching", switching(rep, ck, "small-exl2", "tiny-exl3"))),
