@@ -108,7 +108,7 @@ def _rate(res: Any) -> float:
     return (res.tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) >= 2 and stamps[-1] > stamps[0] else 0.0
 
 
-def overhead(rep: Any, base: str, model: str, label: str, ban: dict, prompt: str, rounds: int = 5,
+def overhead(rep: Any, base: str, model: str, label: str, ban: dict, prompt: str, rounds: int = 9,
              tokens: int = 256) -> dict[str, Any]:
     """See the module's docstring; the figures and the <= 10% check."""
     import paged_clients
@@ -160,3 +160,13 @@ def on_served_model(rep: Any, folder: str, backend: str, out: dict[str, Any]) ->
     out["requests"] = requests_check(rep, BASE, name, label, BAN)
     rep.save()
     out["overhead"] = overhead(rep, BASE, name, label, BAN, PROMPT)
+
+
+def overhead_on(rep: Any, folder: str, backend: str) -> dict[str, Any]:
+    """The batch overhead alone on ``folder`` (a model of realistic shape: the grammar engine's mask is made
+    over its whole vocabulary every step), registered as ``<folder>-json``."""
+    from gpu_base import BAN, BASE, PAGED_BATCH, PROMPT, register
+
+    name = f"{folder}-json"
+    register(name, folder, ["--context-length", "2048", "--max-batch-size", str(PAGED_BATCH)], served=True)
+    return overhead(rep, BASE, name, f"{backend} {folder}", BAN, PROMPT)

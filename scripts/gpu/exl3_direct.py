@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ def run_batch(backend: Any, sampler_for: Any, cmd: dict) -> dict:
     from exllamav3 import Job
 
     gen = backend._generator
+    started = time.perf_counter()
     jobs = [Job(input_ids=torch.tensor([backend.encode(p, add_bos=True)], dtype=torch.long),
                 max_new_tokens=cmd["tokens"], sampler=sampler_for(), seed=cmd["seed"] + i, stop_conditions=[],
                 identifier=i, decode_special_tokens=False)
             for i, p in enumerate(cmd["prompts"])]
-    return timed_run(gen, jobs)
+    return timed_run(gen, jobs, time.perf_counter() - started)
 
 
 def main() -> int:

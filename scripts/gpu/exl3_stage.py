@@ -183,7 +183,13 @@ def tinyllama(rep: Any, ck: Any) -> dict[str, Any]:
     for name in ("tiny-exl3", "tiny-exl3-tools", "small-exl2"):
         httpx.post(f"{ck.BASE}/admin/unload", json={"model": name}, timeout=120)
     levels(rep, ck, "tinyllama-exl3")
-    return {"converted": made}
+    out: dict[str, Any] = {"converted": made}
+    if rep.left() > 90:  # the constrained job's cost beside free ones, at a vocabulary of 32,000
+        import constrained_stage
+
+        httpx.post(f"{ck.BASE}/admin/unload", json={"model": "tinyllama-exl3"}, timeout=120)
+        out["constrained_overhead"] = constrained_stage.overhead_on(rep, "tinyllama-exl3", "exllamav3")
+    return out
 
 
 def switching(rep: Any, ck: Any, exl2: str, exl3: str) -> dict[str, Any]:
@@ -196,7 +202,8 @@ def switching(rep: Any, ck: Any, exl2: str, exl3: str) -> dict[str, Any]:
 
     client = openai.OpenAI(base_url=f"{ck.BASE}/v1", api_key="x", max_retries=0, timeout=300)
     msgs = [{"role": "user", "content": "hi"}]
-    for name in (exl2, exl3, "tiny-fp16", "small-exl3", f"{exl3}-tools", f"{exl2}-tools", "tinyllama-fp16"):
+    for name in (exl2, exl3, "tiny-fp16", "small-exl3", f"{exl3}-tools", f"{exl2}-tools", "tinyllama-fp16",
+                 "tinyllama-exl3", "tinyllama-exl3-json"):
         httpx.post(f"{ck.BASE}/admin/unload", json={"model": name}, timeout=120)
     base = ck.vram().get("gpu_used_mib")
     steps = []

@@ -24,6 +24,7 @@ class StreamResult:
     finish: str | None = None
     sent_at: float = 0.0  # perf_counter() when the request went out
     stamps: list[float] = field(default_factory=list)  # perf_counter() of each text chunk
+    prepare_ms: float = float("nan")  # the server's own preparation of the request (X-Prepare-Ms)
 
     def waits_after(self, start: float, end: float) -> list[float]:
         """For each gap between this stream's chunks that overlaps [start, end]: how long after ``start``
@@ -44,6 +45,7 @@ async def one_stream(session: Any, url: str, body: dict, t0: float, timeout_s: f
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
+            res.prepare_ms = float(resp.headers.get("X-Prepare-Ms", "nan"))
             async for raw in resp.content:
                 if cancel_after is not None and len(res.gaps) + 1 >= cancel_after:
                     res.error = "cancelled by the client"

@@ -213,15 +213,17 @@ def markdown(summary: dict) -> str:
     med = summary["medians"]
     lines = [f"# This server vs TabbyAPI ({summary['tabby_revision']}, {summary['backend']}): {summary['model']}",
              "", f"Medians of {summary['pairs']} alternating pairs. Settings: {json.dumps(summary['settings'])}", "",
-             "| workload | concurrency | metric | ours | TabbyAPI | ours / TabbyAPI |", "|---|---|---|---|---|---|"]
+             "| workload | concurrency | metric | ours | TabbyAPI | ours / TabbyAPI | bare generator |",
+             "|---|---|---|---|---|---|---|"]
     for workload, levels in med.get("ours", {}).items():
         for level, cell in levels.items():
             theirs = med.get("tabby", {}).get(workload, {}).get(level, {})
+            bare = med.get("bare", {}).get(workload, {}).get(level, {})
             for metric in METRICS:
-                a, b = cell.get(metric), theirs.get(metric)
+                a, b, c = cell.get(metric), theirs.get(metric), bare.get(metric)
                 ratio = f"{a / b:.3f}" if a is not None and b else "-"
                 lines.append(f"| {workload} | {level} | {metric} | {'-' if a is None else a} | "
-                             f"{'-' if b is None else b} | {ratio} |")
+                             f"{'-' if b is None else b} | {ratio} | {'-' if c is None else c} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -229,6 +231,18 @@ def markdown(summary: dict) -> str:
 def revision(folder: Path) -> str:
     marker = folder / "REVISION"
     return marker.read_text().strip()[:12] if marker.exists() else folder.name
+
+
+def start_bare(args: argparse.Namespace) -> Any:
+    """The bare generator loop (bare_side.py) on the same model folder, or None when it does not start."""
+    from bare_side import BareGenerator
+
+    ban = [int(k) for k in json.loads(args.logit_bias or "{}")]
+    try:
+        return BareGenerator(args.model, args.backend, args.context, args.batch, ban)
+    except Exception:  # noqa: BLE001 - the two servers' runs go on without it
+        log.exception("the bare generator did not start")
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -250,6 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logit-bias", default="", help="JSON, the EOS ids banned on both sides")
     p.add_argument("--top-k", type=int, default=40,
                    help="TabbyAPI's default top_k (this server's default is 40); sent too if bench_serving takes it")
+    p.add_argument("--bare", action="store_true", help="also the bare generator loop after each pair (chat levels)")
     p.add_argument("--bench-args", default="", help="more bench_serving.py options, one string")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--out", type=Path, required=True)
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.warning("bench_serving.py sends no top_k: ours defaults to 40, TabbyAPI gets --top-k from its preset")
     install_wheels()
+    bare = None
     tabby = Tabby(args.tabby, args.model, args.port, args.context, args.batch, args.backend, args.chunk_size,
                   args.top_k)
     summary: dict[str, Any] = {"model": args.model.name, "tabby_revision": revision(args.tabby),
@@ -279,13 +295,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary["tabby_start_s"] = round(tabby.start(args.start_timeout_s), 1)
         sides = {"ours": (args.ours, args.ours_model), "tabby": (tabby.base, args.model.name)}
+        if args.bare:
+            bare = start_bare(args)
         for k in range(args.pairs):
             for side in (("ours", "tabby") if k % 2 == 0 else ("tabby", "ours")):
                 log.info("pair %d: %s", k + 1, side)
                 base, model = sides[side]
                 runs_dir = tabby.work / f"pair{k + 1}-{side}"  # bench's own files stay out of --out
                 summary["runs"].append(one_run(side, base, model, runs_dir, args, extra))
+            if bare is not None:  # the bare generator after each pair, at the chat levels
+                log.info("pair %d: bare generator", k + 1)
+                wpt = summary["runs"][-1].get("words_per_token") or 1.0
+                try:
+                    summary["runs"].append({"side": "bare", "chat": {str(n): bare.chat_level(
+                        n, 512, 256, wpt, 2, 1000 * (k + 1)) for n in args.levels}})
+                except Exception:  # noqa: BLE001 - the servers' pairs go on without it
+                    log.exception("the bare generator failed")
+                    bare.close()
+                    bare = None
     finally:
+        if bare is not None:
+            summary["bare_ready"] = bare.ready
+            bare.close()
         tabby.stop()
         summary["tabby_log_tail"] = tabby.tail(2000)
         summary["medians"] = medians(summary["runs"])
