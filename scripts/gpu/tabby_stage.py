@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 base, model = sides[side]
                 runs_dir = tabby.work / f"pair{k + 1}-{side}"  # bench's own files stay out of --out
                 summary["runs"].append(one_run(side, base, model, runs_dir, args, extra))
+                (args.out / "tabby_stage.json").write_text(json.dumps(summary, indent=1))  # if the call is cut off
             if bare is not None:  # the bare generator after each pair, at the chat levels
                 log.info("pair %d: bare generator", k + 1)
                 wpt = summary["runs"][-1].get("words_per_token") or 1.0
