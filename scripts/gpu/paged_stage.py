@@ -134,9 +134,33 @@ def ttft_overhead(ctx: Ctx) -> None:
            # the request arrives (settings, prompt, tokens: X-Prepare-Ms), and the overhead counted from there
            "direct_build_p50_ms": 1e3 * statistics.median(built), "server_prepare_p50_ms": statistics.median(prepared),
            "overhead_from_prompt_p50_ms": 1e3 * statistics.median(s - d - b for s, d, b in zip(server, direct, built))}
+    res["server_phases_p50_ms"] = server_phases(ctx.base, TTFT_PAIRS)
     ctx.out["ttft_one_stream"] = res
     ctx.rep.check(f"paged {ctx.model}: TTFT overhead over direct <= 1.5 ms p50 at one stream",
                   res["overhead_p50_ms"] <= 1.5, json.dumps({k: round(v, 2) for k, v in res.items()}))
+
+
+def server_phases(base: str, last: int) -> dict[str, float | None]:
+    """Where the server's time to first text went in its last ``last`` requests (its request log: before the
+    job was taken, the way to the model process, the step that gave the first text, the way back, the write
+    to the socket), and one keep-alive GET /health round trip (HTTP with no engine work), p50 in ms."""
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        records = [r for r in http.get(f"{base}/admin/requests").json()["data"] if r.get("completion_tokens") == 4]
+        health = []
+        for _ in range(20):
+            t = time.perf_counter()
+            http.get(f"{base}/health")
+            health.append(time.perf_counter() - t)
+    records = records[-last:]
+
+    def p50_ms(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return round(statistics.median(values) * 1e3, 3) if values else None
+
+    keys = ("queued_s", "to_model_step_s", "model_step_s", "from_model_s", "handoff_s", "ttft_s")
+    return {**{k: p50_ms(k) for k in keys}, "health_round_trip": round(statistics.median(health) * 1e3, 3)}
 
 
 def fim_bodies(ctx: Ctx, n: int) -> list[dict]:
