@@ -304,8 +304,11 @@ def vram_after_many(ctx: Ctx) -> None:
                   abs(diff) <= 64 and lost == 0, f"{diff:+.0f} MiB (nvidia-smi), lost {lost}")
 
 
-def stream_vs_whole(ctx: Ctx, pairs: int = 20) -> None:
-    """The same 128 tokens streamed and not: the non-streaming answer must not be slower."""
+def stream_vs_whole(ctx: Ctx, pairs: int = 30) -> None:
+    """The same 128 tokens streamed and not: the non-streaming answer must not be slower. Judged on the
+    median of the pairs' differences (each pair measured back to back, the order alternating), which the
+    machine's drift over the run (up to 2x on these shared GPU hosts) leaves alone; both sides' own medians
+    are reported beside it."""
     import httpx
 
     http = httpx.Client(timeout=300)
@@ -326,8 +329,8 @@ def stream_vs_whole(ctx: Ctx, pairs: int = 20) -> None:
     res = {"stream_ms": 1e3 * statistics.median(streamed), "whole_ms": 1e3 * statistics.median(whole),
            "pair_diff_whole_minus_stream_median_ms": 1e3 * statistics.median(w - s for w, s in zip(whole, streamed))}
     ctx.out["stream_vs_whole_128"] = res
-    ctx.rep.check(f"paged {ctx.model}: non-streaming latency <= streaming for 128 tokens",
-                  res["whole_ms"] <= res["stream_ms"], json.dumps({k: round(v, 1) for k, v in res.items()}))
+    ctx.rep.check(f"paged {ctx.model}: non-streaming latency <= streaming for 128 tokens (median of pair differences)",
+                  res["pair_diff_whole_minus_stream_median_ms"] <= 0, json.dumps({k: round(v, 1) for k, v in res.items()}))
 
 
 def run(ctx: Ctx, context: int, batch: int, parts: list[str] | None = None) -> None:
