@@ -25,5 +25,5 @@ timeout "$LIMIT" python3 scripts/gpu/tabby_stage.py --pairs "$PAIRS" --bare \
   --tabby "$TABBY" --backend "$BACKEND" --context 2048 --batch 32 \
   --logit-bias '{"2": -100, "5": -100}' --out "$DEST" > "$DEST/tabby_stage.log" 2>&1
 echo "tabby_stage exit $?"
-pkill -f "[m]ain\.py --config" ; kill $OURS 2>/dev/null; sleep 2; pkill -f "[c]onfig.yml" || true
+pkill -f "[r]unpy\.run_path"; kill $OURS 2>/dev/null; sleep 2; pkill -f "[c]onfig.yml" || true
 tail -40 "$DEST/tabby_stage.log"
