@@ -59,7 +59,11 @@ class BareGenerator:
                  "ttft_p50_ms": _ms_percentile(x["ttft_s"], 0.5), "ttft_p99_ms": _ms_percentile(x["ttft_s"], 0.99),
                  "itl_p50_ms": round(1e3 * x["itl_p50_s"], 2), "itl_p99_ms": round(1e3 * x["itl_p99_s"], 2),
                  "errors": 0, "dropped_streams": 0} for x in runs]
-        return {k: statistics.median(r[k] for r in rows if r[k] is not None) for k in rows[0]}
+        out: dict[str, Any] = {}
+        for k in rows[0]:
+            vals = [r[k] for r in rows if r[k] is not None]
+            out[k] = statistics.median(vals) if vals else None
+        return out
 
     def close(self) -> None:
         try:

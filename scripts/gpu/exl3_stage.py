@@ -188,7 +188,10 @@ def tinyllama(rep: Any, ck: Any) -> dict[str, Any]:
         import constrained_stage
 
         httpx.post(f"{ck.BASE}/admin/unload", json={"model": "tinyllama-exl3"}, timeout=120)
-        out["constrained_overhead"] = constrained_stage.overhead_on(rep, "tinyllama-exl3", "exllamav3")
+        try:
+            out["constrained_overhead"] = constrained_stage.overhead_on(rep, "tinyllama-exl3", "exllamav3")
+        except Exception as exc:  # noqa: BLE001 - the conversion's record stays
+            out["constrained_overhead"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return out
 
 

@@ -19,11 +19,11 @@ for _ in range(120):
     except OSError:
         time.sleep(0.5)
 PY
-timeout "$LIMIT" python3 scripts/gpu/tabby_stage.py --pairs "$PAIRS" --bare \
+timeout -s INT -k 30 "$LIMIT" python3 scripts/gpu/tabby_stage.py --pairs "$PAIRS" --bare \
   --bench-args "--requests-per-client 2 --burst-s 5 --slot-trials 3" \
   --model "/tmp/gpu-work/$MODEL" --ours http://127.0.0.1:8765/v1 --ours-model "$MODEL" \
   --tabby "$TABBY" --backend "$BACKEND" --context 2048 --batch 32 \
   --logit-bias '{"2": -100, "5": -100}' --out "$DEST" > "$DEST/tabby_stage.log" 2>&1
 echo "tabby_stage exit $?"
-pkill -f "[r]unpy\.run_path"; kill $OURS 2>/dev/null; sleep 2; pkill -f "[c]onfig.yml" || true
+pkill -f "[r]unpy\.run_path"; kill $OURS 2>/dev/null; sleep 2; pkill -KILL -f "[r]unpy\.run_path" || true
 tail -40 "$DEST/tabby_stage.log"
