@@ -9,6 +9,18 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$DEST"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1 || true
+# a model the checks did not make on this machine: unpacked from .gpu/ (tiny-exl3.tar.xz) and registered;
+# exllamav3's extension restored from .gpu/ when it is not in place
+if [ ! -d "/tmp/gpu-work/$MODEL" ] && [ -f ".gpu/$MODEL.tar.xz" ]; then
+  mkdir -p /tmp/gpu-work && tar -xJf ".gpu/$MODEL.tar.xz" -C /tmp/gpu-work
+fi
+if [ ! -f /tmp/site/exllamav3_ext.so ] && ls .gpu/exllamav3_ext.so.xz* >/dev/null 2>&1; then
+  cat .gpu/exllamav3_ext.so.xz* | xz -dc > /tmp/site/exllamav3_ext.so
+fi
+if ! grep -q "\"$MODEL:" /tmp/gpu-work/models.json 2>/dev/null; then
+  python3 -m app --models /tmp/gpu-work/models.json add-model --no-ollama --model-dir "/tmp/gpu-work/$MODEL" \
+    --context-length 2048 --max-batch-size 32 "$MODEL"
+fi
 python3 -m app --models /tmp/gpu-work/models.json serve --port 8765 > "$DEST/ours-server.log" 2>&1 &
 OURS=$!
 python3 - <<'PY'
