@@ -151,7 +151,9 @@ class Client:
 def summarize(samples: list[Sample], wall_s: float) -> dict:
     done = [s for s in samples if s.ok]
     gaps = [g for s in done for g in s.gaps_s]
-    ttfts = [s.ttft_s for s in done if s.ttft_s is not None]
+    # every request that got its first token counts for TTFT, also one an editor dropped after it: counting
+    # only completed ones would keep the fast requests of a server that finishes few in time
+    ttfts = [s.ttft_s for s in samples if s.ttft_s is not None and (s.ok or s.cancelled)]
     tokens = sum(s.completion_tokens for s in done)
 
     def ms(v: float | None) -> float | None:
@@ -161,6 +163,7 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
             "requests_per_s": round(len(done) / wall_s, 3) if wall_s else 0.0,
             "output_tok_s": round(tokens / wall_s, 1) if wall_s else 0.0, "output_tokens": tokens,
             "ttft_p50_ms": ms(percentile(ttfts, 0.5)), "ttft_p99_ms": ms(percentile(ttfts, 0.99)),
+            "ttft_samples": len(ttfts),
             "itl_p50_ms": ms(percentile(gaps, 0.5)), "itl_p99_ms": ms(percentile(gaps, 0.99)),
             "errors": sum(bool(s.error) for s in samples), "dropped_streams": sum(s.dropped for s in samples),
             "cancelled": sum(s.cancelled for s in samples),
@@ -189,16 +192,19 @@ async def editors(client: Client, session: Any, n: int, seconds: float, every_s:
 
     async def editor(k: int) -> None:
         running: asyncio.Task | None = None
+        current = Sample()
         started = time.perf_counter()
         i = 0
         while time.perf_counter() - started < seconds and not (stop is not None and stop.is_set()):
             if running is not None and not running.done():
                 running.cancel()
-                samples.append(Sample(cancelled=True))
+                current.cancelled = True  # what it got before the drop stays (its first token's time)
+                samples.append(current)
             cut = (len(CODE) * (k + 1) // (n + 1) + i) % len(CODE)
             body = client.body(prompt=CODE[:max(cut, 20)], suffix="\n\n    def grow(self):\n", max_tokens=16,
                                temperature=0)
-            running = asyncio.ensure_future(client.stream(session, "/completions", body))
+            current = Sample()
+            running = asyncio.ensure_future(client.stream(session, "/completions", body, current))
             running.add_done_callback(lambda t: None if t.cancelled() else samples.append(t.result()))
             i += 1
             await asyncio.sleep(every_s)

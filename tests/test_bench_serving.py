@@ -44,6 +44,8 @@ def test_one_level_of_each_workload_gives_a_complete_report(serve, tmp_path: Pat
     burst = report["workloads"]["autocomplete"]["2"]
     assert burst["errors"] == burst["dropped_streams"] == 0, burst
     assert burst["completed"] + burst["cancelled"] == burst["requests"] >= 2
+    # TTFT counts every request that got a first token, the dropped ones too: at least every completed one
+    assert burst["completed"] <= burst["ttft_samples"] <= burst["requests"], burst
     table = (out / "report.md").read_text()
     assert "## chat" in table and "| 2 |" in table
     # every request the editors dropped was let go by the server too

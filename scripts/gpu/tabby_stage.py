@@ -49,7 +49,7 @@ WHEELS = ROOT / ".whl-tabby"
 SITE = Path("/tmp/site-tabby")
 SHARED_SITE = Path("/tmp/site")
 PRESET = "bench_stage"  # written into TabbyAPI's sampler_overrides/ (its run copy, outside the repository)
-METRICS = ("output_tok_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+METRICS = ("output_tok_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "ttft_samples", "itl_p50_ms", "itl_p99_ms",
            "errors", "dropped_streams", "cancelled", "load_output_tok_s", "slot_wait_steps_p50", "slot_wait_steps_max")
 BOOT = """
 import importlib.util, runpy, sys
