@@ -103,6 +103,7 @@ def timed_run(gen: Any, jobs: list[Any], build_s: float = 0.0) -> dict:
             "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),
             "itl_max_s": max(gaps, default=float("nan")),
             "steps": len(steps), "step_max_s": max(steps, default=float("nan")),
+            "step_mean_s": sum(steps) / len(steps) if steps else float("nan"),
             "steps_over_50ms": sum(t > 0.05 for t in steps), "gc_full": len(GC_PAUSES), "gc_full_s": sum(GC_PAUSES)}
 
 

@@ -79,7 +79,9 @@ def levels(ctx: Ctx) -> None:
                 if side == "direct":
                     rows["direct"].append(ctx.direct_batch(n, TOKENS, 100 * k))
                 else:
-                    rows["server"].append(pc.run_batch(ctx.base, [ctx.body(i, seed=100 * k) for i in range(n)]))
+                    got = pc.run_batch(ctx.base, [ctx.body(i, seed=100 * k) for i in range(n)])
+                    got.update(model_process_steps(ctx.base, n))
+                    rows["server"].append(got)
         ratios = [s["agg_tok_s"] / d["agg_tok_s"] for d, s in zip(rows["direct"], rows["server"])]
         row = {"pair_ratio_median": statistics.median(ratios), "pair_ratios": [round(r, 4) for r in ratios],
                "lost": sum(s["lost"] for s in rows["server"]),
@@ -87,6 +89,11 @@ def levels(ctx: Ctx) -> None:
         row["direct_stalls"] = {k: sum(r.get(k, 0) for r in rows["direct"])
                                 for k in ("steps", "steps_over_50ms", "gc_full", "gc_full_s")}
         row["direct_stalls"]["step_max_s"] = max(r.get("step_max_s", 0) for r in rows["direct"])
+        # a step's time on each side: the direct loop's iterate() against the model process's step() and its
+        # step-to-step span (step() plus its loop around it), medians of the runs, in ms
+        row["step_ms"] = {"direct_iterate": _median_ms([r.get("step_mean_s") for r in rows["direct"]]),
+                          "model_process_step": _median_ms([r.get("mp_step_s") for r in rows["server"]]),
+                          "model_process_span": _median_ms([r.get("mp_span_s") for r in rows["server"]])}
         for side, runs in rows.items():
             ttfts = [t for r in runs for t in r["ttft_s"]]
             row[side] = {"agg_tok_s": statistics.median(r["agg_tok_s"] for r in runs),
@@ -106,6 +113,29 @@ def levels(ctx: Ctx) -> None:
                   f"{r['direct']['agg_tok_s']:.0f} tok/s), lost {r['lost']}")
     rep.check(f"paged {ctx.model}: every job gave {TOKENS} tokens (EOS banned)",
               all(t["tokens_each"] == [TOKENS] for t in table.values()), json.dumps({n: t["tokens_each"] for n, t in table.items()}))
+
+
+def _median_ms(values: list[Any]) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float)) and v == v]
+    return round(1e3 * statistics.median(vals), 3) if vals else None
+
+
+def model_process_steps(base: str, n: int) -> dict[str, float]:
+    """The model process's own timing of the last ``n`` requests' decoding (the request log: steps after the
+    first, the time inside them, the span from the first to the last): mean time per step inside step()
+    and per step in all, medians over the requests."""
+    import httpx
+
+    try:
+        records = httpx.get(f"{base}/admin/requests", timeout=30).json()["data"][-n:]
+    except Exception:  # noqa: BLE001 - the figure is optional
+        return {}
+    inside = [r["model_decode_in_steps_s"] / r["model_decode_steps"] for r in records
+              if r.get("model_decode_steps") and r.get("model_decode_in_steps_s") is not None]
+    span = [r["model_decode_span_s"] / r["model_decode_steps"] for r in records
+            if r.get("model_decode_steps") and r.get("model_decode_span_s") is not None]
+    return {"mp_step_s": statistics.median(inside) if inside else float("nan"),
+            "mp_span_s": statistics.median(span) if span else float("nan")}
 
 
 def ttft_overhead(ctx: Ctx) -> None:
