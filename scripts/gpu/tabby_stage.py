@@ -233,6 +233,22 @@ def revision(folder: Path) -> str:
     return marker.read_text().strip()[:12] if marker.exists() else folder.name
 
 
+def warm_up(base: str, model: str, requests: int = 3) -> None:
+    """A few short chat and completion requests before anything is measured (a load on demand, the first
+    kernels' set-up, the template's first render)."""
+    for i in range(requests):
+        for path, body in (("/chat/completions", {"messages": [{"role": "user", "content": f"warm up {i}"}]}),
+                           ("/completions", {"prompt": f"warm up {i}"})):
+            data = json.dumps({"model": model, "max_tokens": 16, **body}).encode()
+            req = urllib.request.Request(f"{base.rstrip('/')}{path}", data=data,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=600) as resp:
+                    resp.read()
+            except (urllib.error.URLError, OSError) as exc:
+                log.warning("warm-up request to %s failed: %s", base, exc)
+
+
 def start_bare(args: argparse.Namespace) -> Any:
     """The bare generator loop (bare_side.py) on the same model folder, or None when it does not start."""
     from bare_side import BareGenerator
@@ -295,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary["tabby_start_s"] = round(tabby.start(args.start_timeout_s), 1)
         sides = {"ours": (args.ours, args.ours_model), "tabby": (tabby.base, args.model.name)}
+        for base, model in sides.values():  # first requests after a load are slow on both (ours loads on demand)
+            warm_up(base, model)
         if args.bare:
             bare = start_bare(args)
         for k in range(args.pairs):
