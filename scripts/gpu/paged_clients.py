@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,3 +158,23 @@ async def under_load(base: str, load: list[dict], probes: list[dict], settle_s: 
 
 def p(values: list[float], q: float) -> float:
     return percentile([v for v in values if v == v], q)  # NaN (no first token) left out
+
+
+def median_ms(values: list[Any], digits: int | None = None) -> float | None:
+    """The median of ``values`` (seconds) in ms, None and NaN left out; None when nothing is left."""
+    vals = [v for v in values if isinstance(v, (int, float)) and v == v]
+    if not vals:
+        return None
+    ms = 1e3 * statistics.median(vals)
+    return ms if digits is None else round(ms, digits)
+
+
+def health_round_trip_ms(http: Any, base: str, n: int = 20) -> float:
+    """The median of ``n`` keep-alive GET /health round trips on the httpx client ``http``: one HTTP exchange
+    with the server and no engine work."""
+    took = []
+    for _ in range(n):
+        t = time.perf_counter()
+        http.get(f"{base}/health")
+        took.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(took)

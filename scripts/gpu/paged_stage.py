@@ -91,9 +91,9 @@ def levels(ctx: Ctx) -> None:
         row["direct_stalls"]["step_max_s"] = max(r.get("step_max_s", 0) for r in rows["direct"])
         # a step's time on each side: the direct loop's iterate() against the model process's step() and its
         # step-to-step span (step() plus its loop around it), medians of the runs, in ms
-        row["step_ms"] = {"direct_iterate": _median_ms([r.get("step_mean_s") for r in rows["direct"]]),
-                          "model_process_step": _median_ms([r.get("mp_step_s") for r in rows["server"]]),
-                          "model_process_span": _median_ms([r.get("mp_span_s") for r in rows["server"]])}
+        row["step_ms"] = {"direct_iterate": pc.median_ms([r.get("step_mean_s") for r in rows["direct"]], 3),
+                          "model_process_step": pc.median_ms([r.get("mp_step_s") for r in rows["server"]], 3),
+                          "model_process_span": pc.median_ms([r.get("mp_span_s") for r in rows["server"]], 3)}
         for side, runs in rows.items():
             ttfts = [t for r in runs for t in r["ttft_s"]]
             row[side] = {"agg_tok_s": statistics.median(r["agg_tok_s"] for r in runs),
@@ -113,11 +113,6 @@ def levels(ctx: Ctx) -> None:
                   f"{r['direct']['agg_tok_s']:.0f} tok/s), lost {r['lost']}")
     rep.check(f"paged {ctx.model}: every job gave {TOKENS} tokens (EOS banned)",
               all(t["tokens_each"] == [TOKENS] for t in table.values()), json.dumps({n: t["tokens_each"] for n, t in table.items()}))
-
-
-def _median_ms(values: list[Any]) -> float | None:
-    vals = [v for v in values if isinstance(v, (int, float)) and v == v]
-    return round(1e3 * statistics.median(vals), 3) if vals else None
 
 
 def model_process_steps(base: str, n: int) -> dict[str, float]:
@@ -184,19 +179,10 @@ def server_phases(base: str, last: int) -> dict[str, float | None]:
 
     with httpx.Client(timeout=30) as http:
         records = [r for r in http.get(f"{base}/admin/requests").json()["data"] if r.get("completion_tokens") == 4]
-        health = []
-        for _ in range(20):
-            t = time.perf_counter()
-            http.get(f"{base}/health")
-            health.append(time.perf_counter() - t)
+        health = pc.health_round_trip_ms(http, base)
     records = records[-2 * last::2]
-
-    def p50_ms(key: str) -> float | None:
-        values = [r[key] for r in records if r.get(key) is not None]
-        return round(statistics.median(values) * 1e3, 3) if values else None
-
     keys = ("queued_s", "to_model_step_s", "model_step_s", "from_model_s", "handoff_s", "ttft_s")
-    return {**{k: p50_ms(k) for k in keys}, "health_round_trip": round(statistics.median(health) * 1e3, 3)}
+    return {**{k: pc.median_ms([r.get(k) for r in records], 3) for k in keys}, "health_round_trip": round(health, 3)}
 
 
 def fim_bodies(ctx: Ctx, n: int) -> list[dict]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from paged_clients import health_round_trip_ms, median_ms
 from gpu_base import BAN, BASE, DECODE_RUNS, LATENCY_RUNS, PROMPT, ROOT, TTFT_RUNS, WORK, Report, metric, vram
 
 
@@ -113,15 +114,8 @@ def http_bench(rep: Report) -> None:
     records = http.get(f"{BASE}/admin/requests").json()["data"][-TTFT_RUNS:]
 
     def p50_ms(key: str) -> float | None:
-        values = [r[key] for r in records if r.get(key) is not None]
-        return statistics.median(values) * 1e3 if values else None
+        return median_ms([r.get(key) for r in records])
 
-    # the floor of one keep-alive HTTP exchange with this server (no engine work)
-    health_ms = []
-    for _ in range(20):
-        t = time.perf_counter()
-        http.get(f"{BASE}/health")
-        health_ms.append((time.perf_counter() - t) * 1e3)
     rep.data["bench"]["ttft_phases_p50_ms"] = {
         "queued (submit -> GPU thread)": p50_ms("queued_s"),
         "first step (GPU thread -> first text)": p50_ms("first_step_s"),
@@ -130,7 +124,7 @@ def http_bench(rep: Report) -> None:
         "that step in the model process": p50_ms("model_step_s"),
         "back from the model process (step end -> read by the event loop)": p50_ms("from_model_s"),
         "runner ttft (submit -> first token)": p50_ms("ttft_s"),
-        "GET /health round trip": statistics.median(health_ms)}
+        "GET /health round trip": health_round_trip_ms(http, BASE)}  # the floor of one keep-alive HTTP exchange
     direct_proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
     direct_proc.stdin.close()
     direct_proc.wait(60)
