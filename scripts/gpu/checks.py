@@ -191,7 +191,7 @@ def make_models(rep: Report) -> None:
                               "--intermediate", str(WIDE["intermediate"])]
     if "quantize" in rep.skip:  # only the quantizer reads it
         specs.pop("small-fp16")
-    if "tinyllama" not in rep.skip or "step-profile" not in rep.skip:
+    if not {"tinyllama", "step-profile", "exl3"} <= rep.skip:  # exl3's own TinyLlama-shape part converts it
         specs["tinyllama-fp16"] = [*TINYLLAMA, "--vocab", "32000"]
     # made side by side: each is mostly its own imports and the writing of its files
     procs = {}

@@ -274,7 +274,9 @@ def run(rep: Any, ck: Any) -> None:
              ("switching", 60, lambda: out.__setitem__("switching", switching(rep, ck, "small-exl2", "tiny-exl3"))),
              ("multi_gpu", 0, lambda: out.__setitem__("multi_gpu", multi_gpu(rep, ck, "tiny-exl3")))]
     for name, needs, fn in parts:
-        if name == "switching" and not (ck.WORK / "small-exl2" / "config.json").exists():
+        if f"exl3-{name}" in rep.skip:  # e.g. --skip exl3-constrained
+            out[name] = "skipped"
+        elif name == "switching" and not (ck.WORK / "small-exl2" / "config.json").exists():
             out[name] = "not run: no EXL2 model (the quantize stage did not run)"
         elif rep.left() < needs:
             out[name] = f"not run: {rep.left():.0f} s left, needs about {needs} s"
