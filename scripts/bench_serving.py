@@ -9,7 +9,7 @@ Workloads (sizes in tokens, calibrated on the server's own token counts):
   mixed         one editor's autocomplete burst while N chat clients run (the editor's figures; the chat
                 load's tok/s beside them)
   slot          N streams of --slot-output tokens fill the server's batch (N = its batch size); one at a
-                time is dropped and a short request sent at once: its wait over an idle TTFT, in steps
+                time is dropped and a probe (80 tokens) sent at once: its wait over an idle TTFT, in steps
                 (the streams' inter-token gap), shows whether the dropped stream's slot was freed at once
 At each concurrency level (--levels, default 1 2 4 8 16 32 64) N clients run in a closed loop for
 --requests-per-client requests each (autocomplete: N editors for --burst-s seconds). Per level: requests/s,
@@ -228,13 +228,19 @@ async def mixed(client: Client, session: Any, n: int, per_client: int, make: Any
     return {**burst, "load_output_tok_s": chat["output_tok_s"], "load_completed": chat["completed"]}
 
 
+#: the slot workload's probe: more tokens than a server keeps its short-job slot for
+PROBE_TOKENS = 80
+
+
 async def slot_reuse(client: Client, session: Any, n: int, trials: int, output: int) -> dict:
     """Whether a dropped stream frees its slot at once: ``n`` long streams fill the server's batch (run it
-    with n = its batch size), then, ``trials`` times, one is dropped and a short request sent at once.
-    Its time to first token over an idle one's, in the running streams' inter-token gaps, is the number
-    of steps the slot stayed taken (about 1 when the server frees it within a step)."""
-    def short() -> dict:
-        return client.body(prompt=CODE[:120], max_tokens=4, temperature=0)
+    with n = its batch size), then, ``trials`` times, one is dropped and a probe sent at once. Its time to
+    first token over an idle one's, in the running streams' inter-token gaps, is the number of steps the
+    slot stayed taken (about 1 when the server frees it within a step: the probe's first step is one
+    of the batch's, longer than an idle one)."""
+    def short() -> dict:  # longer than what a server may keep a slot for (this one: 64 tokens), so that
+        # it needs the dropped stream's slot; its first token is what is timed
+        return client.body(prompt=CODE[:120], max_tokens=PROBE_TOKENS, temperature=0)
 
     idle = [await client.stream(session, "/completions", short()) for _ in range(3)]
     idle_ttft = percentile([s.ttft_s for s in idle if s.ttft_s is not None], 0.5) or 0.0

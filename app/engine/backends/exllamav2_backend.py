@@ -17,6 +17,7 @@ from app.engine.backends.exllamav2_setup import announce_extension_build, cache_
 from app.engine.backends.gpu_common import (
     agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
 from app.engine.backends.gpu_jobs import GeneratorJobs
+from app.engine.backends.slots import SHORT_SLOTS
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
@@ -52,6 +53,12 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
         self._init_jobs()
         self._eos: set[int] = set()
 
+    @property
+    def batch_slots(self) -> int:
+        """The generator's batch: paged, ``max_batch`` jobs and the slots kept for short ones (the cache
+        holds ``max_batch`` contexts: a short job takes a few pages); unpaged, one job."""
+        return self.max_batch + SHORT_SLOTS if self.paged else 1
+
     # -- lifecycle -------------------------------------------------------------------
     @staticmethod
     def warm_up(progress: ProgressFn) -> None:
@@ -71,6 +78,7 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
         if cancel.is_set():
             raise LoadCancelled("load cancelled")
         self.paged = flash_attn_ok()
+        self._init_jobs(long_slots=self.max_batch if self.paged else None)  # paged: max_batch + SHORT_SLOTS
         self.batching = "continuous" if self.paged else "single"
         if not self.paged:
             self.notice = ("flash-attn >= 2.5.7 is not installed: exllamav2 runs unpaged, one request at a time "
@@ -113,7 +121,7 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
                 config.scale_pos_emb = self.rope_scale
             if self.rope_alpha != 1.0:
                 config.scale_alpha_value = self.rope_alpha
-            sizes = cache_sizes(self.context_length, self.max_batch, self.paged)
+            sizes = cache_sizes(self.context_length, self.batch_slots, self.paged)
             config.max_input_len = sizes.chunk
             config.max_attention_size = config.max_input_len ** 2
             config.max_batch_size = sizes.config_batch
@@ -164,7 +172,7 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
 
         self._generator = ExLlamaV2DynamicGenerator(
             model=self._model, cache=self._cache, tokenizer=self._tokenizer,
-            max_batch_size=self.max_batch if self.paged else 1, max_seq_len=self.context_length,
+            max_batch_size=self.batch_slots, max_seq_len=self.context_length,
             max_chunk_size=cache_sizes(self.context_length, self.max_batch, self.paged).chunk, paged=self.paged)
 
     def unload(self) -> None:

@@ -23,6 +23,7 @@ from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCanc
 from app.engine.backends.gpu_common import (
     agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
 from app.engine.backends.gpu_jobs import GeneratorJobs
+from app.engine.backends.slots import SHORT_SLOTS
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
@@ -103,8 +104,14 @@ class ExLlamaV3Backend(GeneratorJobs, BackendBase):
         self._tokenizer: Any = None
         self._fast_tokenizer: FolderTokenizer | None = None
         self._generator: Any = None
-        self._init_jobs()
+        self._init_jobs(long_slots=max_batch)  # the generator's batch: max_batch + SHORT_SLOTS
         self._eos: set[int] = set()
+
+    @property
+    def batch_slots(self) -> int:
+        """The generator's batch: ``max_batch`` jobs and the slots kept for short ones (the cache holds
+        ``max_batch`` contexts: a short job takes a few pages)."""
+        return self.max_batch + SHORT_SLOTS
 
     # -- lifecycle -------------------------------------------------------------------
     @staticmethod
@@ -133,7 +140,7 @@ class ExLlamaV3Backend(GeneratorJobs, BackendBase):
             self._fast_tokenizer = self._agreeing_fast_tokenizer()
             chunk = paged_sizes(self.context_length, self.max_batch)[1]
             self._generator = exl.Generator(model=model, cache=self._cache, tokenizer=self._tokenizer,
-                                            max_batch_size=self.max_batch, max_chunk_size=chunk,
+                                            max_batch_size=self.batch_slots, max_chunk_size=chunk,
                                             **prefill_every_step(exl.Generator, chunk))
             # config.json may lack these (exllamav3 reads them as None): the tokenizer knows its vocabulary
             self.vocab_size = int(config.vocab_size or self._tokenizer.actual_vocab_size)
@@ -177,7 +184,7 @@ class ExLlamaV3Backend(GeneratorJobs, BackendBase):
         bits = CACHE_BITS.get(self.cache_type)
         quant = {} if bits is None else {"k_bits": bits, "v_bits": bits}
         # max_batch_size: the recurrent-state slots of models that have recurrent layers
-        self._cache = exl.Cache(model, max_num_tokens=tokens, max_batch_size=self.max_batch,
+        self._cache = exl.Cache(model, max_num_tokens=tokens, max_batch_size=self.batch_slots,
                                 layer_type=exl.CacheLayer_fp16 if bits is None else exl.CacheLayer_quant, **quant)
 
         def on_module(done: int, total: int) -> None:
@@ -185,7 +192,7 @@ class ExLlamaV3Backend(GeneratorJobs, BackendBase):
                 raise LoadCancelled("load cancelled")
             progress(0.05 + 0.85 * done / max(total, 1), f"loading weights ({done}/{total} modules)")
 
-        model.load(callback=on_module, max_chunk_size=chunk, max_batch_size=self.max_batch, **self._split_args())
+        model.load(callback=on_module, max_chunk_size=chunk, max_batch_size=self.batch_slots, **self._split_args())
 
         def on_pass(done: int, total: int) -> None:
             if cancel.is_set():
@@ -193,7 +200,7 @@ class ExLlamaV3Backend(GeneratorJobs, BackendBase):
             progress(0.9 + 0.06 * done / max(total, 1), "warming up the kernels")
 
         # before the generator takes the cache: the passes write into its leading pages
-        failed = model.warmup(self._cache, max_chunk_size=chunk, max_batch_size=self.max_batch, callback=on_pass)
+        failed = model.warmup(self._cache, max_chunk_size=chunk, max_batch_size=self.batch_slots, callback=on_pass)
         if failed:
             log.warning("exllamav3 warm-up passes that failed (they compile on first use instead): %s", failed)
         progress(0.96, "loading tokenizer")

@@ -2,8 +2,10 @@
 
 A job with a grammar waits in a :class:`~app.engine.constraints.deferred.GrammarQueue` (compiled on the
 compiler's thread) and is enqueued at the step its grammar is ready; a job the library or the grammar
-engine refuses ends at the next step with the reason and whose fault it was; cancel, ``has_work`` and
-``active_jobs`` count the jobs in the library's generator and those still compiling.
+engine refuses ends at the next step with the reason and whose fault it was; a long job beyond the
+batch size is held (:mod:`~app.engine.backends.slots`: the generator's extra slot is for short jobs) and
+enqueued at the step a long job has ended; cancel, ``has_work`` and ``active_jobs`` count the jobs in the
+library's generator, those still compiling and those held.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.engine.backends.gpu_common import refusal
+from app.engine.backends.slots import ShortSlots
 from app.engine.constraints.deferred import GrammarQueue
 from app.engine.constraints.masks import JobConstraint, compiler_for
 from app.engine.events import BackendJob, StepEvent
@@ -23,15 +26,21 @@ class GeneratorJobs:
 
     _generator: Any
 
-    def _init_jobs(self) -> None:
+    def _init_jobs(self, long_slots: int | None = None) -> None:
+        """``long_slots``: the batch size when the generator has :data:`~app.engine.backends.slots.SHORT_SLOTS`
+        more slots for short jobs; None when it runs one job at a time (its own queue keeps the order)."""
         self._jobs: dict[int, Any] = {}  # job id -> the library's job
         self._grammars = GrammarQueue()  # jobs whose grammar is compiling
         self._refused: list[StepEvent] = []  # jobs that could not start, reported at the next step
+        self._slots: ShortSlots[tuple[BackendJob, list[Any]]] | None = (
+            None if long_slots is None else ShortSlots(long_slots))
 
     def _forget_jobs(self) -> None:
         self._jobs.clear()
         self._grammars.clear()
         self._refused.clear()
+        if self._slots is not None:
+            self._slots.clear()
 
     def _enqueue(self, job: BackendJob, filters: list[Any]) -> None:
         raise NotImplementedError
@@ -46,6 +55,10 @@ class GeneratorJobs:
         self._start(job, [])
 
     def _start(self, job: BackendJob, filters: list[Any]) -> None:
+        if self._slots is None or self._slots.admit(job.job_id, job.max_new_tokens, (job, filters), self._jobs):
+            self._enqueue_now(job, filters)
+
+    def _enqueue_now(self, job: BackendJob, filters: list[Any]) -> None:
         try:
             self._enqueue(job, filters)
         except Exception as exc:  # noqa: BLE001 - the library's reason ends this job only, at the next step
@@ -68,23 +81,26 @@ class GeneratorJobs:
             self._start(job, filters)
 
     def _take_refused(self) -> list[StepEvent]:
-        """At the start of a step: start the jobs whose grammar is ready, then hand over the events of the
-        jobs that could not start."""
+        """At the start of a step: start the long jobs held for a slot that has come free and the jobs whose
+        grammar is ready, then hand over the events of the jobs that could not start."""
+        if self._slots is not None and len(self._slots):
+            for job, filters in self._slots.release(self._jobs):
+                self._enqueue_now(job, filters)
         if len(self._grammars):
             self._start_compiled()
         events, self._refused = self._refused, []
         return events
 
     def cancel(self, job_id: int) -> None:
-        if self._grammars.cancel(job_id):
+        if self._grammars.cancel(job_id) or (self._slots is not None and self._slots.cancel(job_id)):
             return
         gen_job = self._jobs.pop(job_id, None)
         if gen_job is not None:
             self._generator.cancel(gen_job)
 
     def has_work(self) -> bool:
-        return bool(self._refused) or len(self._grammars) > 0 or (
+        return bool(self._refused) or len(self._grammars) > 0 or bool(self._slots) or (
             self._generator is not None and self._generator.num_remaining_jobs() > 0)
 
     def active_jobs(self) -> int:
-        return len(self._jobs) + len(self._grammars)
+        return len(self._jobs) + len(self._grammars) + (0 if self._slots is None else len(self._slots))

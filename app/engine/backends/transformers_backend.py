@@ -24,6 +24,7 @@ from app.engine.events import BackendJob, StepEvent, TokenLogprob
 from app.engine.backends.text_stream import TextStream
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, TokenizerError
 from app.engine.backends.gpu_common import free_gpu_memory
+from app.engine.backends.slots import SHORT_SLOTS, ShortSlots
 from app.engine.constraints.grammars import GrammarError
 from app.engine.constraints.masks import ConstraintCompiler
 
@@ -94,6 +95,8 @@ class TransformersBackend(BackendBase):
         self._tok: FolderTokenizer | None = None
         self._pending: deque[_Job] = deque()
         self._running: list[_Job] = []
+        #: long jobs beyond max_batch wait here; the batch has SHORT_SLOTS more slots for short jobs
+        self._slots: ShortSlots[_Job] = ShortSlots(max_batch)
         self._cache_kw = "past_key_values"
         self.last_step_batch = 0
         self.vocab_size: int | None = None
@@ -155,6 +158,7 @@ class TransformersBackend(BackendBase):
     def unload(self) -> None:
         self._pending.clear()
         self._running.clear()
+        self._slots.clear()
         self._model = None
         free_gpu_memory()
 
@@ -193,14 +197,19 @@ class TransformersBackend(BackendBase):
                      generator=make_generator(job.sampling, self._device))
         if job.grammar is not None:  # compiled beside the stepping thread while the prompt is prefilled
             entry.constraint = self._constraints.compile_soon(job.grammar)
-        self._pending.append(entry)
+        if self._slots.admit(job.job_id, job.max_new_tokens, entry, self._live_ids()):
+            self._pending.append(entry)
+
+    def _live_ids(self) -> set[int]:
+        return {j.job.job_id for j in self._pending} | {j.job.job_id for j in self._running}
 
     def cancel(self, job_id: int) -> None:
+        self._slots.cancel(job_id)
         self._pending = deque(j for j in self._pending if j.job.job_id != job_id)
         self._running = [j for j in self._running if j.job.job_id != job_id]
 
     def has_work(self) -> bool:
-        return bool(self._pending or self._running)
+        return bool(self._pending or self._running or self._slots)
 
     def take_surviving_events(self) -> list[StepEvent]:
         """After StepFailed: the events of the jobs the failure did not affect."""
@@ -208,7 +217,7 @@ class TransformersBackend(BackendBase):
         return events
 
     def active_jobs(self) -> int:
-        return len(self._pending) + len(self._running)
+        return len(self._pending) + len(self._running) + len(self._slots)
 
     def step(self) -> list[StepEvent]:
         import torch
@@ -229,7 +238,9 @@ class TransformersBackend(BackendBase):
                     events[:] = [e for e in events if e.job_id not in ids]
                     failed += sorted(ids)
                     errors.append(f"{type(exc).__name__}: {exc}")
-            if self._pending and len(self._running) < self.max_batch:
+            if self._slots:  # long jobs held while max_batch long ones ran: those that may start now
+                self._pending.extend(self._slots.release(self._live_ids()))
+            if self._pending and len(self._running) < self.max_batch + SHORT_SLOTS:
                 job = self._pending[0]
                 try:
                     self._prefill_chunk(job, events)

@@ -1,0 +1,90 @@
+"""The batch slot kept for short jobs: an autocomplete request starts while the batch is full of chats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from app.engine.backends.slots import SHORT_MAX_TOKENS, ShortSlots
+from tests.helpers.servers import Servers
+from tests.helpers.tiny import KEEP_TALKING as BAN
+from tests.server_harness import ServerThread
+
+
+def test_long_jobs_beyond_the_batch_are_held_in_order_and_short_ones_pass() -> None:
+    slots: ShortSlots[str] = ShortSlots(2)
+    running: set[int] = set()
+    for job_id in (1, 2):
+        assert slots.admit(job_id, 256, f"long{job_id}", running)
+        running.add(job_id)
+    assert not slots.admit(3, 256, "long3", running)
+    assert not slots.admit(4, SHORT_MAX_TOKENS + 1, "long4", running)
+    assert slots.admit(5, SHORT_MAX_TOKENS, "short5", running)  # the kept slot
+    assert len(slots) == 2
+    assert slots.release(running) == []  # both long slots still taken
+    running.discard(1)  # job 1 ended
+    assert slots.release(running) == ["long3"]
+    running.add(3)
+    assert slots.cancel(4) and not slots.cancel(4) and not slots.cancel(3)
+    running -= {2, 3}
+    assert slots.release(running) == [] and len(slots) == 0
+    assert slots.admit(6, 100, "long6", running)  # nothing held: straight in
+
+
+def test_a_held_job_keeps_its_place_behind_earlier_ones() -> None:
+    slots: ShortSlots[int] = ShortSlots(1)
+    assert slots.admit(1, 500, 1, {1})
+    assert not slots.admit(2, 500, 2, {1})
+    # a long slot is free, but job 2 came first: job 3 waits behind it
+    assert not slots.admit(3, 500, 3, set())
+    assert slots.release(set()) == [2]
+    assert slots.release({2}) == []
+    assert slots.release(set()) == [3]
+    with pytest.raises(ValueError):
+        ShortSlots(0)
+
+
+@pytest.fixture(scope="module")
+def server(serve_module: Servers) -> ServerThread:
+    return serve_module(models={"tiny": {"context_length": 512, "batch_size": 1}})
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, max_tokens: int, times: dict, key: str) -> None:
+    body = {"model": "tiny", "prompt": f"chat {key}", "max_tokens": max_tokens, "stream": True, "logit_bias": BAN,
+            "temperature": 0}
+    async with session.post(f"{url}/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for line in resp.content:
+            if line.startswith(b"data: {") and key + "_first" not in times:
+                times[key + "_first"] = time.monotonic()
+    times[key + "_end"] = time.monotonic()
+
+
+def test_autocomplete_starts_while_the_batch_is_full_and_a_second_chat_waits(server: ServerThread) -> None:
+    """batch_size 1: chat A runs; chat B is held until A ends; a 16-token completion (what an editor
+    asks for) runs beside A in the slot kept for short jobs, and ends long before A."""
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    times: dict[str, float] = {}
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as session:
+            a = asyncio.ensure_future(_stream(session, server.base_url, 400, times, "a"))
+            while "a_first" not in times:
+                await asyncio.sleep(0.005)
+            b = asyncio.ensure_future(_stream(session, server.base_url, SHORT_MAX_TOKENS + 16, times, "b"))
+            short = await asyncio.to_thread(lambda: client.completions.create(
+                model="tiny", prompt="def add(a, b):", max_tokens=16, temperature=0,
+                logit_bias=BAN))
+            times["short_end"] = time.monotonic()
+            times["short_tokens"] = short.usage.completion_tokens
+            assert not a.done(), "chat A ended before the short request did: the test proves nothing"
+            await asyncio.gather(a, b)
+
+    asyncio.run(go())
+    assert times["short_tokens"] == 16
+    assert times["short_end"] < times["a_end"]
+    assert times["b_first"] > times["a_end"] - 0.05, times  # B held for the one long slot
