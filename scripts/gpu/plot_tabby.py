@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Bar charts of this server against TabbyAPI from tabby_stage.py's JSON files (their medians): output
-tok/s of chat at 1 and 32 streams, and TTFT p99 of chat at 32 streams and of the autocomplete burst.
+tok/s of chat at 1 and 32 streams, and TTFT p99 of chat at 32 streams, of the autocomplete burst and of
+one editor under 32 chats.
 Usage: python scripts/gpu/plot_tabby.py OUT.png LABEL=FILE.json [LABEL=FILE.json ...] (needs matplotlib)."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 PANELS = (("chat", "1", "output_tok_s", "chat, 1 stream: output tok/s"),
           ("chat", "32", "output_tok_s", "chat, 32 streams: output tok/s"),
           ("chat", "32", "ttft_p99_ms", "chat, 32 streams: TTFT p99 (ms)"),
-          ("autocomplete", "8", "ttft_p99_ms", "autocomplete burst, 8 editors: TTFT p99 (ms)"))
+          ("autocomplete", "8", "ttft_p99_ms", "autocomplete burst, 8 editors: TTFT p99 (ms)"),
+          ("mixed", "32", "ttft_p99_ms", "an editor under 32 chats: TTFT p99 (ms)"))
 
 
 def main(argv: list[str]) -> int:
