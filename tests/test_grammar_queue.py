@@ -122,11 +122,11 @@ class StandInBackend(GeneratorJobs):
     """The GPU backends' job handling over a stand-in generator: its jobs are dicts, its filters the
     compiled constraint itself."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, long_slots: int | None = None) -> None:
         self.model_dir = str(model_dir)
         self.vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         self._generator = StandInGenerator()
-        self._init_jobs()
+        self._init_jobs(long_slots)
 
     def eos_token_ids(self) -> set[int]:
         return {2}

@@ -10,6 +10,8 @@ import openai
 import pytest
 
 from app.engine.backends.slots import SHORT_MAX_TOKENS, ShortSlots
+from app.engine.events import BackendJob, SamplingParams
+from tests.test_grammar_queue import StandInBackend
 from tests.helpers.servers import Servers
 from tests.helpers.tiny import KEEP_TALKING as BAN
 from tests.server_harness import ServerThread
@@ -46,6 +48,30 @@ def test_a_held_job_keeps_its_place_behind_earlier_ones() -> None:
     assert slots.release(set()) == [3]
     with pytest.raises(ValueError):
         ShortSlots(0)
+
+
+def _job(job_id: int, max_new_tokens: int) -> BackendJob:
+    return BackendJob(prompt_ids=[5, 6], max_new_tokens=max_new_tokens, sampling=SamplingParams(), stop_strings=[],
+                      stop_token_ids={2}, job_id=job_id)
+
+
+def test_the_gpu_backends_hold_long_jobs_beyond_the_batch_until_one_ends(tiny_model_dir) -> None:
+    """GeneratorJobs (exllamav2's and exllamav3's job handling) over a stand-in for their generators."""
+    backend = StandInBackend(tiny_model_dir, long_slots=1)
+    for job_id, tokens in ((1, 256), (2, 256), (3, 16), (4, 300)):
+        backend.submit(_job(job_id, tokens))
+    in_generator = lambda: [j["id"] for j in backend._generator.jobs]  # noqa: E731
+    assert in_generator() == [1, 3]  # the long job 1 and the short job 3 in the kept slot
+    assert backend.active_jobs() == 4 and backend.has_work()
+    backend.cancel(2)  # held: dropped without ever reaching the generator
+    assert backend.active_jobs() == 3
+    assert backend._take_refused() == [] and in_generator() == [1, 3]  # job 1 still runs
+    backend._generator.jobs.pop(0)  # job 1 ends: what a step does when the library reports its end
+    backend._jobs.pop(1)
+    assert backend._take_refused() == [] and in_generator() == [3, 4]
+    backend.cancel(3)
+    backend.cancel(4)
+    assert not backend.has_work() and backend.active_jobs() == 0
 
 
 @pytest.fixture(scope="module")
