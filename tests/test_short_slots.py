@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from app.engine.backends.slots import SHORT_MAX_TOKENS, ShortSlots
+from app.engine.backends.slots import SHORT_MAX_TOKENS, ShortSlots, short_limit, short_reserve_tokens
 from app.engine.events import BackendJob, SamplingParams
 from tests.test_grammar_queue import StandInBackend
 from tests.helpers.servers import Servers
@@ -35,6 +35,16 @@ def test_long_jobs_beyond_the_batch_are_held_in_order_and_short_ones_pass() -> N
     running -= {2, 3}
     assert slots.release(running) == [] and len(slots) == 0
     assert slots.admit(6, 100, "long6", running)  # nothing held: straight in
+
+
+def test_a_short_job_must_fit_the_pages_kept_for_it() -> None:
+    """On the GPU backends the short slot has 2,048 tokens of cache pages: a long prompt is not short."""
+    assert short_reserve_tokens(32768, 256) == 2048 and short_limit(32768) == 2047
+    assert short_reserve_tokens(1000, 256) == 1024 and short_limit(1000) == 999
+    slots: ShortSlots[str] = ShortSlots(1, short_tokens=short_limit(4096))
+    assert slots.admit(1, 500, "chat", set())
+    assert slots.admit(2, 16, "autocomplete", {1}, prompt_tokens=1500)
+    assert not slots.admit(3, 16, "a 16-token answer to a 3,000-token prompt", {1}, prompt_tokens=3000)
 
 
 def test_a_held_job_keeps_its_place_behind_earlier_ones() -> None:

@@ -101,9 +101,10 @@ def test_the_cli_takes_the_exllamav3_settings() -> None:
 
 
 def test_cache_and_chunk_sizes_are_whole_pages() -> None:
-    assert paged_sizes(4096, 8) == (32768, 2048)
-    assert paged_sizes(1000, 3) == (3072, 1024)
-    assert paged_sizes(100, 1) == (256, 256)
+    # max_batch contexts and one short slot's pages (2,048 tokens at most, app.engine.backends.slots)
+    assert paged_sizes(4096, 8) == (32768 + 2048, 2048)
+    assert paged_sizes(1000, 3) == (3072 + 1024, 1024)
+    assert paged_sizes(100, 1) == (256 + 256, 256)
 
 
 def rope(theta: float = 10000.0, scaling: dict | None = None) -> SimpleNamespace:

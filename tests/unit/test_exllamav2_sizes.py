@@ -3,13 +3,14 @@
 import pytest
 
 from app.engine.backends.exllamav2_setup import PAGE, cache_sizes
+from app.engine.backends.slots import SHORT_SLOTS
 
 
 @pytest.mark.parametrize("context,batch,paged,cache,chunk", [
-    (2048, 32, True, 65536, 2048),  # paged: context x batch
+    (2048, 32, True, 65536 + 2048, 2048),  # paged: context x batch and the short slot's 2,048 tokens
     (2048, 32, False, 2048, 2048),  # unpaged: one job's context whatever the batch says
-    (3000, 4, True, 3072 * 4, 2048),  # a context that is not whole pages is rounded up to them
-    (1000, 8, True, 1024 * 8, 1024),  # the chunk never exceeds one job's cache
+    (3000, 4, True, 3072 * 4 + 2048, 2048),  # a context that is not whole pages is rounded up to them
+    (1000, 8, True, 1024 * 8 + 1024, 1024),  # the chunk never exceeds one job's cache; nor the short slot's
     (100, 1, False, 256, 256),
 ])
 def test_sizes_are_whole_pages(context: int, batch: int, paged: bool, cache: int, chunk: int) -> None:
@@ -20,11 +21,13 @@ def test_sizes_are_whole_pages(context: int, batch: int, paged: bool, cache: int
 
 
 def test_model_input_buffers_hold_a_whole_decode_batch() -> None:
-    # the generator asserts config.max_batch_size x max_input_len >= batch x 8 decode tokens
+    # the generator asserts config.max_batch_size x max_input_len >= its batch x 8 decode tokens (paged,
+    # its batch is batch_size + SHORT_SLOTS)
     for context, batch in [(256, 128), (512, 64), (2048, 256), (4096, 1)]:
         sizes = cache_sizes(context, batch, True)
-        assert sizes.config_batch * sizes.chunk >= batch * 8
-        assert sizes.config_batch == 1 or (sizes.config_batch - 1) * sizes.chunk < batch * 8
+        slots = batch + SHORT_SLOTS
+        assert sizes.config_batch * sizes.chunk >= slots * 8
+        assert sizes.config_batch == 1 or (sizes.config_batch - 1) * sizes.chunk < slots * 8
 
 
 def test_out_of_memory_advice_names_what_the_cache_is_sized_by() -> None:

@@ -17,7 +17,7 @@ from app.engine.backends.exllamav2_setup import announce_extension_build, cache_
 from app.engine.backends.gpu_common import (
     agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
 from app.engine.backends.gpu_jobs import GeneratorJobs
-from app.engine.backends.slots import SHORT_SLOTS
+from app.engine.backends.slots import SHORT_SLOTS, short_limit
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
@@ -56,7 +56,7 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
     @property
     def batch_slots(self) -> int:
         """The generator's batch: paged, ``max_batch`` jobs and the slots kept for short ones (the cache
-        holds ``max_batch`` contexts: a short job takes a few pages); unpaged, one job."""
+        holds ``max_batch`` contexts and the short slots' pages); unpaged, one job."""
         return self.max_batch + SHORT_SLOTS if self.paged else 1
 
     # -- lifecycle -------------------------------------------------------------------
@@ -78,7 +78,8 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
         if cancel.is_set():
             raise LoadCancelled("load cancelled")
         self.paged = flash_attn_ok()
-        self._init_jobs(long_slots=self.max_batch if self.paged else None)  # paged: max_batch + SHORT_SLOTS
+        # paged: max_batch + SHORT_SLOTS jobs, the short ones within the cache's extra pages
+        self._init_jobs(self.max_batch if self.paged else None, short_limit(self.context_length))
         self.batching = "continuous" if self.paged else "single"
         if not self.paged:
             self.notice = ("flash-attn >= 2.5.7 is not installed: exllamav2 runs unpaged, one request at a time "
@@ -121,7 +122,7 @@ class ExLlamaV2Backend(GeneratorJobs, BackendBase):
                 config.scale_pos_emb = self.rope_scale
             if self.rope_alpha != 1.0:
                 config.scale_alpha_value = self.rope_alpha
-            sizes = cache_sizes(self.context_length, self.batch_slots, self.paged)
+            sizes = cache_sizes(self.context_length, self.max_batch, self.paged)
             config.max_input_len = sizes.chunk
             config.max_attention_size = config.max_input_len ** 2
             config.max_batch_size = sizes.config_batch

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from app.engine.backends import gpu_common
 from app.engine.backends.contract import ProgressFn
+from app.engine.backends.slots import SHORT_SLOTS, short_reserve_tokens
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,18 @@ def announce_extension_build(progress: ProgressFn) -> bool:
 
 
 class CacheSizes(NamedTuple):
-    cache_tokens: int  # the cache's length: one job's context, or context x batch in paged mode
+    #: the cache's length: one job's context; paged, context x batch and the short slots' pages
+    cache_tokens: int
     chunk: int  # the most prompt tokens one prefill step takes (the model's max_input_len)
-    config_batch: int  # the model config's max_batch_size, so that batch x MAX_Q fits its input buffers
+    config_batch: int  # the model config's max_batch_size, so that the generator's batch x MAX_Q fits its input buffers
 
 
 def cache_sizes(context_length: int, max_batch: int, paged: bool) -> CacheSizes:
-    """exllamav2's sizes for a context and batch: whole pages (its generator asserts multiples of 256)."""
+    """exllamav2's sizes for a context and batch: whole pages (its generator asserts multiples of 256);
+    paged, the generator's batch is ``max_batch`` + SHORT_SLOTS (app.engine.backends.slots)."""
     per_job = -(-context_length // PAGE) * PAGE
     chunk = min(MAX_CHUNK, per_job)
-    batch = max_batch if paged else 1
-    return CacheSizes(per_job * batch, chunk, max(1, -(-batch * MAX_Q // chunk)))
+    if not paged:
+        return CacheSizes(per_job, chunk, max(1, -(-MAX_Q // chunk)))
+    tokens = per_job * max_batch + short_reserve_tokens(context_length, PAGE)
+    return CacheSizes(tokens, chunk, max(1, -(-(max_batch + SHORT_SLOTS) * MAX_Q // chunk)))

@@ -23,7 +23,7 @@ from app.engine.backends.contract import BackendBase, BackendLoadError, LoadCanc
 from app.engine.backends.gpu_common import (
     agreeing_fast_tokenizer, check_split, cuda_memory, load_failures_readable, unload_model)
 from app.engine.backends.gpu_jobs import GeneratorJobs
-from app.engine.backends.slots import SHORT_SLOTS
+from app.engine.backends.slots import SHORT_SLOTS, short_limit, short_reserve_tokens
 from app.engine.catalog.tokenizer import EncoderSpec, FolderTokenizer, with_bos
 from app.engine.events import BackendJob, SamplingParams, StepEvent, token_logprobs
 from app.engine.settings.schema import parse_gpu_split
@@ -43,9 +43,10 @@ def announce_extension_build(progress: ProgressFn) -> bool:
 
 
 def paged_sizes(context_length: int, max_batch: int) -> tuple[int, int]:
-    """(cache tokens, prefill chunk): ``max_batch`` jobs of the whole context, in whole pages."""
+    """(cache tokens, prefill chunk): ``max_batch`` jobs of the whole context and the short slots' pages
+    (app.engine.backends.slots), in whole pages."""
     per_job = -(-context_length // PAGE) * PAGE
-    return per_job * max_batch, min(MAX_CHUNK, per_job)
+    return per_job * max_batch + short_reserve_tokens(context_length, PAGE), min(MAX_CHUNK, per_job)
 
 
 def apply_rope(config: Any, rope_scale: float, rope_alpha: float) -> None:
@@ -104,13 +105,14 @@ class ExLlamaV3Backend(GeneratorJobs, BackendBase):
         self._tokenizer: Any = None
         self._fast_tokenizer: FolderTokenizer | None = None
         self._generator: Any = None
-        self._init_jobs(long_slots=max_batch)  # the generator's batch: max_batch + SHORT_SLOTS
+        # the generator's batch: max_batch + SHORT_SLOTS jobs, the short ones within the cache's extra pages
+        self._init_jobs(max_batch, short_limit(context_length))
         self._eos: set[int] = set()
 
     @property
     def batch_slots(self) -> int:
         """The generator's batch: ``max_batch`` jobs and the slots kept for short ones (the cache holds
-        ``max_batch`` contexts: a short job takes a few pages)."""
+        ``max_batch`` contexts and the short slots' pages)."""
         return self.max_batch + SHORT_SLOTS
 
     # -- lifecycle -------------------------------------------------------------------

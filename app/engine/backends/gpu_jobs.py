@@ -26,14 +26,15 @@ class GeneratorJobs:
 
     _generator: Any
 
-    def _init_jobs(self, long_slots: int | None = None) -> None:
+    def _init_jobs(self, long_slots: int | None = None, short_tokens: int | None = None) -> None:
         """``long_slots``: the batch size when the generator has :data:`~app.engine.backends.slots.SHORT_SLOTS`
-        more slots for short jobs; None when it runs one job at a time (its own queue keeps the order)."""
+        more slots for short jobs (of at most ``short_tokens`` prompt and new tokens, what the cache keeps
+        pages for); None when it runs one job at a time (its own queue keeps the order)."""
         self._jobs: dict[int, Any] = {}  # job id -> the library's job
         self._grammars = GrammarQueue()  # jobs whose grammar is compiling
         self._refused: list[StepEvent] = []  # jobs that could not start, reported at the next step
         self._slots: ShortSlots[tuple[BackendJob, list[Any]]] | None = (
-            None if long_slots is None else ShortSlots(long_slots))
+            None if long_slots is None else ShortSlots(long_slots, short_tokens))
 
     def _forget_jobs(self) -> None:
         self._jobs.clear()
@@ -55,7 +56,8 @@ class GeneratorJobs:
         self._start(job, [])
 
     def _start(self, job: BackendJob, filters: list[Any]) -> None:
-        if self._slots is None or self._slots.admit(job.job_id, job.max_new_tokens, (job, filters), self._jobs):
+        if self._slots is None or self._slots.admit(job.job_id, job.max_new_tokens, (job, filters), self._jobs,
+                                                    len(job.prompt_ids)):
             self._enqueue_now(job, filters)
 
     def _enqueue_now(self, job: BackendJob, filters: list[Any]) -> None:

@@ -5,7 +5,9 @@ editor cancels and resends its autocomplete request every keystroke or two, so n
 start. Each batching backend therefore runs ``batch_size`` long jobs plus :data:`SHORT_SLOTS` more that
 only short jobs (at most :data:`SHORT_MAX_TOKENS` new tokens, what autocomplete asks for) may take:
 :class:`ShortSlots` decides which jobs go to the backend's batch now and holds the other long jobs, in
-the order they came, until a long job ends.
+the order they came, until a long job ends. The GPU libraries reserve a job's pages (prompt and new
+tokens) when it starts, and ``batch_size`` chats may reserve every page of a ``batch_size``-context
+cache, so their caches also hold :func:`short_reserve_tokens` more; a job is short only if it fits them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,28 @@ from typing import Generic, TypeVar
 SHORT_MAX_TOKENS = 64
 #: batch slots beyond the batch size that only short jobs take
 SHORT_SLOTS = 1
+#: the most tokens (prompt and new ones) of a short job on a GPU backend: the cache's extra pages
+SHORT_CONTEXT = 2048
 
 T = TypeVar("T")
 
 
-def is_short(max_new_tokens: int) -> bool:
-    return max_new_tokens <= SHORT_MAX_TOKENS
+def is_short(max_new_tokens: int, prompt_tokens: int = 0, limit: int | None = None) -> bool:
+    """Short: few new tokens, and (with ``limit``) prompt and new tokens within the kept pages."""
+    return max_new_tokens <= SHORT_MAX_TOKENS and (limit is None or prompt_tokens + max_new_tokens <= limit)
+
+
+def short_reserve_tokens(context_length: int, page: int) -> int:
+    """Cache tokens kept for the short slots beyond ``batch_size`` contexts: a short job's most, in whole
+    pages (a job fits them when its prompt and new tokens, plus the token a library adds, are at most
+    :func:`short_limit`)."""
+    return SHORT_SLOTS * -(-min(context_length, SHORT_CONTEXT) // page) * page
+
+
+def short_limit(context_length: int) -> int:
+    """Prompt plus new tokens of a job that fits one short slot's pages (one token kept for the library's
+    own reservation beyond the new tokens)."""
+    return min(context_length, SHORT_CONTEXT) - 1
 
 
 class ShortSlots(Generic[T]):
@@ -34,17 +52,20 @@ class ShortSlots(Generic[T]):
     ``release`` hands back the held jobs that may start once some long ones have ended.
     """
 
-    def __init__(self, long_slots: int) -> None:
+    def __init__(self, long_slots: int, short_tokens: int | None = None) -> None:
+        """``short_tokens``: the most prompt and new tokens of a short job (None: no limit)."""
         if long_slots < 1:
             raise ValueError(f"long_slots must be at least 1, not {long_slots}")
         self.long_slots = long_slots
+        self.short_tokens = short_tokens
         self._long: set[int] = set()  # ids of the long jobs started and maybe still running
         self._held: deque[tuple[int, T]] = deque()
 
-    def admit(self, job_id: int, max_new_tokens: int, item: T, running: Container[int]) -> bool:
+    def admit(self, job_id: int, max_new_tokens: int, item: T, running: Container[int],
+              prompt_tokens: int = 0) -> bool:
         """True: start ``item`` now. False: it is held until :meth:`release` hands it back.
         ``running``: the ids of the jobs the backend still runs (a long job not among them has ended)."""
-        if is_short(max_new_tokens):
+        if is_short(max_new_tokens, prompt_tokens, self.short_tokens):
             return True
         if not self._held and self._long_count(running) < self.long_slots:
             self._long.add(job_id)

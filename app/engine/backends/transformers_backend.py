@@ -197,7 +197,7 @@ class TransformersBackend(BackendBase):
                      generator=make_generator(job.sampling, self._device))
         if job.grammar is not None:  # compiled beside the stepping thread while the prompt is prefilled
             entry.constraint = self._constraints.compile_soon(job.grammar)
-        if self._slots.admit(job.job_id, job.max_new_tokens, entry, self._live_ids()):
+        if self._slots.admit(job.job_id, job.max_new_tokens, entry, self._live_ids(), len(job.prompt_ids)):
             self._pending.append(entry)
 
     def _live_ids(self) -> set[int]:
