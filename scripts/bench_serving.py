@@ -37,6 +37,8 @@ from typing import Any
 
 log = logging.getLogger("bench_serving")
 
+#: the chat workload's default prompt and output sizes (bare_side.py feeds the bare generator the same)
+CHAT_PROMPT, CHAT_OUTPUT = 512, 256
 WORDS = ("river stone cloud paper green seven window light sound table garden yellow morning "
          "silver engine market winter number little golden forest button circle letter").split()
 CODE = ("import math\n\n\ndef area(radius):\n    return math.pi * radius ** 2\n\n\n"
@@ -238,11 +240,11 @@ async def slot_reuse(client: Client, session: Any, n: int, trials: int, output: 
     first token over an idle one's, in the running streams' inter-token gaps, is the number of steps the
     slot stayed taken (about 1 when the server frees it within a step: the probe's first step is one
     of the batch's, longer than an idle one)."""
-    def short() -> dict:  # longer than what a server may keep a slot for (this one: 64 tokens), so that
+    def probe() -> dict:  # longer than what a server may keep a slot for (this one: 64 tokens), so that
         # it needs the dropped stream's slot; its first token is what is timed
         return client.body(prompt=CODE[:120], max_tokens=PROBE_TOKENS, temperature=0)
 
-    idle = [await client.stream(session, "/completions", short()) for _ in range(3)]
+    idle = [await client.stream(session, "/completions", probe()) for _ in range(3)]
     idle_ttft = percentile([s.ttft_s for s in idle if s.ttft_s is not None], 0.5) or 0.0
     load: list[asyncio.Task] = []
     load_samples: list[Sample] = []  # kept by the streams as they go, also when dropped
@@ -264,7 +266,7 @@ async def slot_reuse(client: Client, session: Any, n: int, trials: int, output: 
         if victim is None:
             break
         victim.cancel()
-        probes.append(await client.stream(session, "/completions", short()))
+        probes.append(await client.stream(session, "/completions", probe()))
         add_stream(n + k)  # the batch full again
         await asyncio.sleep(0.3)
     wall = time.perf_counter() - t0
@@ -371,8 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["chat", "long", "autocomplete", "mixed", "slot"])
     p.add_argument("--levels", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--requests-per-client", type=int, default=4)
-    p.add_argument("--chat-prompt", type=int, default=512)
-    p.add_argument("--chat-output", type=int, default=256)
+    p.add_argument("--chat-prompt", type=int, default=CHAT_PROMPT)
+    p.add_argument("--chat-output", type=int, default=CHAT_OUTPUT)
     p.add_argument("--long-prompt", type=int, default=4096)
     p.add_argument("--long-output", type=int, default=128)
     p.add_argument("--burst-s", type=float, default=10.0, help="how long the editors type, per level")

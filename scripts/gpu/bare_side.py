@@ -18,7 +18,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench_serving import WORDS  # noqa: E402
+from bench_serving import CHAT_OUTPUT, CHAT_PROMPT, WORDS  # noqa: E402
 from paged_clients import p  # noqa: E402
 
 
@@ -45,9 +45,9 @@ class BareGenerator:
         self.proc.stdin.flush()  # type: ignore[union-attr]
         return json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
 
-    def chat_level(self, n: int, prompt_tokens: int, output: int, words_per_token: float, repeats: int,
-                   seed: int) -> dict[str, Any]:
-        """``repeats`` batches of ``n`` jobs; each metric the median over the batches."""
+    def chat_level(self, n: int, words_per_token: float, repeats: int, seed: int, prompt_tokens: int = CHAT_PROMPT,
+                   output: int = CHAT_OUTPUT) -> dict[str, Any]:
+        """``repeats`` batches of ``n`` jobs (bench_serving's chat sizes); each metric the median over the batches."""
         rng = random.Random(seed)
         runs = []
         for r in range(repeats):

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 wpt = summary["runs"][-1].get("words_per_token") or 1.0
                 try:
                     summary["runs"].append({"side": "bare", "chat": {str(n): bare.chat_level(
-                        n, 512, 256, wpt, 2, 1000 * (k + 1)) for n in args.levels}})
+                        n, wpt, 2, 1000 * (k + 1)) for n in args.levels}})
                 except Exception:  # noqa: BLE001 - the servers' pairs go on without it
                     log.exception("the bare generator failed")
                     bare.close()
