@@ -9,16 +9,15 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from app.engine.backends.gpu_common import fault_of, refusal
-from app.engine.backends.gpu_jobs import GeneratorJobs
 from app.engine.constraints.deferred import GrammarQueue
 from app.engine.constraints.grammars import GrammarError, json_object_grammar, json_schema_grammar
 from app.engine.constraints.masks import ConstraintCompiler, JobConstraint
 from app.engine.events import BackendJob, SamplingParams
+from tests.helpers.stand_in_backend import StandInBackend
 
 
 def job(job_id: int, grammar: str) -> BackendJob:
@@ -98,46 +97,6 @@ def test_a_panic_in_the_grammar_engine_still_ends_only_its_job(tiny_model_dir: P
     [(back, got)] = wait_ready(queue, 1)
     assert back.job_id == 3 and isinstance(got, RuntimeError) and "rust panicked" in str(got)
     assert refusal(3, got).error_kind is None  # the server's fault, not the request's
-
-
-class StandInGenerator:
-    """What GeneratorJobs asks of exllamav2's and exllamav3's generators."""
-
-    def __init__(self) -> None:
-        self.jobs: list[Any] = []
-
-    def enqueue(self, job: Any) -> None:
-        if job["prompt_ids"] == [0]:
-            raise ValueError("prompt does not fit the cache")
-        self.jobs.append(job)
-
-    def cancel(self, job: Any) -> None:
-        self.jobs.remove(job)
-
-    def num_remaining_jobs(self) -> int:
-        return len(self.jobs)
-
-
-class StandInBackend(GeneratorJobs):
-    """The GPU backends' job handling over a stand-in generator: its jobs are dicts, its filters the
-    compiled constraint itself."""
-
-    def __init__(self, model_dir: Path, long_slots: int | None = None) -> None:
-        self.model_dir = str(model_dir)
-        self.vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        self._generator = StandInGenerator()
-        self._init_jobs(long_slots)
-
-    def eos_token_ids(self) -> set[int]:
-        return {2}
-
-    def _enqueue(self, job: BackendJob, filters: list[Any]) -> None:
-        gen_job = {"id": job.job_id, "prompt_ids": job.prompt_ids, "filters": filters}
-        self._generator.enqueue(gen_job)
-        self._jobs[job.job_id] = gen_job
-
-    def _filters(self, job: BackendJob, constraint: JobConstraint) -> list[Any]:
-        return [constraint]
 
 
 def test_the_gpu_backends_start_a_grammar_job_once_compiled_and_end_refused_ones(tiny_model_dir: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from app.engine.backends.slots import SHORT_MAX_TOKENS, ShortSlots, short_limit, short_reserve_tokens
 from app.engine.events import BackendJob, SamplingParams
-from tests.test_grammar_queue import StandInBackend
+from tests.helpers.stand_in_backend import StandInBackend
 from tests.helpers.servers import Servers
 from tests.helpers.tiny import KEEP_TALKING as BAN
 from tests.server_harness import ServerThread
