@@ -32,7 +32,7 @@ from typing import Any
 import constrained_stage
 from gpu_base import (  # noqa: F401 - exl3_stage.py reaches these through this module
     BAN, BASE, MAX_CONTEXT, OOM_MARGIN, PAGED_BATCH, PORT, PROMPT, ROOT, SAVED_MEASUREMENT, TINYLLAMA,
-    TINYLLAMA_MEASUREMENT, WIDE, WORK, Report, metric, register, sh, vram)
+    TINYLLAMA_MEASUREMENT, WIDE, WORK, Report, ban_for, metric, register, sh, vram)
 from served_checks import e2e, load_failures, multi_gpu, switching  # noqa: F401
 from single_stream_bench import http_bench
 
@@ -124,7 +124,7 @@ def paged(rep: Report, model: str, context: int, batch: int, parts: list[str] | 
 
     if not rep.data.get("flash_attn", {}).get("version"):
         raise RuntimeError("flash-attn is not working here: exllamav2 runs unpaged (see the flash-attn check)")
-    ctx = paged_stage.Ctx(rep, BASE, model, WORK / model, PROMPT, BAN, vram, metric)
+    ctx = paged_stage.Ctx(rep, BASE, model, WORK / model, PROMPT, ban_for(WORK / model), vram, metric)
     paged_stage.run(ctx, context, batch, parts)
 
 
@@ -337,7 +337,8 @@ def step_profile(rep: Report) -> None:
                                                   "--max-batch-size", str(PAGED_BATCH)], served=True)
     for name in ("small-exl2", "small-exl2-tools", "tiny-fp16"):
         httpx.post(f"{BASE}/admin/unload", json={"model": name}, timeout=120)
-    ctx = paged_stage.Ctx(rep, BASE, "tinyllama-fp16", WORK / "tinyllama-fp16", PROMPT, BAN, vram, metric)
+    ctx = paged_stage.Ctx(rep, BASE, "tinyllama-fp16", WORK / "tinyllama-fp16", PROMPT, ban_for(WORK / "tinyllama-fp16"),
+                          vram, metric)
     rep.data["step_profile"] = sp.run(ctx, rep.out)
 
 

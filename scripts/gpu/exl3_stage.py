@@ -9,7 +9,10 @@ completions, stop, length, disconnect cancels, unload, UTF-8) and that /health n
 backend; concurrency 1/8/32 through HTTP against the direct exllamav3 Generator (exl3_direct.py) with
 paged_stage's levels and TTFT parts, held to the EXL3 goals (>= 0.95x at every level, TTFT overhead
 <= 1.5 ms p50); EXL2 -> EXL3 -> EXL2 switching with GPU memory back to its baseline after each; the
-multi-GPU part ("skipped: 1 GPU" on one GPU). Figures go to rep.data["exl3"].
+multi-GPU part ("skipped: 1 GPU" on one GPU). On the TinyLlama-shaped EXL3 model, before its levels,
+step_contention.py's comparison of the model process's step with the direct loop's at 32 jobs. Figures go
+to rep.data["exl3"]. ``--skip exl3-<part>`` leaves a part out: e2e, constrained (also the TinyLlama
+shape's constrained overhead), levels, tinyllama, contention, switching, multi_gpu.
 
 As a command, before the checks (one device call; carry the exllamav3 wheels, see docs/gpu-results.md):
     python3 scripts/gpu/exl3_stage.py prepare --out $OUT [--budget-s 560]
@@ -145,8 +148,8 @@ def served_backend(ck: Any, model: str) -> dict[str, Any]:
     return mine[0] if mine else {}
 
 
-def levels(rep: Any, ck: Any, model: str) -> None:
-    """paged_stage's levels and TTFT parts with exllamav3's direct Generator as the reference."""
+def exl3_ctx(rep: Any, ck: Any, model: str) -> Any:
+    """paged_stage's context with exllamav3's direct Generator (exl3_direct.py) as the reference."""
     import paged_stage
 
     class Exl3Ctx(paged_stage.Ctx):
@@ -157,7 +160,14 @@ def levels(rep: Any, ck: Any, model: str) -> None:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             return json.loads(self.direct.stdout.readline())
 
-    ctx = Exl3Ctx(rep, ck.BASE, model, ck.WORK / model, ck.PROMPT, ck.BAN, ck.vram, ck.metric)
+    return Exl3Ctx(rep, ck.BASE, model, ck.WORK / model, ck.PROMPT, ck.ban_for(ck.WORK / model), ck.vram, ck.metric)
+
+
+def levels(rep: Any, ck: Any, model: str) -> None:
+    """paged_stage's levels and TTFT parts with exllamav3's direct Generator as the reference."""
+    import paged_stage
+
+    ctx = exl3_ctx(rep, ck, model)
     paged_stage.run(ctx, 2048, ck.PAGED_BATCH, ["levels", "ttft"])
     table, ttft = ctx.out.get("levels", {}), ctx.out.get("ttft_one_stream", {})
     for n in (1, 8, 32):
@@ -182,9 +192,17 @@ def tinyllama(rep: Any, ck: Any) -> dict[str, Any]:
 
     for name in ("tiny-exl3", "tiny-exl3-tools", "small-exl2"):
         httpx.post(f"{ck.BASE}/admin/unload", json={"model": name}, timeout=120)
-    levels(rep, ck, "tinyllama-exl3")
     out: dict[str, Any] = {"converted": made}
-    if rep.left() > 90:  # the constrained job's cost beside free ones, at a vocabulary of 32,000
+    if "exl3-contention" not in rep.skip:  # where the model process's step loses time at 32 jobs
+        import step_contention
+
+        try:
+            out["contention"] = step_contention.run(exl3_ctx(rep, ck, "tinyllama-exl3"), rep.out)
+        except Exception as exc:  # noqa: BLE001 - the levels still run
+            out["contention"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        rep.save()
+    levels(rep, ck, "tinyllama-exl3")
+    if rep.left() > 90 and "exl3-constrained" not in rep.skip:  # a constrained job's cost at a vocabulary of 32,000
         import constrained_stage
 
         httpx.post(f"{ck.BASE}/admin/unload", json={"model": "tinyllama-exl3"}, timeout=120)
@@ -262,7 +280,8 @@ def run(rep: Any, ck: Any) -> None:
     out["converted"] = {"tiny-exl3": convert(ck.WORK, "tiny-exl3", rep.out, max(rep.left() - 60, 60))}
     ck.register("tiny-exl3", "tiny-exl3", ["--context-length", "2048", "--max-batch-size", str(ck.PAGED_BATCH)],
                 served=True)  # backend: auto
-    ck.e2e(rep, "tiny-exl3")
+    if "exl3-e2e" not in rep.skip:
+        ck.e2e(rep, "tiny-exl3")
     served = served_backend(ck, "tiny-exl3")
     out["served"] = served
     rep.check("exl3: backend auto serves an EXL3 folder with exllamav3, continuous batching without flash-attn",
@@ -270,7 +289,7 @@ def run(rep: Any, ck: Any) -> None:
     parts = [("constrained", 60, lambda: constrained_stage.on_served_model(rep, "tiny-exl3", "exllamav3",
                                                                        out.setdefault("constrained", {}))),
              ("levels", 150, lambda: levels(rep, ck, "tiny-exl3")),
-             ("tinyllama", 260, lambda: out.__setitem__("tinyllama", tinyllama(rep, ck))),
+             ("tinyllama", 330, lambda: out.__setitem__("tinyllama", tinyllama(rep, ck))),
              ("switching", 60, lambda: out.__setitem__("switching", switching(rep, ck, "small-exl2", "tiny-exl3"))),
              ("multi_gpu", 0, lambda: out.__setitem__("multi_gpu", multi_gpu(rep, ck, "tiny-exl3")))]
     for name, needs, fn in parts:

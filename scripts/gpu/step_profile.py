@@ -41,8 +41,10 @@ def _model_process(exclude: int) -> int | None:
     be another namespace's: then the multiprocessing child with the most resident memory)."""
     import psutil
 
-    kids = [p for p in psutil.process_iter(["pid", "cmdline", "memory_info"])
+    kids = [p for p in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"])
             if p.info["pid"] != exclude and "multiprocessing" in " ".join(p.info["cmdline"] or [])]
+    parents = {p.info["ppid"] for p in kids}  # the forkserver (the model processes' parent) is not one
+    kids = [p for p in kids if p.info["pid"] not in parents and "resource_tracker" not in " ".join(p.info["cmdline"])]
     on_gpu = [p for p in kids if p.info["pid"] in _gpu_pids()]
     pick = on_gpu or kids
     return max(pick, key=lambda p: p.info["memory_info"].rss).info["pid"] if pick else None
