@@ -93,3 +93,22 @@ class BatchedFixedStepBackend(FixedStepBackend):
 
     def jobs_per_step(self) -> int:
         return self.max_batch
+
+
+class ThreadReportingBackend(FixedStepBackend):
+    """The fixed step, loaded with torch imported; its notice says how many CPU threads torch's operators
+    may use in the process it runs in (the model process caps them at ``host_threads``)."""
+
+    def load(self, progress: ProgressFn, cancel: threading.Event) -> None:
+        import os
+
+        import torch
+
+        super().load(progress, cancel)
+        self.notice = f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}"
+
+
+class OneThreadBackend(ThreadReportingBackend):
+    """As a GPU backend is: ``host_threads`` 1."""
+
+    host_threads = 1

@@ -623,3 +623,30 @@ def test_cpu_model_processes_fork_from_a_fork_server_that_ends_a_while_after_the
     assert float(second) < 1.0  # no import of torch again (~2.5 s when spawned)
     assert spares == "[]"  # no spare: the fork server is the process with the imports done
     assert after == "None" and process_gone(server)
+
+
+def test_a_gpu_backends_model_process_gives_torch_one_cpu_thread(tiny_model_dir: Path) -> None:
+    """A backend with host_threads 1 (exllamav2, exllamav3) runs its model process with torch's operators
+    on one CPU thread (idle OpenMP workers spinning beside the kernel-launching thread kept 9 cores busy
+    and doubled the step on the H200); a backend without (transformers: the CPU computes) keeps torch's
+    default."""
+    import subprocess
+    import sys
+
+    from app.engine.backends import exllamav2_backend, exllamav3_backend
+
+    assert exllamav2_backend.ExLlamaV2Backend.host_threads == 1
+    assert exllamav3_backend.ExLlamaV3Backend.host_threads == 1
+    default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                 capture_output=True, text=True, check=True).stdout)
+    notices = {}
+    for cls in ("OneThreadBackend", "ThreadReportingBackend"):
+        backend = ProcessBackend(f"tests.fixed_step_backend:{cls}", "fixed-step", str(tiny_model_dir),
+                                 keep_spare=False, context_length=256, max_batch=1)
+        backend.load(lambda f, m: None, threading.Event())
+        try:
+            notices[cls] = backend.notice
+        finally:
+            backend.unload()
+    assert notices["OneThreadBackend"] == "torch threads 1, OMP_NUM_THREADS 1"
+    assert notices["ThreadReportingBackend"].startswith(f"torch threads {default}, ")

@@ -96,6 +96,10 @@ class BackendBase:
     encode_blocks = False
     #: an in-process backend never outlives its process
     dead: str | None = None
+    #: CPU threads torch's operators may use in the model process (None: torch's default, one per core).
+    #: A GPU backend's host work is one thread launching kernels; torch's idle OpenMP workers spin beside it
+    #: (see model_process.child.limit_host_threads)
+    host_threads: int | None = None
 
     @classmethod
     def warm_up(cls, progress: ProgressFn) -> None:

@@ -84,6 +84,7 @@ def prefill_every_step(generator_cls: Any, chunk: int) -> dict[str, int]:
 class ExLlamaV3Backend(GeneratorJobs, BackendBase):
     name = "exllamav3"
     batching = "continuous"
+    host_threads = 1  # see model_process.child.limit_host_threads
 
     def __init__(self, model_dir: str, *, context_length: int, max_batch: int, cache_type: str = "FP16",
                  gpu_split: str | None = "auto", split_mode: str = "layers", rope_scale: float = 1.0,
