@@ -5,7 +5,8 @@ and the server through HTTP (paged_clients.py) measured in turns at 1, 8 and 32 
 tokens; time to first token at one stream; an autocomplete (FIM, 16 tokens) idle and while 8 chats
 stream; a long prompt's prefill while streams run; cancels (one of 8 streams, jobs still in prefill);
 0 lost / 0 hung at 32 and 64 clients; VRAM after 1,000 batched requests vs after 10; streaming vs
-non-streaming latency for 128 tokens. Figures go to rep.data["paged"][model].
+non-streaming latency for 128 tokens. Figures go to rep.data["paged"][model]. ``--skip paged-<part>``
+leaves a part out (levels, ttft, mixed, prefill, cancels, clients, stream_vs_whole, vram).
 """
 
 from __future__ import annotations
@@ -372,7 +373,9 @@ def run(ctx: Ctx, context: int, batch: int, parts: list[str] | None = None) -> N
     ctx.rep.check(f"paged {ctx.model}: served with continuous batching ({batch})",
                   bool(mine) and mine[0].get("batching_summary") == f"continuous batching ({batch})",
                   json.dumps(ctx.out["served"])[:300])
-    chosen = parts or ["levels", "ttft", "mixed", "prefill", "cancels", "clients", "stream_vs_whole", "vram"]
+    chosen = [name for name in parts or ["levels", "ttft", "mixed", "prefill", "cancels", "clients",
+                                         "stream_vs_whole", "vram"]
+              if f"paged-{name}" not in ctx.rep.skip]  # e.g. --skip paged-vram
     if {"levels", "ttft"} & set(chosen):
         ctx.out["direct"] = ctx.start_direct(context, batch)
     steps = {"levels": lambda: levels(ctx), "ttft": lambda: ttft_overhead(ctx), "mixed": lambda: mixed_load(ctx),
