@@ -432,7 +432,7 @@ def served_stages(rep: Report, args: argparse.Namespace) -> None:
     if importlib.util.find_spec("exllamav3") is None:  # its wheels were not carried (docs/gpu-results.md)
         rep.skip.add("exl3")
         rep.data["exl3"] = {"skipped": "exllamav3 is not importable"}
-    rep.stage("exl3", lambda: exl3(rep), 240)
+    rep.stage("exl3", lambda: exl3(rep), 240 if "exl3-tinyllama" not in rep.skip else 110)
 
 
 def main() -> int:

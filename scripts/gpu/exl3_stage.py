@@ -288,7 +288,7 @@ def run(rep: Any, ck: Any) -> None:
               served.get("backend") == "exllamav3" and served.get("batching") == "continuous", json.dumps(served)[:300])
     parts = [("constrained", 60, lambda: constrained_stage.on_served_model(rep, "tiny-exl3", "exllamav3",
                                                                        out.setdefault("constrained", {}))),
-             ("levels", 150, lambda: levels(rep, ck, "tiny-exl3")),
+             ("levels", 90, lambda: levels(rep, ck, "tiny-exl3")),
              ("tinyllama", 230, lambda: out.__setitem__("tinyllama", tinyllama(rep, ck))),
              ("switching", 60, lambda: out.__setitem__("switching", switching(rep, ck, "small-exl2", "tiny-exl3"))),
              ("multi_gpu", 0, lambda: out.__setitem__("multi_gpu", multi_gpu(rep, ck, "tiny-exl3")))]
