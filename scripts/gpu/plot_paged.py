@@ -26,7 +26,7 @@ def main() -> int:
     fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     for path in args.reports:
         data = json.loads(path.read_text())
-        commit = path.stem.rsplit("-", 1)[-1]
+        commit = path.stem.removeprefix("gpu-report-h200-")
         for model, figures in data.get("paged", {}).items():
             levels = figures.get("levels")
             if not levels:
@@ -45,7 +45,7 @@ def main() -> int:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     ax_tps.legend(fontsize=7)
-    fig.suptitle("exllamav2 paged on an H200: the server through HTTP vs the direct dynamic generator")
+    fig.suptitle("Continuous batching on an H200: the server through HTTP vs the library's direct generator")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
