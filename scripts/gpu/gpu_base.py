@@ -25,22 +25,6 @@ BASE = f"http://127.0.0.1:{PORT}"
 BAN = {"2": -100, "5": -100}  # </s> and <|im_end|> of the generated tokenizer: keep random models talking
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 
-
-def ban_for(folder: Path) -> dict[str, float]:
-    """:data:`BAN` and every token of ``folder``'s tokenizer whose text alone is empty (special tokens) or an
-    incomplete UTF-8 sequence (the byte-level alphabet's bytes 0x80-0xFF). The libraries hold such a
-    token's text until it completes, so a stream on random weights went quiet for tens of steps now and
-    then (the ITL p99 of 150 ms on both sides at 8 streams, 50x the step) and the stall and ITL figures
-    read those waits; banned, every step gives every stream text. :data:`BAN` alone without a tokenizer.json."""
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        return dict(BAN)
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    quiet = [i for i in range(tok.get_vocab_size())
-             if (lambda text: text == "" or "\ufffd" in text)(tok.decode([i], skip_special_tokens=True))]
-    return {**BAN, **{str(i): -100.0 for i in quiet}}
 # runs per figure, taken in turns with the direct loop; this machine's speed drifts a lot between runs
 DECODE_RUNS, TTFT_RUNS, LATENCY_RUNS = 24, 40, 20
 SWITCH_REQUESTS = 4
@@ -49,6 +33,23 @@ PAGED_BATCH = 32  # the EXL2 model's batch_size: paged, its cache holds 2048 x 3
 WIDE = {"hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 128, "min_layers": 8}
 MAX_CONTEXT = 1_048_576  # the settings' limit for context_length
 OOM_MARGIN = 1.5  # the cache asked for is at least this many times all the GPU memory there is
+
+
+def ban_for(folder: Path) -> dict[str, float]:
+    """:data:`BAN` and every token of ``folder``'s tokenizer whose text alone is empty (special tokens) or an
+    incomplete UTF-8 sequence (the byte-level alphabet's bytes 0x80-0xFF). The libraries hold such a
+    token's text until it completes, so a stream on random weights went quiet for tens of steps now and
+    then (the ITL p99 of 150 ms on both sides at 8 streams, 40x the step) and the stall and ITL figures
+    read those waits; banned, every step gives every stream text. :data:`BAN` alone without a tokenizer.json."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return dict(BAN)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    texts = (tok.decode([i], skip_special_tokens=True) for i in range(tok.get_vocab_size()))
+    quiet = [i for i, text in enumerate(texts) if text == "" or "\ufffd" in text]
+    return {**BAN, **{str(i): -100.0 for i in quiet}}
 
 
 class Report:
