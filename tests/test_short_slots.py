@@ -124,3 +124,39 @@ def test_autocomplete_starts_while_the_batch_is_full_and_a_second_chat_waits(ser
     assert times["short_tokens"] == 16
     assert times["short_end"] < times["a_end"]
     assert times["b_first"] > times["a_end"] - 0.05, times  # B held for the one long slot
+
+
+def test_the_cpu_backend_prefills_a_short_job_before_a_long_prompt_ahead_of_it(tiny_model_dir) -> None:
+    """The CPU backend prefills one chunk (256 tokens) a step. A 16-token completion that arrives behind a
+    1,000-token chat prompt gets the next chunk and its first token at the first step, not after the four
+    steps of that prompt; the chat's prefill then goes on where it was and it answers whole."""
+    import threading
+
+    from app.engine.backends.transformers_backend import PREFILL_CHUNK, TransformersBackend
+
+    backend = TransformersBackend(str(tiny_model_dir), context_length=2048, max_batch=2)
+    backend.load(lambda f, m: None, threading.Event())
+    # every token gives text at once: none that ends the job, none whose text alone is held (a lone byte)
+    quiet = [i for i in range(backend.vocab_size or 0) if (text := backend.decode([i])) == "" or "\ufffd" in text]
+    assert quiet, "the tiny tokenizer has lone bytes: none found, so the ban below means nothing"
+    greedy = SamplingParams(temperature=0.0, logit_bias={2: -100.0, 5: -100.0, **{i: -100.0 for i in quiet}})
+    long_prompt = [10 + (i * 37) % 900 for i in range(1000)]
+    backend.submit(BackendJob(prompt_ids=long_prompt, max_new_tokens=SHORT_MAX_TOKENS + 16, sampling=greedy,
+                              stop_strings=[], stop_token_ids=set(), job_id=1))
+    backend.submit(BackendJob(prompt_ids=[10, 11, 12], max_new_tokens=16, sampling=greedy, stop_strings=[],
+                              stop_token_ids=set(), job_id=2))
+    first: dict[int, int] = {}
+    tokens = {1: 0, 2: 0}
+    step = 0
+    try:
+        while backend.has_work():
+            step += 1
+            for event in backend.step():
+                first.setdefault(event.job_id, step)
+                tokens[event.job_id] += event.new_tokens
+    finally:
+        backend.unload()
+    chunks = -(-len(long_prompt) // PREFILL_CHUNK)
+    assert first[2] == 1, first
+    assert first[1] == chunks + 1, first  # its chunks came one a step, the first after the short job's
+    assert tokens == {1: SHORT_MAX_TOKENS + 16, 2: 16}
