@@ -160,3 +160,45 @@ def test_the_cpu_backend_prefills_a_short_job_before_a_long_prompt_ahead_of_it(t
     assert first[2] == 1, first
     assert first[1] == chunks + 1, first  # its chunks came one a step, the first after the short job's
     assert tokens == {1: SHORT_MAX_TOKENS + 16, 2: 16}
+
+
+def _grammar_job(job_id: int, max_new_tokens: int) -> BackendJob:
+    from app.engine.constraints.grammars import json_object_grammar
+
+    return BackendJob(prompt_ids=[5, 6], max_new_tokens=max_new_tokens, sampling=SamplingParams(), stop_strings=[],
+                      stop_token_ids={2}, job_id=job_id, grammar=json_object_grammar())
+
+
+def _steps_until(backend: StandInBackend, done, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        backend._take_refused()  # what each step does first
+    assert done(), [j["id"] for j in backend._generator.jobs]
+
+
+def test_a_grammar_job_keeps_its_place_for_a_slot_while_it_compiles(tiny_model_dir) -> None:
+    """One long slot. A long job with a grammar takes the free slot when it is submitted, though its
+    grammar still compiles: a plain long job sent just after it waits for that slot rather than taking it.
+    And one held behind a running job gets the slot that job frees before a plain job sent after it."""
+    in_generator = lambda: [j["id"] for j in backend._generator.jobs]  # noqa: E731
+    backend = StandInBackend(tiny_model_dir, long_slots=1)
+    backend.submit(_grammar_job(1, 256))
+    backend.submit(_job(2, 256))
+    assert in_generator() == [] and backend.active_jobs() == 2  # 1 compiling with its slot, 2 held
+    _steps_until(backend, lambda: in_generator() == [1])
+    backend._take_refused()
+    assert in_generator() == [1]  # job 2 still held: the slot is job 1's
+    backend.cancel(1)
+    _steps_until(backend, lambda: in_generator() == [2])
+
+    backend.submit(_grammar_job(3, 256))  # held behind job 2
+    backend.submit(_job(4, 256))  # held behind job 3
+    backend._take_refused()
+    assert in_generator() == [2] and backend.active_jobs() == 3
+    backend.cancel(2)  # job 2 ends: its slot is job 3's, compiled or not
+    _steps_until(backend, lambda: 3 in in_generator())
+    assert in_generator() == [3] and backend.active_jobs() == 2
+    backend.cancel(3)
+    _steps_until(backend, lambda: in_generator() == [4])
+    backend.cancel(4)
+    assert not backend.has_work() and backend.active_jobs() == 0

@@ -1,11 +1,13 @@
 """What the two GPU backends do alike with their jobs, whatever the library.
 
-A job with a grammar waits in a :class:`~app.engine.constraints.deferred.GrammarQueue` (compiled on the
-compiler's thread) and is enqueued at the step its grammar is ready; a job the library or the grammar
-engine refuses ends at the next step with the reason and whose fault it was; a long job beyond the
-batch size is held (:mod:`~app.engine.backends.slots`: the generator's extra slot is for short jobs) and
-enqueued at the step a long job has ended; cancel, ``has_work`` and ``active_jobs`` count the jobs in the
-library's generator, those still compiling and those held.
+A long job beyond the batch size is held (:mod:`~app.engine.backends.slots`: the generator's extra slot
+is for short jobs) and enqueued at the step a long job has ended. A job with a grammar takes its place
+there when it is submitted, in arrival order, while its grammar compiles on the compiler's thread
+(:class:`~app.engine.constraints.deferred.GrammarQueue`); it is enqueued at the first step at which it
+has both its slot and its grammar (a slot granted to a job still compiling stays its own). A job the
+library or the grammar engine refuses ends at the next step with the reason and whose fault it was.
+cancel, ``has_work`` and ``active_jobs`` count the jobs in the library's generator, those still
+compiling and those held.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ class GeneratorJobs:
         self._jobs: dict[int, Any] = {}  # job id -> the library's job
         self._grammars = GrammarQueue()  # jobs whose grammar is compiling
         self._refused: list[StepEvent] = []  # jobs that could not start, reported at the next step
-        self._slots: ShortSlots[tuple[BackendJob, list[Any]]] | None = (
+        self._slots: ShortSlots[BackendJob] | None = (
             None if long_slots is None else ShortSlots(long_slots, short_tokens))
+        self._granted: set[int] = set()  # jobs with a slot whose grammar is still compiling
+        self._compiled: dict[int, list[Any]] = {}  # held jobs whose grammar is ready: their filters
 
     def _forget_jobs(self) -> None:
         self._jobs.clear()
         self._grammars.clear()
         self._refused.clear()
+        self._granted.clear()
+        self._compiled.clear()
         if self._slots is not None:
             self._slots.clear()
 
@@ -49,16 +55,20 @@ class GeneratorJobs:
     def _filters(self, job: BackendJob, constraint: JobConstraint) -> list[Any]:
         raise NotImplementedError
 
-    def submit(self, job: BackendJob) -> None:
-        if job.grammar is not None:  # compiled on the compiler's thread; enqueued by step() once ready
-            self._grammars.add(compiler_for(self), job)
-            return
-        self._start(job, [])
+    def _holding_slots(self) -> set[int]:
+        """The jobs that hold a slot: in the library's generator, or granted one while compiling."""
+        return set(self._jobs) | self._granted
 
-    def _start(self, job: BackendJob, filters: list[Any]) -> None:
-        if self._slots is None or self._slots.admit(job.job_id, job.max_new_tokens, (job, filters), self._jobs,
-                                                    len(job.prompt_ids)):
-            self._enqueue_now(job, filters)
+    def submit(self, job: BackendJob) -> None:
+        admitted = self._slots is None or self._slots.admit(
+            job.job_id, job.max_new_tokens, job, self._holding_slots(), len(job.prompt_ids))
+        if job.grammar is None:
+            if admitted:
+                self._enqueue_now(job, [])
+            return
+        self._grammars.add(compiler_for(self), job)  # compiled on the compiler's thread meanwhile
+        if admitted and self._slots is not None:
+            self._granted.add(job.job_id)
 
     def _enqueue_now(self, job: BackendJob, filters: list[Any]) -> None:
         try:
@@ -67,35 +77,55 @@ class GeneratorJobs:
             self._jobs.pop(job.job_id, None)
             self._refused.append(refusal(job.job_id, exc))
 
+    def _refuse(self, job_id: int, exc: Exception) -> None:
+        """A job whose grammar could not be used ends at the next step; its slot or its place is given up."""
+        self._granted.discard(job_id)
+        if self._slots is not None:
+            self._slots.cancel(job_id)
+        self._refused.append(refusal(job_id, exc))
+
     def _start_compiled(self) -> None:
-        """Enqueue the jobs whose grammar has compiled; with nothing else to step, wait a moment for a
-        compile rather than spin."""
+        """Enqueue the jobs whose grammar has compiled and that have their slot (the others keep their place,
+        their filters ready); with nothing else to step, wait a moment for a compile rather than spin."""
         idle = self._generator.num_remaining_jobs() == 0
         for job, got in self._grammars.ready(0.005 if idle else 0.0):
             if isinstance(got, Exception):
-                self._refused.append(refusal(job.job_id, got))
+                self._refuse(job.job_id, got)
                 continue
             try:
                 filters = self._filters(job, got)
             except Exception as exc:  # noqa: BLE001 - this job's end, not the step's
-                self._refused.append(refusal(job.job_id, exc))
+                self._refuse(job.job_id, exc)
                 continue
-            self._start(job, filters)
+            if self._slots is None or job.job_id in self._granted:
+                self._granted.discard(job.job_id)
+                self._enqueue_now(job, filters)
+            else:
+                self._compiled[job.job_id] = filters
 
     def _take_refused(self) -> list[StepEvent]:
-        """At the start of a step: start the long jobs held for a slot that has come free and the jobs whose
-        grammar is ready, then hand over the events of the jobs that could not start."""
+        """At the start of a step: start the jobs held for a slot that has come free (one still compiling
+        keeps its slot until its grammar is ready) and the jobs whose grammar is ready, then hand over the
+        events of the jobs that could not start."""
         if self._slots is not None and len(self._slots):
-            for job, filters in self._slots.release(self._jobs):
-                self._enqueue_now(job, filters)
+            for job in self._slots.release(self._holding_slots()):
+                if job.grammar is None:
+                    self._enqueue_now(job, [])
+                elif job.job_id in self._compiled:
+                    self._enqueue_now(job, self._compiled.pop(job.job_id))
+                else:
+                    self._granted.add(job.job_id)
         if len(self._grammars):
             self._start_compiled()
         events, self._refused = self._refused, []
         return events
 
     def cancel(self, job_id: int) -> None:
-        if self._grammars.cancel(job_id) or (self._slots is not None and self._slots.cancel(job_id)):
-            return
+        self._grammars.cancel(job_id)
+        self._granted.discard(job_id)
+        self._compiled.pop(job_id, None)
+        if self._slots is not None:
+            self._slots.cancel(job_id)
         gen_job = self._jobs.pop(job_id, None)
         if gen_job is not None:
             self._generator.cancel(gen_job)
@@ -105,4 +135,8 @@ class GeneratorJobs:
             self._generator is not None and self._generator.num_remaining_jobs() > 0)
 
     def active_jobs(self) -> int:
-        return len(self._jobs) + len(self._grammars) + (0 if self._slots is None else len(self._slots))
+        """Jobs in the generator, held for a slot (compiled or not), and compiling with a slot or without
+        a gate (one job at a time: the library's queue)."""
+        if self._slots is None:
+            return len(self._jobs) + len(self._grammars)
+        return len(self._jobs) + len(self._slots) + len(self._granted)
