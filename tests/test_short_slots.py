@@ -202,3 +202,34 @@ def test_a_grammar_job_keeps_its_place_for_a_slot_while_it_compiles(tiny_model_d
     _steps_until(backend, lambda: in_generator() == [4])
     backend.cancel(4)
     assert not backend.has_work() and backend.active_jobs() == 0
+
+
+def test_completions_sent_one_after_another_slow_a_long_prefill_but_never_stop_it(tiny_model_dir) -> None:
+    """An editor sends a new completion while the last one still prefills (each a 600-token prompt: three
+    chunks). The chat's 1,000-token prompt ahead of them still gets every other chunk: its first token
+    comes within twice its own chunks' steps, where taking every short job first would have kept it
+    waiting for all of theirs."""
+    import threading
+
+    from app.engine.backends.transformers_backend import PREFILL_CHUNK, TransformersBackend
+
+    backend = TransformersBackend(str(tiny_model_dir), context_length=2048, max_batch=4)
+    backend.load(lambda f, m: None, threading.Event())
+    greedy = SamplingParams(temperature=0.0, logit_bias={2: -100.0, 5: -100.0})
+    prompt = [10 + (i * 37) % 900 for i in range(1000)]
+    backend.submit(BackendJob(prompt_ids=prompt, max_new_tokens=SHORT_MAX_TOKENS + 16, sampling=greedy,
+                              stop_strings=[], stop_token_ids=set(), job_id=1))
+    prefilled_at: dict[int, int] = {}
+    try:
+        for step in range(1, 40):
+            if step % 2 == 1 and step < 20:  # a new completion every other step, the previous one dropped
+                backend.cancel(100 + step - 2)
+                backend.submit(BackendJob(prompt_ids=prompt[:600], max_new_tokens=16, sampling=greedy,
+                                          stop_strings=[], stop_token_ids=set(), job_id=100 + step))
+            backend.step()
+            if 1 not in prefilled_at and any(j.job.job_id == 1 for j in backend._running):
+                prefilled_at[1] = step
+    finally:
+        backend.unload()
+    chunks = -(-len(prompt) // PREFILL_CHUNK)
+    assert prefilled_at.get(1, 99) <= 2 * chunks, prefilled_at

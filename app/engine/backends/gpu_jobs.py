@@ -31,7 +31,8 @@ class GeneratorJobs:
     def _init_jobs(self, long_slots: int | None = None, short_tokens: int | None = None) -> None:
         """``long_slots``: the batch size when the generator has :data:`~app.engine.backends.slots.SHORT_SLOTS`
         more slots for short jobs (of at most ``short_tokens`` prompt and new tokens, what the cache keeps
-        pages for); None when it runs one job at a time (its own queue keeps the order)."""
+        pages for); None when it runs one job at a time (its own queue keeps the order of the jobs it has
+        been given: a job with a grammar joins it once the grammar has compiled)."""
         self._jobs: dict[int, Any] = {}  # job id -> the library's job
         self._grammars = GrammarQueue()  # jobs whose grammar is compiling
         self._refused: list[StepEvent] = []  # jobs that could not start, reported at the next step
@@ -60,14 +61,14 @@ class GeneratorJobs:
         return set(self._jobs) | self._granted
 
     def submit(self, job: BackendJob) -> None:
+        if job.grammar is not None:  # compiled on the compiler's thread meanwhile (first: it may raise)
+            self._grammars.add(compiler_for(self), job)
         admitted = self._slots is None or self._slots.admit(
             job.job_id, job.max_new_tokens, job, self._holding_slots(), len(job.prompt_ids))
         if job.grammar is None:
             if admitted:
                 self._enqueue_now(job, [])
-            return
-        self._grammars.add(compiler_for(self), job)  # compiled on the compiler's thread meanwhile
-        if admitted and self._slots is not None:
+        elif admitted and self._slots is not None:
             self._granted.add(job.job_id)
 
     def _enqueue_now(self, job: BackendJob, filters: list[Any]) -> None:

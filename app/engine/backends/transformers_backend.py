@@ -97,6 +97,7 @@ class TransformersBackend(BackendBase):
         self._running: list[_Job] = []
         #: long jobs beyond max_batch wait here; the batch has SHORT_SLOTS more slots for short jobs
         self._slots: ShortSlots[_Job] = ShortSlots(max_batch)
+        self._passed_over = False  # the last prefill chunk went to a short job ahead of the oldest
         self._cache_kw = "past_key_values"
         self.last_step_batch = 0
         self.vocab_size: int | None = None
@@ -285,10 +286,18 @@ class TransformersBackend(BackendBase):
         return cache.key_cache[layer], cache.value_cache[layer]
 
     def _next_prefill(self) -> _Job:
-        """The pending job whose prompt gets this step's chunk: the oldest short one (an editor's completion,
-        what the kept slot is for) before any long prompt, else the oldest. In arrival order a completion
-        waited for every chunk of a long prompt ahead of it: 16 steps behind a 4,000-token chat."""
-        return next((j for j in self._pending if is_short(j.job.max_new_tokens)), self._pending[0])
+        """The pending job whose prompt gets this step's chunk. In arrival order a completion waited for
+        every chunk of a long prompt ahead of it (16 steps behind a 4,000-token chat), so the oldest short
+        job (an editor's completion, what the kept slot is for) goes first while no short job runs; but
+        never twice in a row ahead of the oldest, so that an editor sending a completion every keystroke
+        slows a chat's prefill to half its pace at most instead of stopping it."""
+        oldest = self._pending[0]
+        if self._passed_over or sum(is_short(j.job.max_new_tokens) for j in self._running) >= SHORT_SLOTS:
+            self._passed_over = False
+            return oldest
+        job = next((j for j in self._pending if is_short(j.job.max_new_tokens)), oldest)
+        self._passed_over = job is not oldest
+        return job
 
     def _prefill_chunk(self, job: _Job, events: list[StepEvent]) -> None:
         import torch
