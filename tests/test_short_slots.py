@@ -233,3 +233,24 @@ def test_completions_sent_one_after_another_slow_a_long_prefill_but_never_stop_i
         backend.unload()
     chunks = -(-len(prompt) // PREFILL_CHUNK)
     assert prefilled_at.get(1, 99) <= 2 * chunks, prefilled_at
+
+
+def test_a_held_grammar_job_refused_gives_up_its_place(tiny_model_dir) -> None:
+    """One long slot, job 1 running: a grammar job held behind it whose grammar the engine refuses ends
+    (the request's fault) without ever reaching the generator, and the plain job held after it gets the
+    slot job 1 frees."""
+    in_generator = lambda: [j["id"] for j in backend._generator.jobs]  # noqa: E731
+    backend = StandInBackend(tiny_model_dir, long_slots=1)
+    backend.submit(_job(1, 256))
+    backend.submit(BackendJob(prompt_ids=[5, 6], max_new_tokens=256, sampling=SamplingParams(), stop_strings=[],
+                              stop_token_ids={2}, job_id=2, grammar="start: not lark ((("))
+    backend.submit(_job(3, 256))
+    events: list = []
+    deadline = time.monotonic() + 30
+    while not events and time.monotonic() < deadline:
+        events += backend._take_refused()
+    assert [(e.job_id, e.finish_reason, e.error_kind) for e in events] == [(2, "error", "request")]
+    assert in_generator() == [1] and backend.active_jobs() == 2  # 1 runs, 3 is held
+    backend.cancel(1)
+    backend._take_refused()
+    assert in_generator() == [3] and backend.active_jobs() == 1

@@ -61,8 +61,12 @@ class GeneratorJobs:
         return set(self._jobs) | self._granted
 
     def submit(self, job: BackendJob) -> None:
-        if job.grammar is not None:  # compiled on the compiler's thread meanwhile (first: it may raise)
-            self._grammars.add(compiler_for(self), job)
+        if job.grammar is not None:  # compiled on the compiler's thread meanwhile
+            try:
+                self._grammars.add(compiler_for(self), job)
+            except Exception as exc:  # noqa: BLE001 - e.g. the grammar engine missing: this job's end only
+                self._refused.append(refusal(job.job_id, exc))
+                return
         admitted = self._slots is None or self._slots.admit(
             job.job_id, job.max_new_tokens, job, self._holding_slots(), len(job.prompt_ids))
         if job.grammar is None:
