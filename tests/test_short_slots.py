@@ -193,10 +193,10 @@ def test_a_grammar_job_keeps_its_place_for_a_slot_while_it_compiles(tiny_model_d
 
     backend.submit(_grammar_job(3, 256))  # held behind job 2
     backend.submit(_job(4, 256))  # held behind job 3
-    backend._take_refused()
+    _steps_until(backend, lambda: 3 in backend._compiled)  # its grammar ready while it is held
     assert in_generator() == [2] and backend.active_jobs() == 3
-    backend.cancel(2)  # job 2 ends: its slot is job 3's, compiled or not
-    _steps_until(backend, lambda: 3 in in_generator())
+    backend.cancel(2)  # job 2 ends: its slot is job 3's, which starts at the next step with its filters
+    backend._take_refused()
     assert in_generator() == [3] and backend.active_jobs() == 2
     backend.cancel(3)
     _steps_until(backend, lambda: in_generator() == [4])
@@ -206,9 +206,9 @@ def test_a_grammar_job_keeps_its_place_for_a_slot_while_it_compiles(tiny_model_d
 
 def test_completions_sent_one_after_another_slow_a_long_prefill_but_never_stop_it(tiny_model_dir) -> None:
     """An editor sends a new completion while the last one still prefills (each a 600-token prompt: three
-    chunks). The chat's 1,000-token prompt ahead of them still gets every other chunk: its first token
-    comes within twice its own chunks' steps, where taking every short job first would have kept it
-    waiting for all of theirs."""
+    chunks). The chat's 1,000-token prompt ahead of them still gets every other chunk: it is prefilled
+    (and has its first token) within twice its own chunks' steps, where taking every short job first kept
+    it waiting until the completions stopped (step 25)."""
     import threading
 
     from app.engine.backends.transformers_backend import PREFILL_CHUNK, TransformersBackend
