@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -72,10 +71,8 @@ def _server_round(ctx: Any, seed: int, pids: dict[str, int]) -> dict[str, Any]:
     busy = sorted((round((th1[t] - th0.get(t, 0.0)) / wall, 3) for t in th1), reverse=True)
     return {"agg_tok_s": round(got["agg_tok_s"], 1), "itl_p50_ms": round(1e3 * got["itl_p50_s"], 2),
             "lost": got["lost"], "wall_s": round(wall, 2),
-            "step_ms": round(1e3 * statistics.median(r["model_decode_in_steps_s"] / r["model_decode_steps"]
-                                                     for r in steps), 2) if steps else None,
-            "span_ms": round(1e3 * statistics.median(r["model_decode_span_s"] / r["model_decode_steps"]
-                                                     for r in steps), 2) if steps else None,
+            "step_ms": pc.median_ms([r["model_decode_in_steps_s"] / r["model_decode_steps"] for r in steps], 2),
+            "span_ms": pc.median_ms([r["model_decode_span_s"] / r["model_decode_steps"] for r in steps], 2),
             "cpu_share": {k: round((cpu1[k] - cpu0[k]) / wall, 3) for k in pids},
             "model_process_threads_busy": busy[:6]}
 

@@ -84,9 +84,7 @@ class GeneratorJobs:
 
     def _refuse(self, job_id: int, exc: Exception) -> None:
         """A job whose grammar could not be used ends at the next step; its slot or its place is given up."""
-        self._granted.discard(job_id)
-        if self._slots is not None:
-            self._slots.cancel(job_id)
+        self.cancel(job_id)
         self._refused.append(refusal(job_id, exc))
 
     def _start_compiled(self) -> None:
